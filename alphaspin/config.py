@@ -171,7 +171,9 @@ class TrainingConfig(_Section):
     per_device_train_batch_size: int = Field(4, gt=0, description="Pairs per device per step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Steps accumulated per optimizer update.")
     max_length: int = Field(192, gt=8, description="Longest prompt+answer in tokens (TRL truncation keep_start).")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps for linear warm-up.")
+    warmup_steps: float = Field(
+        0, ge=0, description="Linear warm-up: a number of steps, or a fraction (< 1) of all steps (transformers 5)."
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
     save_steps: int = Field(
         4, gt=0, description="Checkpoint into storage every N optimizer steps; a retried train stage resumes there."

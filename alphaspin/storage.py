@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +40,25 @@ SCRATCH = "_scratch"  # checkpoints and other in-progress files, never listed in
 
 class StorageError(RuntimeError):
     """Storage could not be read or written; names the URL."""
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    # s3fs turns S3 error *responses* into OSError, but an unreachable endpoint surfaces as
+    # botocore's EndpointConnectionError / ReadTimeoutError (BotoCoreError, not OSError): without
+    # this, "S3 is down" escaped as a raw botocore exception instead of a StorageError.
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # no S3 support installed
+        pass
+    else:
+        errors.append(BotoCoreError)
+    return tuple(errors)
+
+
+_BACKEND_ERRORS = _backend_errors()
+# What write_bytes leaves behind on local disk when it dies between write and rename.
+_TMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}$")
 
 
 def canonical_json(value: Any) -> str:
@@ -60,7 +80,12 @@ def storage_options_from_env(url: str) -> dict[str, Any]:
     """s3fs options from the standard AWS environment (endpoint, path-style addressing)."""
     if not url.startswith(("s3://", "s3a://")):
         return {}
-    options: dict[str, Any] = {"config_kwargs": {"s3": {"addressing_style": "path"}, "read_timeout": 60}}
+    options: dict[str, Any] = {
+        "config_kwargs": {"s3": {"addressing_style": "path"}, "read_timeout": 60},
+        # A cached listing is stale the moment another process (a retried task, a worker on another
+        # machine) writes or deletes a stage's files; resume logic must always see the store.
+        "use_listings_cache": False,
+    }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         options["endpoint_url"] = endpoint
@@ -108,7 +133,7 @@ class RunStorage:
                 os.replace(tmp, path)
             else:
                 self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
-        except OSError as error:
+        except _BACKEND_ERRORS as error:
             raise StorageError(f"cannot write {self.unstrip(path)}: {error}") from error
 
     def read_bytes(self, path: str) -> bytes:
@@ -116,13 +141,13 @@ class RunStorage:
             return self.fs.cat_file(path)
         except FileNotFoundError:
             raise
-        except OSError as error:
+        except _BACKEND_ERRORS as error:
             raise StorageError(f"cannot read {self.unstrip(path)}: {error}") from error
 
     def exists(self, path: str) -> bool:
         try:
             return self.fs.exists(path)
-        except OSError as error:
+        except _BACKEND_ERRORS as error:
             raise StorageError(f"cannot reach {self.unstrip(path)}: {error}") from error
 
     def read_json(self, path: str) -> Any:
@@ -131,18 +156,44 @@ class RunStorage:
     def write_json(self, path: str, value: Any) -> None:
         self.write_bytes(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
+    def find_files(self, path: str) -> list[str]:
+        """Paths (as the filesystem spells them) of the files under the folder ``path``, sorted.
+
+        Only real files strictly below ``path/``: s3fs ``find`` returns the prefix itself as a
+        "directory" entry when it holds no objects but the server still lists it (SeaweedFS keeps
+        an emptied prefix listed for minutes), and a bare S3 prefix listing would also match
+        siblings such as ``path2/``. Both used to leak into list_files, get_dir and remove.
+        """
+        base = path.rstrip("/").lstrip("/") + "/"
+        try:
+            found = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return []
+        except _BACKEND_ERRORS as error:
+            raise StorageError(f"cannot list {self.unstrip(path)}: {error}") from error
+        return sorted(
+            name for name, info in found.items() if info.get("type") == "file" and name.lstrip("/").startswith(base)
+        )
+
     def remove(self, path: str, recursive: bool = False) -> None:
         try:
             if recursive:
-                for found in sorted(self.fs.find(path), reverse=True):
-                    self.fs.rm_file(found)
+                # file by file (an S3 "folder" is only a prefix; an emptied one may stay listed
+                # for a while, which is harmless as nothing decides by a prefix existing)
+                for found in reversed(self.find_files(path)):
+                    try:
+                        self.fs.rm_file(found)
+                    except FileNotFoundError:  # already gone: keep removing the rest
+                        pass
                 if self.protocol in ("file", "local") and os.path.isdir(path):
                     self.fs.rm(path, recursive=True)
+                elif self.fs.isfile(path):
+                    self.fs.rm_file(path)
             elif self.fs.exists(path):
                 self.fs.rm_file(path)
         except FileNotFoundError:
             pass
-        except OSError as error:
+        except _BACKEND_ERRORS as error:
             raise StorageError(f"cannot delete {self.unstrip(path)}: {error}") from error
 
 
@@ -205,14 +256,11 @@ class StageDir:
         """Download the folder ``name`` of this stage into ``local_dir``."""
         local_dir = Path(local_dir)
         prefix = self.file(name).rstrip("/") + "/"
-        try:
-            found = self.storage.fs.find(prefix)
-        except OSError as error:
-            raise StorageError(f"cannot list {self.storage.unstrip(prefix)}: {error}") from error
+        found = self.storage.find_files(prefix)
         if not found:
             raise FileNotFoundError(f"{self.storage.unstrip(prefix)} holds no files")
         for remote in found:
-            rel = remote[len(prefix.lstrip("/")) :] if not remote.startswith("/") else remote[len(prefix) :]
+            rel = remote.lstrip("/")[len(prefix.lstrip("/")) :]
             target = local_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(self.storage.read_bytes(remote))
@@ -220,19 +268,10 @@ class StageDir:
 
     def list_files(self, under: str = "") -> list[str]:
         """Names (relative to the stage) of the files under ``under``, sorted."""
-        base = self.path.rstrip("/") + "/"
+        base = self.path.rstrip("/").lstrip("/") + "/"
         start = posixpath.join(self.path, under) if under else self.path
-        try:
-            found = self.storage.fs.find(start)
-        except FileNotFoundError:
-            return []
-        except OSError as error:
-            raise StorageError(f"cannot list {self.storage.unstrip(start)}: {error}") from error
-        names = []
-        for path in found:
-            path = "/" + path.lstrip("/") if base.startswith("/") else path
-            names.append(path[len(base) :] if path.startswith(base) else path.rsplit(base, 1)[-1])
-        return sorted(n for n in names if ".tmp-" not in n)
+        names = [path.lstrip("/")[len(base) :] for path in self.storage.find_files(start)]
+        return sorted(n for n in names if not _TMP_SUFFIX.search(n))
 
     # -- manifest ---------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
@@ -268,6 +307,10 @@ class StageDir:
         except (KeyError, TypeError):
             logger.warning("%s: manifest is malformed", self.url)
             return None
+        except FileNotFoundError:  # removed between the exists check and the read
+            return None
+        except _BACKEND_ERRORS as error:
+            raise StorageError(f"cannot verify {self.url}: {error}") from error
         return self._record(manifest)
 
     def _record(self, manifest: dict[str, Any]) -> StageRecord:
@@ -276,7 +319,11 @@ class StageDir:
             iteration=manifest.get("iteration"),
             url=self.url,
             cache_key=manifest["cache_key"],
-            digest=sha256_bytes(canonical_json(manifest["files"]).encode() + manifest["cache_key"].encode())[:32],
+            # The attempt id makes every execution's digest new, so a forced stage always re-runs
+            # everything downstream, even when it happens to reproduce the same bytes.
+            digest=sha256_bytes(
+                canonical_json([manifest["files"], manifest["cache_key"], manifest.get("attempt")]).encode()
+            )[:32],
             metrics=manifest.get("metrics", {}),
         )
 
@@ -293,6 +340,7 @@ class StageDir:
             "stage": stage,
             "iteration": iteration,
             "cache_key": key,
+            "attempt": uuid.uuid4().hex,
             "files": files,
             "metrics": metrics or {},
         }

@@ -1,0 +1,192 @@
+"""``alphaspin``: run α-SPIN, rerun one stage, inspect runs.
+
+    alphaspin run --config configs/quickstart.yaml [--set method.alpha=1.0 ...]
+    alphaspin rerun --run-id R --iteration 1 --stage train [--runs-root ./runs]
+    alphaspin status --run-id R [--runs-root ./runs]
+    alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from alphaspin.config import STAGES, AlphaSpinConfig, ConfigError, config_from_dict, load_config
+
+logger = logging.getLogger("alphaspin")
+
+METRICS_SHOWN = (
+    ("train/loss", "DPO loss"),
+    ("train/reward_margin", "reward margin"),
+    ("train/reward_accuracy", "reward acc"),
+    ("heldout/reward_accuracy", "held-out reward acc"),
+    ("heldout/loglik_per_token", "held-out loglik/token"),
+)
+
+
+def format_metrics(t: int, metrics: dict[str, Any]) -> str:
+    parts = [f"iteration {t}:"]
+    for key, label in METRICS_SHOWN:
+        value = metrics.get(key)
+        if isinstance(value, int | float):
+            parts.append(f"{label} {value:.4f}")
+    base = metrics.get("heldout/base_loglik_per_token")
+    if isinstance(base, int | float):
+        parts.append(f"(base {base:.4f})")
+    return "  ".join(parts)
+
+
+def _print_iteration(t: int, metrics: dict[str, Any]) -> None:
+    print(format_metrics(t, metrics), flush=True)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML recipe (configs/*.yaml); default: built-in defaults")
+    parser.add_argument(
+        "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a field, e.g. --set method.alpha=1.0 --set method.history=inf (repeatable)",
+    )  # fmt: skip
+
+
+def _parse_force(items: list[str]) -> dict[int, set[str]]:
+    force: dict[int, set[str]] = {}
+    for item in items:
+        t, sep, stage = item.partition(":")
+        if not sep or not t.isdigit() or stage not in STAGES:
+            raise ConfigError(f"--force {item!r}: expected ITERATION:STAGE with STAGE one of {list(STAGES)}")
+        force.setdefault(int(t), set()).add(stage)
+    return force
+
+
+def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[int, set[str]]) -> list[dict]:
+    if args.no_prefect:
+        from alphaspin.pipeline import run
+
+        return run(config, force=force, fork_from=args.fork_from, on_iteration=_print_iteration)
+    from flows.alphaspin_run import alphaspin_run
+
+    return alphaspin_run(config=config, force=[f"{t}:{s}" for t, ss in force.items() for s in sorted(ss)],
+                         fork_from=args.fork_from, print_progress=True)  # fmt: skip
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    logger.info("resolved config:\n%s", json.dumps(config.model_dump(mode="json"), indent=2))
+    results = _run_config(config, args, _parse_force(args.force))
+    print(json.dumps({"run": config.run.run_id, "runs_root": config.run.runs_root, "iterations": results}, indent=2, default=str))
+    return 0
+
+
+def _stored_config(run_id: str, runs_root: str) -> AlphaSpinConfig:
+    from alphaspin.storage import RunStorage
+
+    storage = RunStorage(runs_root, run_id)
+    path = storage.path("run.json")
+    if not storage.exists(path):
+        raise ConfigError(f"--run-id {run_id}: no run at {storage.url} (no run.json)")
+    return config_from_dict(storage.read_json(path)["config"], f"{storage.url}/run.json")
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    config = _stored_config(args.run_id, args.runs_root)
+    if args.iteration > config.method.iterations:
+        raise ConfigError(f"--iteration {args.iteration}: the run has iterations 0..{config.method.iterations}")
+    force = {args.iteration: set(args.stage)}
+    results = _run_config(config, args, force)
+    print(json.dumps({"run": config.run.run_id, "iterations": results}, indent=2, default=str))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from alphaspin.context import Context
+    from alphaspin.storage import MANIFEST
+
+    config = _stored_config(args.run_id, args.runs_root)
+    ctx = Context.create(config)
+    rows = []
+    for t in range(config.method.iterations + 1):
+        for name in sorted({p.rsplit("/", 2)[-2] for p in ctx.storage.fs.glob(ctx.storage.path(f"iter-{t}", "*", MANIFEST))}):
+            record = ctx.storage.stage(t, name).verify(check_hashes=args.verify)
+            rows.append({"iteration": t, "stage": name, "done": record is not None,
+                         "metrics": record.metrics if record else None})  # fmt: skip
+    print(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(AlphaSpinConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alphaspin",
+        description="Regularized self-play fine-tuning (α-SPIN, arXiv 2404.04291): Prefect flows over cached stages "
+        "with every artifact in fsspec storage (local folder or any S3-compatible bucket).",
+    )
+    parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run α-SPIN iterations t = 0..T (skips stages already done)",
+                         description="Run a recipe. Completed stages (valid manifest, same cache key) are skipped, "
+                         "so the same command resumes an interrupted run.")  # fmt: skip
+    _add_config_args(run)
+    run.add_argument("--force", action="append", default=[], metavar="T:STAGE",
+                     help=f"re-run a stage even if done, e.g. --force 1:train; stages: {', '.join(STAGES)}")  # fmt: skip
+    run.add_argument("--fork-from", metavar="RUN_ID",
+                     help="record that this run (a new run.run_id) forks RUN_ID's recipe with changed knobs")  # fmt: skip
+    run.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect")
+    run.set_defaults(func=cmd_run)
+
+    rerun = sub.add_parser("rerun", help="force one stage of one iteration of an existing run, and what follows it",
+                           description="Re-execute STAGE at ITERATION; downstream stages re-run because their cache "
+                           "keys include upstream manifests; upstream stages stay cached.")  # fmt: skip
+    rerun.add_argument("--run-id", required=True, help="the run (its config is read from run.json)")
+    rerun.add_argument("--runs-root", default="./runs", help="fsspec URL holding the run (default ./runs)")
+    rerun.add_argument("--iteration", "-t", type=int, required=True, help="iteration t")
+    rerun.add_argument("--stage", action="append", required=True, choices=STAGES, help="stage to force (repeatable)")
+    rerun.add_argument("--no-prefect", action="store_true", help="run without Prefect")
+    rerun.set_defaults(func=cmd_rerun, fork_from=None)
+
+    status = sub.add_parser("status", help="list a run's stages, whether each verifies, and their metrics")
+    status.add_argument("--run-id", required=True)
+    status.add_argument("--runs-root", default="./runs")
+    status.add_argument("--verify", action="store_true", help="check every file's sha256 (slower)")
+    status.set_defaults(func=cmd_status)
+
+    show = sub.add_parser("config", help="print the resolved config of a recipe (after --set overrides)")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config)
+
+    schema = sub.add_parser("schema", help="print the config's JSON schema (every knob with its help)")
+    schema.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)  # fmt: skip
+    from alphaspin.context import RunConflictError
+    from alphaspin.data import DataError
+    from alphaspin.storage import StorageError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, RunConflictError, StorageError, FileNotFoundError) as error:
+        print(f"alphaspin: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

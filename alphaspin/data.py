@@ -1,0 +1,154 @@
+"""SFT data D = {(x, y_w)}: loading, the held-out split, and per-iteration prompt sampling.
+
+Every row gets a stable id (a hash of its prompt and answer), so which data each iteration used
+is recorded by id in its ``prompts.parquet`` (the official SPIN code leaves this ambiguous).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from alphaspin.config import DataConfig, MethodConfig
+from alphaspin.mixture import assign_members, opponent_members
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_CHATTERBOT = "builtin:chatterbot"
+
+
+class DataError(ValueError):
+    """The SFT data cannot be used; names the source and the field."""
+
+
+def row_id(prompt: str, answer: str) -> str:
+    return hashlib.sha256(json.dumps([prompt, answer]).encode()).hexdigest()[:16]
+
+
+def _chatterbot_rows() -> pd.DataFrame:
+    """(prompt, answer) pairs from consecutive turns of the English chatterbot-corpus dialogues."""
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "data.source: builtin:chatterbot needs the chatterbot-corpus package (pip install --no-deps chatterbot-corpus)"
+        )
+    folder = Path(spec.submodule_search_locations[0]) / "data" / "english"
+    rows = []
+    for path in sorted(folder.glob("*.yml")):
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for dialogue in document.get("conversations", []):
+            turns = [str(turn).strip() for turn in dialogue if str(turn).strip()]
+            rows.extend({"prompt": a, "answer": b} for a, b in zip(turns, turns[1:], strict=False))
+    return pd.DataFrame(rows)
+
+
+def _read_table(source: str, config: DataConfig) -> pd.DataFrame:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if config.split not in loaded:
+                raise DataError(f"data.split: {source} has splits {sorted(loaded)}, not {config.split!r}")
+            loaded = loaded[config.split]
+        return loaded.to_pandas()
+    if path.exists():
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            return pd.read_json(path, lines=suffix == ".jsonl")
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        raise DataError(f"data.source: {source}: unsupported file type {suffix!r} (jsonl, json, parquet, csv)")
+    if source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".json", ".parquet", ".csv")):
+        raise DataError(f"data.source: no file or folder at {source}")
+    import datasets  # a hub dataset id; needs the network
+
+    return datasets.load_dataset(source, split=config.split).to_pandas()
+
+
+def _first_turns(messages: object) -> tuple[str, str] | None:
+    if not isinstance(messages, list | tuple | np.ndarray):
+        return None
+    user = next((m["content"] for m in messages if m.get("role") == "user"), None)
+    answer = next((m["content"] for m in messages if m.get("role") == "assistant"), None)
+    return (user, answer) if user and answer else None
+
+
+def load_sft(config: DataConfig) -> pd.DataFrame:
+    """All usable (id, prompt, answer) rows of the source, deduplicated by prompt, in a stable order."""
+    source = config.source
+    frame = _chatterbot_rows() if source == BUILTIN_CHATTERBOT else _read_table(source, config)
+    if config.messages_column is not None:
+        if config.messages_column not in frame.columns:
+            raise DataError(
+                f"data.messages_column: {source} has no column {config.messages_column!r} "
+                f"(columns: {sorted(map(str, frame.columns))})"
+            )
+        pairs = [_first_turns(m) for m in frame[config.messages_column]]
+        frame = pd.DataFrame([p for p in pairs if p is not None], columns=["prompt", "answer"])
+    elif source != BUILTIN_CHATTERBOT:
+        for field, column in (("prompt_column", config.prompt_column), ("answer_column", config.answer_column)):
+            if column not in frame.columns:
+                raise DataError(
+                    f"data.{field}: {source} has no column {column!r} (columns: {sorted(map(str, frame.columns))})"
+                )
+        frame = frame[[config.prompt_column, config.answer_column]].set_axis(["prompt", "answer"], axis=1)
+    frame = frame.dropna()
+    frame = frame[(frame["prompt"].astype(str).str.strip() != "") & (frame["answer"].astype(str).str.strip() != "")]
+    frame = frame.astype({"prompt": str, "answer": str}).drop_duplicates("prompt", keep="first")
+    if config.max_rows is not None:
+        frame = frame.head(config.max_rows)
+    frame = frame.reset_index(drop=True)
+    frame.insert(0, "id", [row_id(p, a) for p, a in zip(frame["prompt"], frame["answer"], strict=True)])
+    if len(frame) <= config.heldout_size:
+        raise DataError(
+            f"data.source: {source} has {len(frame)} usable rows, not more than data.heldout_size={config.heldout_size}"
+        )
+    return frame
+
+
+def split_heldout(frame: pd.DataFrame, heldout_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training pool, held-out rows): a seeded permutation of the rows; held-out never trains."""
+    order = np.random.default_rng([seed, 0xE7A1]).permutation(len(frame))
+    heldout = frame.iloc[np.sort(order[:heldout_size])].reset_index(drop=True)
+    pool = frame.iloc[np.sort(order[heldout_size:])].reset_index(drop=True)
+    return pool, heldout
+
+
+def sample_prompts(
+    frame: pd.DataFrame, data: DataConfig, method: MethodConfig, seed: int, iteration: int
+) -> pd.DataFrame:
+    """The prompts of one iteration with the opponent member that writes each loser.
+
+    n_0 rows at t = 0 and n after, drawn without replacement from the training pool with a seed
+    that depends on (run seed, t); then all held-out rows (split "heldout"). Each split is divided
+    among the opponent members in proportion to their weights (`alphaspin.mixture`).
+    """
+    pool, heldout = split_heldout(frame, data.heldout_size, seed)
+    n = method.pairs_at(iteration)
+    if n > len(pool):
+        field = "pairs_first_iteration" if iteration == 0 else "pairs_per_iteration"
+        raise DataError(
+            f"method.{field}: {n} pairs asked at t={iteration} but the training pool has only {len(pool)} rows "
+            f"({data.source} minus {data.heldout_size} held out)"
+        )
+    rng = np.random.default_rng([seed, iteration])
+    train = pool.iloc[rng.permutation(len(pool))[:n]].reset_index(drop=True)
+    members = opponent_members(iteration, method.history)
+    train["opponent"] = assign_members(len(train), members)
+    train["split"] = "train"
+    heldout = heldout.copy()
+    heldout["opponent"] = assign_members(len(heldout), members)
+    heldout["split"] = "heldout"
+    return pd.concat([train, heldout], ignore_index=True)

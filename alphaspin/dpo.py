@@ -1,0 +1,159 @@
+"""The bridge to TRL: pair tables as TRL datasets, TRL's own tokenization, sequence log-probs on
+exactly the token ids TRL trains on, and a DPOTrainer that uses a supplied reference.
+
+TRL (≥ 0.29) uses dataset columns ``ref_chosen_logps``/``ref_rejected_logps`` only when
+``precompute_ref_log_probs=True``, and then computes them itself from the model. α-SPIN's
+reference is a geometric mixture of two policies that TRL cannot compute, so
+`GeometricReferenceDPOTrainer` overrides the precompute step to keep the supplied columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import pandas as pd
+import torch
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import add_fused_lm_head
+
+from alphaspin.config import TrainingConfig
+from alphaspin.generation import chat_prompt
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def pairs_to_dataset(pairs: pd.DataFrame, extra_columns: tuple[str, ...] = ()) -> datasets.Dataset:
+    """Conversational preference rows: prompt = [user x], chosen = [assistant y_w], rejected = [assistant y_l]."""
+    records: dict[str, list[Any]] = {
+        "id": list(pairs["id"]),
+        "prompt": [chat_prompt(p) for p in pairs["prompt"]],
+        "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
+        "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
+    }
+    for column in extra_columns:
+        records[column] = [float(v) for v in pairs[column]]
+    return datasets.Dataset.from_dict(records)
+
+
+def dpo_config(training: TrainingConfig, output_dir: str, seed: int, use_cpu: bool, **overrides: Any) -> DPOConfig:
+    """TRL's DPOConfig from ours (same names where TRL has them)."""
+    values: dict[str, Any] = dict(
+        output_dir=output_dir,
+        beta=training.beta,
+        loss_type=[training.loss_type],
+        label_smoothing=training.label_smoothing,
+        learning_rate=training.learning_rate,
+        num_train_epochs=training.num_train_epochs,
+        per_device_train_batch_size=training.per_device_train_batch_size,
+        per_device_eval_batch_size=training.reference_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_length=training.max_length,
+        truncation_mode="keep_start",
+        warmup_steps=training.warmup_steps,
+        gradient_checkpointing=training.gradient_checkpointing,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=training.reference_batch_size,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=use_cpu,
+        bf16=not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        fp16=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=1,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return DPOConfig(**values)
+
+
+def tokenize_like_trl(dataset: datasets.Dataset, tokenizer: Any, args: DPOConfig) -> datasets.Dataset:
+    """Tokenize preference rows with TRL's own ``DPOTrainer._prepare_dataset`` (prompt_ids,
+    chosen_ids, rejected_ids; rows whose prompt fills max_length dropped), so our reference
+    log-probs are computed on exactly the ids the trainer will see. For conversational rows that
+    method only reads ``self._tokenizer`` when adding EOS to plain-text rows; a namespace stands in.
+    """
+    shim = types.SimpleNamespace(_tokenizer=tokenizer)
+    return DPOTrainer._prepare_dataset(shim, dataset, tokenizer, args, "pairs")
+
+
+def prepare_for_logps(model: torch.nn.Module) -> torch.nn.Module:
+    """Add TRL's fused LM head (per-token log-probs without full logits) to a plain model, once.
+    Must run before PEFT wraps the model, as TRL's trainer does."""
+    if not getattr(model, "_alphaspin_fused_head", False):
+        add_fused_lm_head(model)
+        model._alphaspin_fused_head = True
+    return model
+
+
+@torch.no_grad()
+def completion_logps(
+    model: torch.nn.Module,
+    tokenized: datasets.Dataset,
+    pad_token_id: int,
+    max_length: int,
+    batch_size: int,
+    device: str,
+    sides: tuple[str, ...] = ("chosen", "rejected"),
+    on_batch: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """Sum of completion-token log-probs of each row's chosen/rejected answer under ``model``
+    (as TRL's ``compute_ref_log_probs`` sums them), and the number of completion tokens.
+
+    ``sides`` selects which answers to score, so a cached side costs no forward.
+    Returns columns id, <side>_logps, <side>_tokens for each side.
+    """
+    collator = DataCollatorForPreference(pad_token_id=pad_token_id, max_length=max_length, truncation_mode="keep_start")
+    result: dict[str, list[Any]] = {"id": list(tokenized["id"])}
+    for side in sides:
+        result[f"{side}_logps"], result[f"{side}_tokens"] = [], []
+    rows = tokenized.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    for start in range(0, len(rows), batch_size):
+        examples = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        batch = collator(examples)  # [chosen...; rejected...]
+        half = len(examples)
+        selected = []
+        if "chosen" in sides:
+            selected.append(slice(0, half))
+        if "rejected" in sides:
+            selected.append(slice(half, 2 * half))
+        index = torch.cat([torch.arange(2 * half)[s] for s in selected])
+        input_ids = batch["input_ids"][index].to(device)
+        attention = batch["attention_mask"][index].to(device)
+        completion = batch["completion_mask"][index].to(device)
+        labels = input_ids.masked_fill(completion == 0, -100)
+        out = model(input_ids=input_ids, attention_mask=attention, labels=labels, fused_lm_head=True, use_cache=False)
+        shift = completion[..., 1:]
+        per_token = out.log_probs[:, -shift.size(1) :].float()
+        sums = per_token.sum(dim=1).cpu()
+        counts = shift.sum(dim=1).cpu()
+        for k, side in enumerate(s for s in ("chosen", "rejected") if s in sides):
+            result[f"{side}_logps"].extend(sums[k * half : (k + 1) * half].tolist())
+            result[f"{side}_tokens"].extend(counts[k * half : (k + 1) * half].tolist())
+        if on_batch:
+            on_batch(half)
+    return pd.DataFrame(result)
+
+
+class GeometricReferenceDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer trained against reference log-probs supplied as dataset columns
+    (α-SPIN's geometric mixture, computed by the reference_logps stage) instead of computing them."""
+
+    def _precompute_ref_logps(self, dataset: datasets.Dataset, name: str, batch_size: int) -> datasets.Dataset:
+        missing = [c for c in REFERENCE_COLUMNS if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"{name} dataset has no {missing} columns: α-SPIN trains against a supplied geometric reference"
+            )
+        return dataset

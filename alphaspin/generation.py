@@ -1,0 +1,165 @@
+"""Generating the losers y_l: one request per prompt, answered by one opponent member.
+
+A request carries the chat (rendered with the tokenizer's chat template and the generation
+prompt, exactly as TRL renders the prompt it trains on — the official SPIN code does not,
+uclaml/SPIN#33), the member's adapter (None for the base) and a per-request seed. Backends:
+
+- ``TransformersBackend``: batched ``generate`` on CPU or GPU.
+- ``VllmBackend`` (``alphaspin.vllm_backend``): one vLLM engine serving the base and every
+  member's LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from alphaspin.config import GenerationConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    id: str
+    prompt_ids: tuple[int, ...]  # chat template + generation prompt, as TRL tokenizes the prompt
+    adapter_path: str | None  # the member's LoRA adapter; None = base policy
+    seed: int
+
+
+def chat_prompt(prompt: str) -> list[dict[str, str]]:
+    """The conversational prompt both generation and training use."""
+    return [{"role": "user", "content": prompt}]
+
+
+def render_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of the prompt, as TRL's DPO tokenization computes ``prompt_ids``."""
+    result = tokenizer.apply_chat_template(chat_prompt(prompt), tokenize=True, return_dict=True, add_generation_prompt=True)
+    return list(result["input_ids"])
+
+
+def request_seed(base_seed: int, iteration: int, member: str, row_id: str) -> int:
+    """A per-request seed that does not depend on batch composition or on resumption."""
+    digest = hashlib.sha256(f"{base_seed}/{iteration}/{member}/{row_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def build_requests(
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[tuple[str, str]],
+    adapter_path: str | None,
+    base_seed: int,
+    iteration: int,
+    member: str,
+) -> list[GenerationRequest]:
+    """Requests for ``rows`` = [(id, prompt), ...] answered by one member."""
+    return [
+        GenerationRequest(row_id, tuple(render_prompt_ids(tokenizer, prompt)), adapter_path,
+                          request_seed(base_seed, iteration, member, row_id))
+        for row_id, prompt in rows
+    ]  # fmt: skip
+
+
+class GenerationBackend(Protocol):
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """The decoded completion of each request, in order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TransformersBackend:
+    """Batched sampling with ``model.generate``; loads the base once and swaps adapters by name."""
+
+    def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu"):  # fmt: skip
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        self.model = self.base
+        self._adapters: dict[str, str] = {}  # path -> adapter name
+
+    def _select(self, adapter_path: str | None):
+        from peft import PeftModel
+
+        if adapter_path is None:
+            return self.model.disable_adapter() if isinstance(self.model, PeftModel) else _null()
+        if adapter_path not in self._adapters:
+            name = f"member{len(self._adapters)}"
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(adapter_path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.base, adapter_path, adapter_name=name).eval()
+            self._adapters[adapter_path] = name
+        self.model.set_adapter(self._adapters[adapter_path])
+        return _null()
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest], on_batch: Callable[[int], None] | None = None) -> list[str]:
+        outputs: list[str] = []
+        size = self.config.batch_size
+        for start in range(0, len(requests), size):
+            batch = requests[start : start + size]
+            adapters = {r.adapter_path for r in batch}
+            if len(adapters) != 1:
+                raise ValueError("a batch must be answered by one member")
+            with self._select(adapters.pop()):
+                outputs.extend(self._generate_batch(batch))
+            if on_batch:
+                on_batch(len(batch))
+        return outputs
+
+    def _generate_batch(self, batch: Sequence[GenerationRequest]) -> list[str]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r.prompt_ids) for r in batch)
+        # Left padding: generation continues from the last prompt token of every row.
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in batch])
+        attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        # transformers samples a batch from one generator: seed it from the batch's first request,
+        # so a shard regenerated after a crash gives the same text.
+        torch.manual_seed(batch[0].seed)
+        sampling = self.config.temperature > 0
+        generated = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            max_new_tokens=self.config.max_new_tokens,
+            do_sample=sampling,
+            temperature=self.config.temperature if sampling else None,
+            top_p=self.config.top_p if sampling else None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        completions = generated[:, width:]
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
+
+    def close(self) -> None:
+        del self.model, self.base
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def make_backend(config: GenerationConfig, model_path: str, tokenizer: PreTrainedTokenizerBase,
+                 dtype: torch.dtype, device: str, adapter_paths: Sequence[str] = ()) -> GenerationBackend:  # fmt: skip
+    if config.backend == "vllm":
+        from alphaspin.vllm_backend import VllmBackend
+
+        return VllmBackend(model_path, tokenizer, config, dtype=dtype, adapter_paths=adapter_paths)
+    return TransformersBackend(model_path, tokenizer, config, dtype=dtype, device=device)

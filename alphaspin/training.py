@@ -1,0 +1,113 @@
+"""The train stage's body: TRL DPO with LoRA (PEFT) against the stored geometric reference, with
+checkpoints mirrored into run storage so a retried stage resumes where it stopped."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from transformers import TrainerCallback
+
+from alphaspin.context import Context
+from alphaspin.storage import SCRATCH, StageDir, StageRecord
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = f"{SCRATCH}/checkpoints"
+
+
+class StorageCheckpointCallback(TrainerCallback):
+    """After the Trainer saves ``checkpoint-N`` locally, upload it into the stage's scratch area
+    and delete older remote checkpoints (uploaded first, deleted after: one always survives)."""
+
+    def __init__(self, stage: StageDir, output_dir: Path, ctx: Context, total_steps: int):
+        self.stage, self.output_dir, self.ctx, self.total_steps = stage, output_dir, ctx, total_steps
+
+    def on_save(self, args, state, control, **kwargs):
+        name = f"checkpoint-{state.global_step}"
+        local = self.output_dir / name
+        if local.is_dir():
+            self.stage.put_dir(local, posixpath.join(CHECKPOINTS, name))
+            self.stage.write_json(posixpath.join(CHECKPOINTS, name, "_COMPLETE.json"), {"step": state.global_step})
+            for old in _remote_checkpoints(self.stage):
+                if old != name:
+                    self.stage.storage.remove(self.stage.file(posixpath.join(CHECKPOINTS, old)), recursive=True)
+            logger.info("checkpoint %s stored in %s", name, self.stage.url)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ctx.progress(state.global_step / max(1, self.total_steps), f"train: step {state.global_step}/{self.total_steps}")
+        return control
+
+
+def _remote_checkpoints(stage: StageDir) -> list[str]:
+    """Names of checkpoints fully uploaded (their _COMPLETE.json marker exists), oldest first."""
+    names = {n.split("/")[2] for n in stage.list_files(CHECKPOINTS) if n.endswith("/_COMPLETE.json")}
+    return sorted(names, key=lambda n: int(n.rsplit("-", 1)[-1]))
+
+
+def _summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
+    steps = [h for h in history if "loss" in h and "rewards/margins" in h]
+    if not steps:
+        return {}
+    last_epoch = max(h.get("epoch", 0) for h in steps)
+    epoch_start = last_epoch - 1.0
+    final = [h for h in steps if h.get("epoch", 0) > epoch_start] or steps
+    mean = lambda k: float(sum(h[k] for h in final) / len(final))  # noqa: E731
+    return {
+        "train/loss": mean("loss"),
+        "train/reward_margin": mean("rewards/margins"),
+        "train/reward_accuracy": mean("rewards/accuracies"),
+        "train/first_loss": float(steps[0]["loss"]),
+        "train/steps": int(steps[-1].get("step", len(steps))),
+    }
+
+
+def run_training(ctx: Context, t: int, stage: StageDir, pairs: pd.DataFrame, previous: StageRecord | None) -> dict:
+    from peft import LoraConfig, PeftModel
+
+    from alphaspin.dpo import GeometricReferenceDPOTrainer, REFERENCE_COLUMNS, dpo_config, pairs_to_dataset
+    from alphaspin.models import load_base_model
+
+    if pairs.empty:
+        raise ValueError(f"iter-{t}/train: no training pairs (all dropped by training.max_length?)")
+    config = ctx.config
+    output_dir = ctx.workdir / f"train-{t}"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    resume_from = None
+    remote = _remote_checkpoints(stage)
+    if remote:
+        resume_from = output_dir / remote[-1]
+        stage.get_dir(posixpath.join(CHECKPOINTS, remote[-1]), resume_from)
+        logger.info("iter-%d/train: resuming from %s", t, remote[-1])
+
+    base = load_base_model(config.model.name_or_path, config.model.dtype, ctx.device)
+    lora = config.training.lora
+    peft_config = None
+    if previous is None:
+        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+        model = base
+    else:  # θ_t starts from θ_(t-1)
+        model = PeftModel.from_pretrained(base, ctx.local_adapter(previous), is_trainable=True)
+    args = dpo_config(config.training, str(output_dir), config.run.seed, use_cpu=ctx.device == "cpu")
+    dataset = pairs_to_dataset(pairs, REFERENCE_COLUMNS)
+    trainer = GeometricReferenceDPOTrainer(model=model, args=args, train_dataset=dataset,
+                                           processing_class=ctx.tokenizer, peft_config=peft_config)  # fmt: skip
+    total = trainer.get_train_dataloader().__len__()
+    total_steps = max(1, int(round(total * config.training.num_train_epochs / config.training.gradient_accumulation_steps)))
+    trainer.add_callback(StorageCheckpointCallback(stage, output_dir, ctx, total_steps))
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    adapter_dir = ctx.workdir / f"adapter-out-{t}"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    # TRL keeps a frozen copy of θ_(t-1) as adapter "ref"; only "default" (θ_t) is the result.
+    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    stage.put_dir(adapter_dir, "adapter")
+    history = trainer.state.log_history
+    stage.write_json("train_log.json", history)
+    return {**_summarise(history), "pairs": len(pairs), "resumed_from": remote[-1] if remote else None}
