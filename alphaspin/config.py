@@ -69,6 +69,11 @@ class ModelConfig(_Section):
         "float32", description="Weights dtype. bfloat16 on GPUs; float32 on CPUs (bf16 is ~30x slower on AVX2)."
     )
     device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for generation and training alike: 'chatml', 'zephyr', or a Jinja template; "
+        "default: the tokenizer's own (base models such as gemma-2b have none).",
+    )
 
 
 class DataConfig(_Section):

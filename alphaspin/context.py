@@ -56,7 +56,7 @@ def package_versions() -> dict[str, str]:
 def stage_fields(config: AlphaSpinConfig, stage: str, iteration: int, member: str | None = None) -> dict[str, Any]:
     """The config fields a stage reads (and so its cache key depends on)."""
     c = config
-    model = {"name_or_path": c.model.name_or_path, "dtype": c.model.dtype}
+    model = {"name_or_path": c.model.name_or_path, "dtype": c.model.dtype, "chat_template": c.model.chat_template}
     if stage == "sample_prompts":
         return {"data": c.data.model_dump(mode="json"), "seed": c.run.seed, "iteration": iteration,
                 "history": c.method.history, "pairs": c.method.pairs_at(iteration)}  # fmt: skip
@@ -103,6 +103,7 @@ class Context:
     _tokenizer: Any = None
     _sft: pd.DataFrame | None = None
     _adapters: dict[str, Path] = field(default_factory=dict)
+    parent: RunStorage | None = None  # the run this one was forked from, whose identical stages it adopts
     # Progress hook (fraction done, message): Prefect tasks turn it into progress artifacts.
     progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
 
@@ -122,7 +123,7 @@ class Context:
         if self._tokenizer is None:
             from alphaspin.models import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.config.model.name_or_path)
+            self._tokenizer = load_tokenizer(self.config.model.name_or_path, self.config.model.chat_template)
         return self._tokenizer
 
     @property
@@ -154,6 +155,10 @@ class Context:
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _set_parent(self, fork_from: str | None) -> None:
+        if fork_from is not None and fork_from != self.config.run.run_id:
+            self.parent = RunStorage(self.config.run.runs_root, fork_from)
+
     # -- run.json -----------------------------------------------------------------------------
     def ensure_run(self, fork_from: str | None = None) -> dict[str, Any]:
         """Create run.json, or check that the existing run has the same config.
@@ -174,7 +179,13 @@ class Context:
                     f"Choose a new run.run_id, or fork it: alphaspin run ... --set run.run_id=NEW --fork-from "
                     f"{self.config.run.run_id} (the new run reuses every stage whose inputs are unchanged)."
                 )
+            self._set_parent(existing.get("forked_from"))
             return existing
+        if fork_from is not None:
+            parent = RunStorage(self.config.run.runs_root, fork_from)
+            if not parent.exists(parent.path("run.json")):
+                raise RunConflictError(f"--fork-from {fork_from}: no run at {parent.url}")
+        self._set_parent(fork_from)
         record = {
             "run_id": self.config.run.run_id,
             "config": resolved,

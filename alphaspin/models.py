@@ -94,10 +94,25 @@ def _convert_gguf(name: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # The format of alignment-handbook's zephyr SFT models, which the official SPIN code starts from.
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+}
+
+
+def load_tokenizer(name_or_path: str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
     if tokenizer.chat_template is None:
         raise ValueError(
             f"model.name_or_path: the tokenizer of {name_or_path!r} has no chat template; "

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from alphaspin import data as sft_data
-from alphaspin.context import Context, begin_stage, stage_key
+from alphaspin.context import Context, begin_stage, stage_dir_name, stage_key
 from alphaspin.generation import build_requests, make_backend
 from alphaspin.mixture import member_iteration, opponent_members
 from alphaspin.reference import geometric_reference_logps, log_partition_monte_carlo
@@ -33,6 +33,8 @@ def _done(ctx: Context, stage: str, t: int, key: str, force: bool, member: str |
     if force:
         return None
     record = ctx.stage(stage, t, member).verify(key)
+    if record is None and ctx.parent is not None:  # a fork reuses its parent's identical stages
+        record = ctx.stage(stage, t, member).adopt(ctx.parent.stage(t, stage_dir_name(stage, member)), key)
     if record is not None:
         logger.info("iter-%d/%s: cached (%s)", t, stage if member is None else f"generate-{member}", record.url)
     return record

@@ -327,8 +327,13 @@ class StageDir:
             metrics=manifest.get("metrics", {}),
         )
 
-    def commit(self, stage: str, iteration: int | None, key: str, metrics: dict[str, Any] | None = None) -> StageRecord:
-        """Hash every file of the stage (scratch excluded) and write the manifest, last."""
+    def commit(self, stage: str, iteration: int | None, key: str, metrics: dict[str, Any] | None = None,
+               attempt: str | None = None) -> StageRecord:  # fmt: skip
+        """Hash every file of the stage (scratch excluded) and write the manifest, last.
+
+        ``attempt`` is given only when adopting another run's identical stage (same files, same
+        key): keeping its attempt id keeps its digest, so downstream stages can be adopted too.
+        """
         files = {}
         for name in self.list_files():
             if name == MANIFEST or name.startswith(SCRATCH + "/"):
@@ -340,12 +345,25 @@ class StageDir:
             "stage": stage,
             "iteration": iteration,
             "cache_key": key,
-            "attempt": uuid.uuid4().hex,
+            "attempt": attempt or uuid.uuid4().hex,
             "files": files,
             "metrics": metrics or {},
         }
         self.write_json(MANIFEST, manifest)
+        self.clear_scratch()  # in-progress state (resume markers, checkpoints) is done with
         return self._record(manifest)
+
+    def adopt(self, source: StageDir, key: str) -> StageRecord | None:
+        """Copy ``source``'s files if its manifest verifies under ``key`` (a forked run reusing its
+        parent's stage); None if it does not. The source is only read."""
+        manifest = source.read_manifest()
+        if manifest is None or source.verify(key) is None:
+            return None
+        self.reset(keep_scratch=False)
+        for name in manifest["files"]:
+            self.write_bytes(name, source.read_bytes(name))
+        metrics = {**manifest.get("metrics", {}), "adopted_from": source.url}
+        return self.commit(manifest["stage"], manifest.get("iteration"), key, metrics, attempt=manifest.get("attempt"))
 
     def reset(self, keep_scratch: bool = True) -> None:
         """Make the stage not-done: remove the manifest first, then its old files."""

