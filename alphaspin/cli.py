@@ -1,9 +1,9 @@
 """``alphaspin``: run α-SPIN, rerun one stage, inspect runs.
 
-    alphaspin run --config configs/quickstart.yaml [--set method.alpha=1.0 ...]
-    alphaspin rerun --run-id R --iteration 1 --stage train [--runs-root ./runs]
-    alphaspin status --run-id R [--runs-root ./runs]
-    alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
+alphaspin run --config configs/quickstart.yaml [--set method.alpha=1.0 ...]
+alphaspin rerun --run-id R --iteration 1 --stage train [--runs-root ./runs]
+alphaspin status --run-id R [--runs-root ./runs]
+alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
 """
 
 from __future__ import annotations
@@ -76,7 +76,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     logger.info("resolved config:\n%s", json.dumps(config.model_dump(mode="json"), indent=2))
     results = _run_config(config, args, _parse_force(args.force))
-    print(json.dumps({"run": config.run.run_id, "runs_root": config.run.runs_root, "iterations": results}, indent=2, default=str))
+    print(
+        json.dumps(
+            {"run": config.run.run_id, "runs_root": config.run.runs_root, "iterations": results}, indent=2, default=str
+        )
+    )
     return 0
 
 
@@ -108,7 +112,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     ctx = Context.create(config)
     rows = []
     for t in range(config.method.iterations + 1):
-        for name in sorted({p.rsplit("/", 2)[-2] for p in ctx.storage.fs.glob(ctx.storage.path(f"iter-{t}", "*", MANIFEST))}):
+        for name in sorted(
+            {p.rsplit("/", 2)[-2] for p in ctx.storage.fs.glob(ctx.storage.path(f"iter-{t}", "*", MANIFEST))}
+        ):
             record = ctx.storage.stage(t, name).verify(check_hashes=args.verify)
             rows.append({"iteration": t, "stage": name, "done": record is not None,
                          "metrics": record.metrics if record else None})  # fmt: skip

@@ -36,7 +36,19 @@ STAGE_VERSIONS = {
     "train": 1,
     "evaluate": 1,
 }
-PACKAGES = ("alphaspin", "torch", "transformers", "peft", "trl", "datasets", "lm_eval", "prefect", "vllm", "fsspec", "s3fs")
+PACKAGES = (
+    "alphaspin",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "lm_eval",
+    "prefect",
+    "vllm",
+    "fsspec",
+    "s3fs",
+)
 
 
 class RunConflictError(RuntimeError):

@@ -40,7 +40,9 @@ def chat_prompt(prompt: str) -> list[dict[str, str]]:
 
 def render_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Token ids of the prompt, as TRL's DPO tokenization computes ``prompt_ids``."""
-    result = tokenizer.apply_chat_template(chat_prompt(prompt), tokenize=True, return_dict=True, add_generation_prompt=True)
+    result = tokenizer.apply_chat_template(
+        chat_prompt(prompt), tokenize=True, return_dict=True, add_generation_prompt=True
+    )
     return list(result["input_ids"])
 
 
@@ -104,7 +106,9 @@ class TransformersBackend:
         return _null()
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[GenerationRequest], on_batch: Callable[[int], None] | None = None) -> list[str]:
+    def generate(
+        self, requests: Sequence[GenerationRequest], on_batch: Callable[[int], None] | None = None
+    ) -> list[str]:
         outputs: list[str] = []
         size = self.config.batch_size
         for start in range(0, len(requests), size):

@@ -30,7 +30,9 @@ def geometric_reference_logps(lp_prev: torch.Tensor, lp_base: torch.Tensor, alph
     return alpha * lp_prev + (1.0 - alpha) * lp_base
 
 
-def log_partition_monte_carlo(lp_prev_samples: torch.Tensor, lp_base_samples: torch.Tensor, alpha: float) -> torch.Tensor:
+def log_partition_monte_carlo(
+    lp_prev_samples: torch.Tensor, lp_base_samples: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """Estimate log Z(x) from k samples y_i ~ π_(t-1)(·|x): log (1/k) Σ_i exp((1−α)(lp_base_i − lp_prev_i)).
 
     Shapes: (batch, k) → (batch,). Consistent as k → ∞ (biased low for finite k, by Jensen).

@@ -225,8 +225,12 @@ def reference_logps(ctx: Context, t: int, pairs: StageRecord, previous: StageRec
     else:
         prev = score(model, tokenized, ("chosen", "rejected"))
         out["lp_prev_chosen"], out["lp_prev_rejected"] = prev.chosen_logps.to_numpy(), prev.rejected_logps.to_numpy()
-    ref_c = geometric_reference_logps(torch.tensor(out.lp_prev_chosen.values), torch.tensor(out.lp_base_chosen.values), alpha)
-    ref_r = geometric_reference_logps(torch.tensor(out.lp_prev_rejected.values), torch.tensor(out.lp_base_rejected.values), alpha)
+    ref_c = geometric_reference_logps(
+        torch.tensor(out.lp_prev_chosen.values), torch.tensor(out.lp_base_chosen.values), alpha
+    )
+    ref_r = geometric_reference_logps(
+        torch.tensor(out.lp_prev_rejected.values), torch.tensor(out.lp_base_rejected.values), alpha
+    )
     out["log_partition"] = 0.0
     if training.normalized_reference and previous is not None and alpha < 1.0:
         log_z = _log_partition(ctx, t, model, out, previous)
@@ -326,3 +330,45 @@ def evaluate(ctx: Context, t: int, trained: StageRecord, reference: StageRecord,
 
 
 __all__ = ["SCRATCH", "build_pairs", "evaluate", "generate_losers", "reference_logps", "sample_prompts", "train"]
+
+
+# -- upstream records from storage ----------------------------------------------------------------
+def stored_record(ctx: Context, stage: str, t: int, member: str | None = None) -> StageRecord:
+    """The verified record of a finished stage, for running a later stage on its own."""
+    record = ctx.stage(stage, t, member).verify()
+    if record is None:
+        name = stage if member is None else f"generate-{member}"
+        raise FileNotFoundError(
+            f"iter-{t}/{name} of run {ctx.config.run.run_id} is not done (no valid manifest at "
+            f"{ctx.stage(stage, t, member).url}); run the iteration first"
+        )
+    return record
+
+
+def stored_inputs(ctx: Context, stage: str, t: int, member: str | None = None) -> dict[str, object]:
+    """Keyword inputs of ``stage`` at iteration t, read from storage (see `tasks.run_stage`)."""
+    previous = stored_record(ctx, "train", t - 1) if t > 0 else None
+    if stage == "sample_prompts":
+        return {}
+    if stage == "generate":
+        if member is None:
+            raise ValueError("the generate stage needs a member (e.g. base, iter-0)")
+        k = member_iteration(member)
+        return {"member": member, "prompts": stored_record(ctx, "sample_prompts", t),
+                "adapter": stored_record(ctx, "train", k) if k is not None else None}  # fmt: skip
+    if stage == "build_pairs":
+        members = opponent_members(t, ctx.config.method.history)
+        return {"prompts": stored_record(ctx, "sample_prompts", t),
+                "generations": [stored_record(ctx, "generate", t, m.name) for m in members]}  # fmt: skip
+    if stage == "reference_logps":
+        return {"pairs": stored_record(ctx, "build_pairs", t), "previous": previous}
+    if stage == "train":
+        return {"reference": stored_record(ctx, "reference_logps", t), "previous": previous}
+    if stage == "evaluate":
+        return {"trained": stored_record(ctx, "train", t), "reference": stored_record(ctx, "reference_logps", t)}
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def stored_trained(ctx: Context, before: int) -> dict[int, StageRecord]:
+    """Train records of iterations 0..before-1 (the adapters an iteration may need)."""
+    return {k: stored_record(ctx, "train", k) for k in range(before)}

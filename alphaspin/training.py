@@ -40,7 +40,9 @@ class StorageCheckpointCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.ctx.progress(state.global_step / max(1, self.total_steps), f"train: step {state.global_step}/{self.total_steps}")
+        self.ctx.progress(
+            state.global_step / max(1, self.total_steps), f"train: step {state.global_step}/{self.total_steps}"
+        )
         return control
 
 
@@ -70,7 +72,7 @@ def _summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
 def run_training(ctx: Context, t: int, stage: StageDir, pairs: pd.DataFrame, previous: StageRecord | None) -> dict:
     from peft import LoraConfig, PeftModel
 
-    from alphaspin.dpo import GeometricReferenceDPOTrainer, REFERENCE_COLUMNS, dpo_config, pairs_to_dataset
+    from alphaspin.dpo import REFERENCE_COLUMNS, GeometricReferenceDPOTrainer, dpo_config, pairs_to_dataset
     from alphaspin.models import load_base_model
 
     if pairs.empty:
@@ -99,7 +101,9 @@ def run_training(ctx: Context, t: int, stage: StageDir, pairs: pd.DataFrame, pre
     trainer = GeometricReferenceDPOTrainer(model=model, args=args, train_dataset=dataset,
                                            processing_class=ctx.tokenizer, peft_config=peft_config)  # fmt: skip
     total = trainer.get_train_dataloader().__len__()
-    total_steps = max(1, int(round(total * config.training.num_train_epochs / config.training.gradient_accumulation_steps)))
+    total_steps = max(
+        1, int(round(total * config.training.num_train_epochs / config.training.gradient_accumulation_steps))
+    )
     trainer.add_callback(StorageCheckpointCallback(stage, output_dir, ctx, total_steps))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 

@@ -1,12 +1,12 @@
 """α-SPIN as Prefect flows (Algorithm 2 of arXiv 2404.04291).
 
-    for t = 0..T:
-        prompts      = sample_prompts(t)
-        losers_k     = generate_losers(t, k, θ_k)    for each member k of the opponent mixture
-        pairs        = build_pairs(prompts, losers)
-        reference    = reference_logps(pairs, θ_(t-1))      # α·lp_prev + (1−α)·lp_base
-        θ_t          = train(reference, θ_(t-1))
-        metrics_t    = evaluate(θ_t)
+for t = 0..T:
+    prompts      = sample_prompts(t)
+    losers_k     = generate_losers(t, k, θ_k)    for each member k of the opponent mixture
+    pairs        = build_pairs(prompts, losers)
+    reference    = reference_logps(pairs, θ_(t-1))      # α·lp_prev + (1−α)·lp_base
+    θ_t          = train(reference, θ_(t-1))
+    metrics_t    = evaluate(θ_t)
 """
 
 from __future__ import annotations
@@ -18,7 +18,19 @@ from prefect import flow
 from alphaspin.config import AlphaSpinConfig, Stage
 from alphaspin.mixture import member_iteration, opponent_members
 from alphaspin.storage import StageRecord
-from tasks import build_pairs, ensure_run, evaluate, generate_losers, reference_logps, run_stage, sample_prompts, train
+from tasks import (
+    build_pairs,
+    ensure_run,
+    evaluate,
+    generate_losers,
+    load_trained,
+    reference_logps,
+    run_stage,
+    sample_prompts,
+    stage_task,
+    stored_inputs,
+    train,
+)
 
 
 @flow(name="alphaspin-iteration", flow_run_name="{config.run.run_id}-iter-{iteration}", log_prints=True)
@@ -26,6 +38,8 @@ def alphaspin_iteration(config: AlphaSpinConfig, iteration: int, trained: dict[i
                         force: list[Stage] | None = None) -> dict[str, Any]:  # fmt: skip
     """One α-SPIN iteration t. ``trained`` holds the train records of iterations < t; ``force``
     re-runs the chosen stages (and so everything downstream of them)."""
+    if trained is None and iteration > 0:  # started on its own (a deployment): adapters from storage
+        trained = load_trained(config, iteration)
     trained = dict(trained or {})
     forced = set(force or [])
     t = iteration
@@ -68,6 +82,32 @@ def alphaspin_run(config: AlphaSpinConfig, force_stages: list[Stage] | None = No
         out = alphaspin_iteration(config=config, iteration=t, trained=trained, force=sorted(by_iteration.get(t, ())))
         trained[t] = out["trained"]
         results.append({"iteration": t, **out["evaluation"].metrics})
+    return results
+
+
+@flow(name="alphaspin-stage", flow_run_name="{config.run.run_id}-iter-{iteration}-{stage}", log_prints=True)
+def alphaspin_stage(config: AlphaSpinConfig, iteration: int, stage: Stage, member: str | None = None,
+                    force: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Run (by default: force) one stage of one iteration of an existing run, its inputs read from
+    storage. Stages downstream of it re-run on the next run/iteration, as their keys change."""
+    inputs = stored_inputs(config, stage, iteration, member)
+    record = run_stage(stage_task(stage), config=config, iteration=iteration, force=force, **inputs)
+    print(f"iter-{iteration}/{stage}: {record.metrics}")
+    return {"record": record}
+
+
+@flow(name="alphaspin-evaluate", flow_run_name="{config.run.run_id}-evaluate", log_prints=True)
+def alphaspin_evaluate(
+    config: AlphaSpinConfig, iterations: list[int] | None = None, force: bool = True
+) -> list[dict[str, Any]]:
+    """Evaluate the stored adapters of an existing run (all iterations by default), e.g. after
+    changing the evaluation settings or nightly on a schedule."""
+    results = []
+    for t in iterations or range(config.method.iterations + 1):
+        inputs = stored_inputs(config, "evaluate", t)
+        record = run_stage(evaluate, config=config, iteration=t, force=force, **inputs)
+        print(_format(t, record.metrics))
+        results.append({"iteration": t, **record.metrics})
     return results
 
 

@@ -5,9 +5,12 @@ from tasks.stages import (
     ensure_run,
     evaluate,
     generate_losers,
+    load_trained,
     reference_logps,
     run_stage,
     sample_prompts,
+    stage_task,
+    stored_inputs,
     train,
 )
 
@@ -16,8 +19,11 @@ __all__ = [
     "ensure_run",
     "evaluate",
     "generate_losers",
+    "load_trained",
     "reference_logps",
     "run_stage",
     "sample_prompts",
+    "stage_task",
+    "stored_inputs",
     "train",
 ]

@@ -175,7 +175,9 @@ def _artifact_key(run_id: str, iteration: int) -> str:
     return f"{slug}-iter-{iteration}-metrics"
 
 
-def run_stage(stage_task, *, config: AlphaSpinConfig, iteration: int, force: bool = False, **inputs: Any) -> StageRecord:
+def run_stage(
+    stage_task, *, config: AlphaSpinConfig, iteration: int, force: bool = False, **inputs: Any
+) -> StageRecord:
     """Call a stage task with the run's retry settings, refreshing Prefect's cache record when the
     stage is forced or its manifest does not verify under its key (missing, corrupted, stale)."""
     stage = next(s for s, t in _TASKS.items() if t is stage_task)
@@ -188,8 +190,35 @@ def run_stage(stage_task, *, config: AlphaSpinConfig, iteration: int, force: boo
         ctx.close()
     options: dict[str, Any] = {"refresh_cache": force or not valid}
     if stage in GPU_STAGES:
-        options.update(retries=config.orchestration.retries, retry_delay_seconds=config.orchestration.retry_delay_seconds)
+        options.update(
+            retries=config.orchestration.retries, retry_delay_seconds=config.orchestration.retry_delay_seconds
+        )
     return stage_task.with_options(**options)(config=config, iteration=iteration, force=force, **inputs)
+
+
+def stage_task(stage: str):
+    """The task of a stage name (``generate`` → generate_losers)."""
+    return _TASKS[stage]
+
+
+@task(name="stored_inputs", persist_result=False)
+def stored_inputs(config: AlphaSpinConfig, stage: str, iteration: int, member: str | None = None) -> dict[str, Any]:
+    """Read a stage's upstream records from storage (for running one stage or iteration alone)."""
+    ctx = Context.create(config)
+    try:
+        return stages.stored_inputs(ctx, stage, iteration, member)
+    finally:
+        ctx.close()
+
+
+@task(name="load_trained", persist_result=False)
+def load_trained(config: AlphaSpinConfig, before: int) -> dict[int, StageRecord]:
+    """Train records of iterations < ``before``, from storage."""
+    ctx = Context.create(config)
+    try:
+        return stages.stored_trained(ctx, before)
+    finally:
+        ctx.close()
 
 
 _TASKS = {

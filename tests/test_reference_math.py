@@ -36,9 +36,9 @@ def test_log_z_cancels_in_the_dpo_margin():
     assert z.item() == pytest.approx(0.5**0.95 * 0.2**0.05 + 0.3**0.95 * 0.2**0.05 + 0.2**0.95 * 0.6**0.05)
     normalised = unnormalised - z.log()  # the exact π_ref
     assert torch.exp(normalised).sum().item() == pytest.approx(1.0, abs=1e-15)
-    w, l = 0, 2
-    with_stored = dpo_margin(POLICY.log()[w], POLICY.log()[l], unnormalised[w], unnormalised[l], BETA)
-    with_exact = dpo_margin(POLICY.log()[w], POLICY.log()[l], normalised[w], normalised[l], BETA)
+    w, lose = 0, 2
+    with_stored = dpo_margin(POLICY.log()[w], POLICY.log()[lose], unnormalised[w], unnormalised[lose], BETA)
+    with_exact = dpo_margin(POLICY.log()[w], POLICY.log()[lose], normalised[w], normalised[lose], BETA)
     assert with_stored.item() == pytest.approx(with_exact.item(), abs=1e-15)
     # and by hand: β[(log .6 − ref_w) − (log .3 − ref_l)]
     ref_w = 0.95 * math.log(0.5) + 0.05 * math.log(0.2)

@@ -280,10 +280,24 @@ def flatten_results(results: Mapping[str, Any]) -> list[dict]:
     return rows
 
 
-def leaderboard_metrics(table: list[dict], prefix: str = "lm_eval") -> dict[str, float | None]:
-    """Flat metrics for the report: ``{"<prefix>/<task>/<metric>": value, ".._stderr": stderr}``."""
-    flat: dict[str, float | None] = {}
+def leaderboard_metrics(
+    result: Mapping[str, Any] | list[dict], prefix: str = "lm_eval", *, include_subtasks: bool = False
+) -> dict[str, float]:
+    """Flat metrics for the report: ``{"<prefix>/<task>/<metric>": value, "..._stderr": stderr}``.
+
+    ``result`` is ``run_lm_eval``'s output or its ``"table"``. From a full output, the members of
+    groups (MMLU's 57 subjects) are left out unless ``include_subtasks``; the group row stays.
+    """
+    if isinstance(result, Mapping):
+        table = result["table"]
+        groups = result.get("results", {}).get("group_subtasks", {}) or {}
+        members = {task for subtasks in groups.values() for task in subtasks}
+    else:
+        table, members = result, set()
+    flat: dict[str, float] = {}
     for row in table:
+        if row["task"] in members and not include_subtasks:
+            continue
         key = f"{prefix}/{row['task']}/{row['metric']}"
         flat[key] = row["value"]
         if row["stderr"] is not None:

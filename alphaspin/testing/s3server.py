@@ -100,11 +100,26 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def _finalize(process: subprocess.Popen[bytes] | None, workdir: str | None) -> None:
+def _grpc_sockets(ports: dict[str, int]) -> list[Path]:
+    # weed also serves each gRPC port on a unix socket at a hard-coded /tmp path (not $TMPDIR, no
+    # flag) and leaves some behind, notably after a SIGKILL.
+    components = {"master_grpc": "master", "volume_grpc": "volume", "filer_grpc": "filer", "s3_grpc": "s3"}
+    sockets = [
+        Path(f"/tmp/seaweedfs-{name}-grpc-{ports[key]}.sock") for key, name in components.items() if key in ports
+    ]
+    if "admin" in ports:
+        sockets.append(Path(f"/tmp/seaweedfs-admin-grpc-{ports['admin'] + GRPC_OFFSET}.sock"))
+    return sockets
+
+
+def _finalize(process: subprocess.Popen[bytes] | None, workdir: str | None, sockets: list[Path]) -> None:
     """Last-resort cleanup when a server object is garbage-collected or the interpreter exits."""
     if process is not None and process.poll() is None:
         _kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+    for sock in sockets:
+        if sock.is_socket():
+            sock.unlink(missing_ok=True)
     if workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -134,7 +149,7 @@ class SeaweedS3:
         self.log_path = self.workdir / "weed.log" if data_dir is None else self.data_dir / "weed.log"
         self.ports: dict[str, int] = {}
         self.process: subprocess.Popen[bytes] | None = None
-        self._finalizer = weakref.finalize(self, _finalize, None, str(self.workdir) if self._own_workdir else None)
+        self._finalizer = weakref.finalize(self, _finalize, None, str(self.workdir) if self._own_workdir else None, [])
 
     # -- addresses ----------------------------------------------------------------------------
     @property
@@ -233,6 +248,7 @@ class SeaweedS3:
             # count is derived from free disk / volume size; 1 GiB volumes run out after a few
             # dozen buckets, 64 MiB ones do not.
             "-master.volumeSizeLimitMB=64",
+            "-volume.preStopSeconds=0",  # no grace period for peers on stop: there are none (saves 1 s)
         ]  # fmt: skip
         # Unix sockets default to /tmp/seaweedfs-*-<port>.sock and are left behind; keep them in
         # the data dir when the path fits the ~100-byte socket path limit.
@@ -262,7 +278,7 @@ class SeaweedS3:
             )
         self._finalizer.detach()
         self._finalizer = weakref.finalize(
-            self, _finalize, self.process, str(self.workdir) if self._own_workdir else None
+            self, _finalize, self.process, str(self.workdir) if self._own_workdir else None, _grpc_sockets(self.ports)
         )
 
     def log_tail(self, lines: int = 40) -> str:
@@ -318,10 +334,19 @@ class SeaweedS3:
             except subprocess.TimeoutExpired:
                 _kill(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
+        for sock in _grpc_sockets(self.ports):
+            if sock.is_socket():
+                sock.unlink(missing_ok=True)
         self.process = None
 
     def restart(self, graceful: bool = True) -> SeaweedS3:
-        """Stop and start again on the same data dir and ports (the endpoint stays valid)."""
+        """Stop and start again on the same data dir and ports (the endpoint stays valid).
+
+        S3 answers as soon as this returns, but until the volume server has re-registered its
+        volumes (about 4-9 s after a SIGKILL) reads of old objects fail with a 500 InternalError
+        ("volume N not found"); s3fs's default retries ride that out, a client with retries off
+        does not.
+        """
         self.stop(graceful=graceful)
         return self.start()
 
