@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ BACKENDS = ["local", "memory", "s3"]
 
 
 @pytest.fixture(params=BACKENDS)
-def runs_root(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+def runs_root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty runs root on each backend."""
     if request.param == "local":
         yield str(tmp_path / "runs")
