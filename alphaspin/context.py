@@ -193,6 +193,8 @@ class Context:
                 )
             self._set_parent(existing.get("forked_from"))
             return existing
+        # Check the model and the data before writing anything: a bad input leaves no run behind.
+        _ = self.model_path, self.tokenizer, self.sft
         if fork_from is not None:
             parent = RunStorage(self.config.run.runs_root, fork_from)
             if not parent.exists(parent.path("run.json")):

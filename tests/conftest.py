@@ -2,12 +2,68 @@
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-import pytest
+# Offline and quiet, whoever starts pytest (scripts/test.sh sets these too).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from alphaspin.testing.s3server import S3ServerError, SeaweedS3, find_weed
+import pytest  # noqa: E402
+
+from alphaspin.config import AlphaSpinConfig, load_config  # noqa: E402
+
+from alphaspin.testing.s3server import S3ServerError, SeaweedS3, find_weed  # noqa: E402
+
+# -- tiny model and configs ---------------------------------------------------------------------
+# Small enough that two iterations of the whole method take seconds on 2 CPU cores.
+TINY_OVERRIDES = [
+    "method.iterations=1",
+    "method.pairs_first_iteration=6",
+    "method.pairs_per_iteration=6",
+    "data.heldout_size=4",
+    "generation.max_new_tokens=8",
+    "generation.batch_size=2",
+    "generation.shard_size=2",
+    "training.per_device_train_batch_size=2",
+    "training.save_steps=1",
+    "training.max_length=96",
+    "training.lora.r=4",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from alphaspin.testing.tiny_model import tiny_model_path
+
+    return tiny_model_path()
+
+
+@pytest.fixture
+def make_config(tiny_model: str, tmp_path) -> Callable[..., AlphaSpinConfig]:
+    """``make_config(*overrides)``: the quickstart recipe shrunk to the tiny model, in tmp_path."""
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")
+
+    def make(*overrides: str) -> AlphaSpinConfig:
+        base = [f"model.name_or_path={tiny_model}", f"run.runs_root={tmp_path / 'runs'}", *TINY_OVERRIDES]
+        return load_config(recipe, [*base, *overrides])
+
+    return make
+
+
+# -- Prefect (one temporary server per session) ---------------------------------------------------
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
 
 # -- S3 (a real SeaweedFS server on 127.0.0.1) ------------------------------------------------
 

@@ -1,0 +1,202 @@
+"""End to end on a tiny model: two iterations through the plain runner, the stored reference
+log-probs recomputed by hand, α = 1 against TRL's own reference, forks, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alphaspin import stages
+from alphaspin.cli import main
+from alphaspin.context import Context, RunConflictError
+from alphaspin.data import DataError
+from alphaspin.pipeline import run
+from alphaspin.storage import MANIFEST
+
+STAGE_DIRS = {
+    0: ["sample_prompts", "generate-base", "build_pairs", "reference_logps", "train", "evaluate"],
+    1: ["sample_prompts", "generate-base", "generate-iter-0", "build_pairs", "reference_logps", "train", "evaluate"],
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model):
+    """One two-iteration run (t = 0, 1; h = 2; α = 0.95) shared by the tests of this module."""
+    from conftest import TINY_OVERRIDES
+
+    from alphaspin.config import load_config
+
+    root = tmp_path_factory.mktemp("runs")
+    config = load_config(
+        "configs/quickstart.yaml", [f"model.name_or_path={tiny_model}", f"run.runs_root={root}", *TINY_OVERRIDES]
+    )
+    results = run(config)
+    return config, results
+
+
+def test_two_iterations_write_every_stage_and_a_new_adapter(finished_run):
+    config, results = finished_run
+    ctx = Context.create(config)
+    assert [r["iteration"] for r in results] == [0, 1]
+    for t, names in STAGE_DIRS.items():
+        found = sorted(p.rsplit("/", 2)[-2] for p in ctx.storage.fs.glob(ctx.storage.path(f"iter-{t}", "*", MANIFEST)))
+        assert found == sorted(names)
+        for name in names:
+            assert ctx.storage.stage(t, name).verify() is not None, f"iter-{t}/{name}"
+    adapters = [ctx.stage("train", t).read_bytes("adapter/adapter_model.safetensors") for t in (0, 1)]
+    assert adapters[0] != adapters[1]
+    for r in results:
+        for key in ("train/loss", "heldout/loglik_per_token", "heldout/reward_accuracy"):
+            assert math.isfinite(r[key]), key
+    record = json.loads(ctx.storage.read_bytes(ctx.storage.path("run.json")))
+    assert record["config"]["method"]["alpha"] == 0.95 and "trl" in record["versions"]
+
+
+def test_prompts_shares_and_heldout_isolation(finished_run):
+    config, _ = finished_run
+    ctx = Context.create(config)
+    heldout_ids = set()
+    for t in (0, 1):
+        prompts = ctx.stage("sample_prompts", t).read_table("prompts.parquet")
+        train = prompts[prompts.split == "train"]
+        assert len(train) == 6 and train.id.is_unique
+        heldout_ids |= set(prompts[prompts.split == "heldout"].id)
+        expected = {"base": 6} if t == 0 else {"base": 3, "iter-0": 3}  # h = 2
+        assert train.groupby("opponent").size().to_dict() == expected
+        pairs = ctx.stage("build_pairs", t).read_table("pairs.parquet")
+        assert pairs.id.is_unique and len(pairs) == len(prompts)  # no duplicated rows
+        assert set(pairs[pairs.split == "train"].id).isdisjoint(heldout_ids)
+    assert len(heldout_ids) == 4  # the same held-out rows every iteration
+
+
+def _logps_by_hand(model, tokenizer, prompt: str, answer: str) -> float:
+    """Σ log π(answer tokens | chat-template prompt), from full logits (not TRL's code)."""
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    )
+    prompt_ids, full = list(getattr(prompt_ids, "input_ids", prompt_ids)), list(getattr(full, "input_ids", full))
+    assert full[: len(prompt_ids)] == prompt_ids
+    ids = torch.tensor([full[:96]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+    targets = ids[0, 1:]
+    positions = range(len(prompt_ids) - 1, ids.shape[1] - 1)
+    return float(sum(logp[i, targets[i]] for i in positions))
+
+
+def test_stored_reference_logps_equal_hand_computation(finished_run, tiny_model):
+    from peft import PeftModel
+
+    config, _ = finished_run
+    ctx = Context.create(config)
+    table = ctx.stage("reference_logps", 1).read_table("reference.parquet").head(3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = ctx.tokenizer
+    expected_base = [[_logps_by_hand(base, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
+                     for r in table.itertuples()]  # fmt: skip
+    adapter_dir = ctx.local_adapter(ctx.stage("train", 0).verify())
+    prev = PeftModel.from_pretrained(base, adapter_dir).eval()
+    expected_prev = [[_logps_by_hand(prev, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
+                     for r in table.itertuples()]  # fmt: skip
+    for i, row in enumerate(table.itertuples()):
+        assert row.lp_base_chosen == pytest.approx(expected_base[i][0], abs=2e-4)
+        assert row.lp_base_rejected == pytest.approx(expected_base[i][1], abs=2e-4)
+        assert row.lp_prev_chosen == pytest.approx(expected_prev[i][0], abs=2e-4)
+        assert row.lp_prev_rejected == pytest.approx(expected_prev[i][1], abs=2e-4)
+        assert row.ref_chosen_logps == pytest.approx(0.95 * row.lp_prev_chosen + 0.05 * row.lp_base_chosen, abs=1e-9)
+        assert row.ref_rejected_logps == pytest.approx(
+            0.95 * row.lp_prev_rejected + 0.05 * row.lp_base_rejected, abs=1e-9
+        )
+    ctx.close()
+
+
+def test_alpha_one_reproduces_the_reference_trl_computes_from_the_previous_iterate(finished_run, tiny_model, tmp_path):
+    """With α = 1, our stored reference equals what TRL's own precompute gives for π_θ0."""
+    from peft import PeftModel
+    from trl import DPOTrainer
+
+    from alphaspin.dpo import dpo_config, pairs_to_dataset
+
+    config, _ = finished_run
+    spin = config.model_copy(deep=True)
+    spin.method.alpha = 1.0
+    spin.run.run_id = "spin-alpha-1"
+    ctx, source = Context.create(spin), Context.create(config)
+    # a separate run that adopts the pairs and θ_0 of the finished run
+    pairs_record = ctx.stage("build_pairs", 1).adopt(
+        source.stage("build_pairs", 1), source.stage("build_pairs", 1).verify().cache_key
+    )
+    previous = ctx.stage("train", 0).adopt(source.stage("train", 0), source.stage("train", 0).verify().cache_key)
+    stages.reference_logps(ctx, 1, pairs_record, previous)
+    ours = ctx.stage("reference_logps", 1).read_table("reference.parquet")
+    ours = ours[ours.split == "train"].reset_index(drop=True)
+    assert (ours.ref_chosen_logps == ours.lp_prev_chosen).all()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), ctx.local_adapter(previous),
+                                      is_trainable=True)  # fmt: skip
+    args = dpo_config(spin.training, str(tmp_path / "trl"), 0, use_cpu=True)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs_to_dataset(ours), processing_class=ctx.tokenizer)
+    trl_ref = pd.DataFrame({"id": trainer.train_dataset["id"], "c": trainer.train_dataset["ref_chosen_logps"],
+                            "r": trainer.train_dataset["ref_rejected_logps"]}).set_index("id").loc[ours.id]  # fmt: skip
+    assert ours.ref_chosen_logps.to_numpy() == pytest.approx(trl_ref.c.to_numpy(), abs=2e-4)
+    assert ours.ref_rejected_logps.to_numpy() == pytest.approx(trl_ref.r.to_numpy(), abs=2e-4)
+    ctx.close()
+
+
+def test_rerun_skips_everything_and_a_conflicting_config_is_refused(finished_run):
+    config, results = finished_run
+    ctx = Context.create(config)
+    before = {t: ctx.stage("train", t).read_manifest()["attempt"] for t in (0, 1)}
+    assert run(config)[1]["train/loss"] == pytest.approx(results[1]["train/loss"])
+    assert {t: ctx.stage("train", t).read_manifest()["attempt"] for t in (0, 1)} == before
+    changed = config.model_copy(deep=True)
+    changed.training.beta = 0.3
+    with pytest.raises(RunConflictError, match=r"training\.beta.*--fork-from"):
+        run(changed)
+
+
+def test_a_fork_with_a_new_beta_reuses_exactly_the_stages_that_do_not_read_it(finished_run):
+    config, _ = finished_run
+    fork = config.model_copy(deep=True)
+    fork.training.beta = 0.3
+    fork.run.run_id = "forked-beta"
+    run(fork, fork_from=config.run.run_id)
+    ctx = Context.create(fork)
+    adopted = {(t, name): "adopted_from" in ctx.storage.stage(t, name).verify().metrics
+               for t, names in STAGE_DIRS.items() for name in names}  # fmt: skip
+    assert adopted == {
+        (0, "sample_prompts"): True, (0, "generate-base"): True, (0, "build_pairs"): True,
+        (0, "reference_logps"): True, (0, "train"): False, (0, "evaluate"): False,
+        (1, "sample_prompts"): True, (1, "generate-base"): True, (1, "generate-iter-0"): False,
+        (1, "build_pairs"): False, (1, "reference_logps"): False, (1, "train"): False, (1, "evaluate"): False,
+    }  # fmt: skip
+
+
+def test_missing_dataset_column_is_a_clear_error_and_writes_nothing(make_config, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(20)))
+    config = make_config(f"data.source={data}")
+    with pytest.raises(DataError, match=r"data\.prompt_column: .*sft\.jsonl has no column 'prompt'"):
+        run(config)
+    assert not (tmp_path / "runs").exists()
+    code = main(["run", "--no-prefect", "-c", "configs/quickstart.yaml", "--set", f"data.source={data}",
+                 "--set", f"run.runs_root={tmp_path / 'runs'}"])  # fmt: skip
+    assert code == 2 and "data.prompt_column" in capsys.readouterr().err
+
+
+def test_missing_model_path_is_a_clear_error_and_writes_nothing(make_config, tmp_path):
+    config = make_config(f"model.name_or_path={tmp_path / 'no-such-model'}")
+    with pytest.raises(FileNotFoundError, match=r"model\.name_or_path: no model folder"):
+        run(config)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_too_many_pairs_for_the_data_names_the_field(make_config):
+    config = make_config("method.pairs_first_iteration=100000")
+    with pytest.raises(DataError, match=r"method\.pairs_first_iteration"):
+        run(config)
