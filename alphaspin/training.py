@@ -3,6 +3,7 @@ checkpoints mirrored into run storage so a retried stage resumes where it stoppe
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import shutil
@@ -50,6 +51,15 @@ def _remote_checkpoints(stage: StageDir) -> list[str]:
     """Names of checkpoints fully uploaded (their _COMPLETE.json marker exists), oldest first."""
     names = {n.split("/")[2] for n in stage.list_files(CHECKPOINTS) if n.endswith("/_COMPLETE.json")}
     return sorted(names, key=lambda n: int(n.rsplit("-", 1)[-1]))
+
+
+def _normalise_adapter_config(path: Path) -> None:
+    """PEFT serialises ``target_modules`` from a set, in an order that changes with Python's hash
+    seed; sort it so the same training writes the same bytes in every process (stable digests)."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,6 +121,7 @@ def run_training(ctx: Context, t: int, stage: StageDir, pairs: pd.DataFrame, pre
     shutil.rmtree(adapter_dir, ignore_errors=True)
     # TRL keeps a frozen copy of θ_(t-1) as adapter "ref"; only "default" (θ_t) is the result.
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    _normalise_adapter_config(adapter_dir / "adapter_config.json")
     stage.put_dir(adapter_dir, "adapter")
     history = trainer.state.log_history
     stage.write_json("train_log.json", history)

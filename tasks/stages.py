@@ -82,6 +82,7 @@ def _forked_from(ctx: Context) -> str | None:
 
 def _task(stage: str, name: str, **options: Any):
     gpu = stage in GPU_STAGES
+    options.setdefault("task_run_name", f"{name}-iter-{{iteration}}")
     return task(name=name, cache_key_fn=_cache_key_fn(stage), persist_result=True,
                 tags=["alphaspin", "gpu"] if gpu else ["alphaspin"],
                 retries=2 if gpu else 0, retry_delay_seconds=10 if gpu else 0, **options)  # fmt: skip
@@ -107,7 +108,7 @@ def sample_prompts(config: AlphaSpinConfig, iteration: int, force: bool = False)
         ctx.close()
 
 
-@_task("generate", "generate_losers", task_run_name="generate_losers-{member}")
+@_task("generate", "generate_losers", task_run_name="generate_losers-iter-{iteration}-{member}")
 def generate_losers(config: AlphaSpinConfig, iteration: int, member: str, prompts: StageRecord,
                     adapter: StageRecord | None, force: bool = False) -> StageRecord:  # fmt: skip
     """Sample the losers y_l of one opponent member's share of prompts."""
