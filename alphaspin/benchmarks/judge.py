@@ -184,7 +184,7 @@ _REFERENCE_CRITERIA = (
     "weigh correctness above everything else."
 )
 _FORMAT = (
-    'First explain your assessment in a few sentences. Then, on the last line, give a score from 1 (worst) to '
+    "First explain your assessment in a few sentences. Then, on the last line, give a score from 1 (worst) to "
     '10 (best) in exactly this format: "Rating: [[5]]".'
 )
 
@@ -375,7 +375,12 @@ def judge_answers(
         return client.judge(job[2], label=job[3])
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        results = list(pool.map(run, jobs))  # re-raises the first JudgeError
+        futures = [pool.submit(run, job) for job in jobs]
+        try:
+            results = [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # don't keep grading once the result is lost
+            raise
 
     graded: dict[int, dict[int, tuple[float, str, int]]] = {}
     for (index, turn, _, _), result in zip(jobs, results, strict=True):

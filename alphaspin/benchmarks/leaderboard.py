@@ -158,7 +158,8 @@ def _manager_for(task_names: list[str]) -> Any:
     manager = task_manager(include_defaults=True)
     unknown = [name for name in task_names if name not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"tasks: unknown lm-eval task(s) {unknown}; local tasks: {sorted(local.all_tasks)}")
+        ours = sorted(name for name in local.all_tasks if not name.startswith("alphaspin_mmlu_"))
+        raise ValueError(f"tasks: unknown lm-eval task(s) {unknown}; local tasks: {ours}, presets: {sorted(PRESETS)}")
     return manager
 
 
@@ -181,6 +182,9 @@ def run_lm_eval(
 ) -> dict:
     """Evaluate ``model_path`` (+ ``adapter_path``) on lm-eval ``tasks`` (task or preset names).
 
+    ``model_path`` is a transformers folder (or a ``builtin:`` model name, resolved to its cached
+    folder); ``adapter_path`` a PEFT LoRA folder or None for the base model.
+
     Tasks are grouped by few-shot count and each group runs through ``lm_eval.simple_evaluate`` on
     one loaded model. Returns a JSON-serialisable dict::
 
@@ -194,6 +198,10 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.api.registry import get_model
 
+    if model_path.startswith("builtin:"):
+        from alphaspin.models import resolve_model_path
+
+        model_path = resolve_model_path(model_path)
     task_shots, preset_limit = expand_tasks(tasks, num_fewshot)
     limit = limit if limit is not None else preset_limit
     manager = _manager_for(list(task_shots))
@@ -210,17 +218,23 @@ def run_lm_eval(
     merged: dict[str, Any] = {}
     samples: dict[str, list] = {}
     for shots, names in by_shots.items():
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=shots,
-            limit=limit,
-            batch_size=batch_size,
-            device=device,
-            task_manager=manager,
-            log_samples=log_samples,
-            apply_chat_template=apply_chat_template,
-        )
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=shots,
+                limit=limit,
+                batch_size=batch_size,
+                device=device,
+                task_manager=manager,
+                log_samples=log_samples,
+                apply_chat_template=apply_chat_template,
+            )
+        except ConnectionError as error:  # datasets' hub errors (also raised under HF_DATASETS_OFFLINE=1)
+            raise RuntimeError(
+                f"lm-eval tasks {names} read their data from the Hugging Face hub, which is unreachable ({error}); "
+                f"offline, use the local alphaspin_* tasks (preset 'open_llm_leaderboard_offline' or 'offline_smoke')"
+            ) from error
         if out is None:  # only on non-zero ranks of a distributed run
             continue
         samples.update(out.pop("samples", {}) or {})

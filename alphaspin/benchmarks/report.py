@@ -189,6 +189,8 @@ def plot_lines(
     series_by_metric: Mapping[str, Mapping[str, Mapping[str, list]]],
     path: str | Path,
     title: str = "Metrics over iterations",
+    *,
+    legend: bool = True,
 ) -> Path:
     """One panel per metric, one line per series (a run, or the single run), stderr as error bars.
 
@@ -213,7 +215,7 @@ def plot_lines(
         ax.set_title(metric, fontsize="medium")
         ax.set_xlabel("iteration")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        if len(by_label) > 1:
+        if legend:
             ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
@@ -260,7 +262,9 @@ def write_report(
     if len(radar["categories"]) >= 3 and radar["series"]:
         files["radar"] = str(plot_radar(radar, out / "judge_radar.png"))
     if lines:
-        files["lines"] = str(plot_lines({m: {"run": s} for m, s in lines.items()}, out / "metrics_over_iterations.png"))
+        files["lines"] = str(
+            plot_lines({m: {"run": s} for m, s in lines.items()}, out / "metrics_over_iterations.png", legend=False)
+        )
 
     text = [f"# {title}", ""]
     for key, value in (run_info or {}).items():
