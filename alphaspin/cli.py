@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from alphaspin.config import STAGES, AlphaSpinConfig, ConfigError, config_from_dict, load_config
@@ -122,6 +123,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from alphaspin.reporting import write_run_report
+    from alphaspin.storage import RunStorage
+
+    _stored_config(args.run_id, args.runs_root)  # a clear error if there is no such run
+    result = write_run_report(RunStorage(args.runs_root, args.run_id))
+    print(result["markdown"])
+    print(f"report written to {result['url']}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from alphaspin.reporting import compare
+
+    for run_id in args.runs:
+        _stored_config(run_id, args.runs_root)
+    result = compare(args.runs, args.runs_root, args.out, baseline=args.baseline)
+    print((Path(args.out) / "comparison.md").read_text())
+    print(f"charts written to {args.out}: {', '.join(sorted(result['files']))}", file=sys.stderr)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     print(json.dumps(config.model_dump(mode="json"), indent=2))
@@ -168,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--runs-root", default="./runs")
     status.add_argument("--verify", action="store_true", help="check every file's sha256 (slower)")
     status.set_defaults(func=cmd_status)
+
+    report = sub.add_parser("report", help="write a run's markdown report and charts into <run>/report/")
+    report.add_argument("--run-id", required=True)
+    report.add_argument("--runs-root", default="./runs")
+    report.set_defaults(func=cmd_report)
+
+    comp = sub.add_parser("compare", help="charts and differences of several runs side by side (SPIN vs α-SPIN)")
+    comp.add_argument("runs", nargs="+", metavar="RUN_ID", help="run ids under --runs-root (the first is the baseline)")
+    comp.add_argument("--runs-root", default="./runs")
+    comp.add_argument("--out", default="./comparison", help="local folder for comparison.md and the PNG charts")
+    comp.add_argument("--baseline", help="run id the differences are taken against (default: the first)")
+    comp.set_defaults(func=cmd_compare)
 
     show = sub.add_parser("config", help="print the resolved config of a recipe (after --set overrides)")
     _add_config_args(show)

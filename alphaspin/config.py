@@ -187,10 +187,45 @@ class TrainingConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
+class JudgeConfig(_Section):
+    """MT-Bench-style judged chat: multi-turn questions by category, answered by θ_t, scored 1–10."""
+
+    enabled: bool = Field(False, description="Run the judged chat in every evaluate stage.")
+    base_url: str = Field(
+        "local",
+        description="OpenAI-compatible endpoint (http://host:8000/v1, https://api.openai.com/v1), or 'local': an "
+        "in-process server over judge.model (offline, CPU; a stand-in, not a real judge).",
+    )
+    model: str = Field(
+        "builtin:smollm2-135m-instruct", description="Judge model name at the endpoint (with 'local': its path)."
+    )
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
+    temperature: float = Field(0.0, ge=0.0, description="Judge sampling temperature (recorded with the scores).")
+    max_tokens: int = Field(512, gt=0, description="Longest judgment.")
+    max_retries: int = Field(3, ge=0, description="Retries of a failed call or a judgment that does not parse.")
+    guided_choice: bool = Field(
+        False,
+        description="Constrain the judgment to 'Rating: [[N]]' (vLLM's and the local server's guided_choice).",
+    )
+    questions: str | None = Field(None, description="A .jsonl of questions; default: the built-in set.")
+    categories: list[str] | None = Field(None, description="Only these categories (default: all eight).")
+    per_category: int | None = Field(None, gt=0, description="At most this many questions per category.")
+    answer_max_new_tokens: int = Field(128, gt=0, description="Longest answer of θ_t per turn (greedy).")
+
+
 class EvaluationConfig(_Section):
     heldout_likelihood: bool = Field(True, description="Mean log-likelihood per token of held-out SFT answers.")
     heldout_pairs: bool = Field(True, description="DPO reward accuracy/margin on held-out (x, y_w, y_l) pairs.")
     batch_size: int = Field(8, gt=0, description="Sequences per forward in evaluation.")
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks or presets run on base + adapter t: offline_smoke (offline ARC-Easy), "
+        "open_llm_leaderboard (hub), open_llm_leaderboard_offline, or task names.",
+    )
+    benchmark_limit: int | None = Field(None, gt=0, description="lm-eval --limit: examples per task.")
+    benchmark_num_fewshot: int | None = Field(None, ge=0, description="Override the presets' few-shot counts.")
+    benchmark_backend: Literal["hf", "vllm"] = Field("hf", description="lm-eval model backend (vllm on GPU).")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
 class OrchestrationConfig(_Section):

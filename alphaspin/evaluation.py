@@ -48,3 +48,74 @@ def evaluate_policy(ctx: Context, t: int, model, heldout: pd.DataFrame, stage: S
         metrics.update(found)
         stage.write_table("heldout_logps.parquet", policy)
     return metrics
+
+
+def run_benchmarks(ctx: Context, t: int, model, adapter_path: str, stage: StageDir) -> dict:
+    """lm-eval tasks and the judged chat on base + adapter t; their files go into the stage.
+    Any failure raises: a stage is never marked done with missing numbers."""
+    config = ctx.config.evaluation
+    metrics: dict = {}
+    out = ctx.workdir / f"benchmarks-{t}"
+    if config.benchmarks:
+        from alphaspin.benchmarks.leaderboard import leaderboard_metrics, run_lm_eval
+
+        ctx.progress(0.1, "lm-eval")
+        result = run_lm_eval(ctx.model_path, adapter_path, list(config.benchmarks), num_fewshot=config.benchmark_num_fewshot,
+                             limit=config.benchmark_limit, batch_size=config.batch_size, device=ctx.device,
+                             dtype=ctx.config.model.dtype, backend=config.benchmark_backend,
+                             output_dir=str(out / "lm_eval"))  # fmt: skip
+        metrics.update(leaderboard_metrics(result))
+    if config.judge.enabled:
+        ctx.progress(0.5, "judged chat")
+        metrics.update(_judged_chat(ctx, model, out / "judge"))
+    if out.exists():
+        stage.put_dir(out, "benchmarks")
+    return metrics
+
+
+def _judged_chat(ctx: Context, model, out) -> dict:
+    from alphaspin.benchmarks import judge as chat
+    from alphaspin.benchmarks.local_judge import RATING_CHOICES, LocalJudgeServer
+    from alphaspin.models import resolve_model_path
+
+    settings = ctx.config.evaluation.judge
+    questions = chat.load_questions(
+        settings.questions, categories=settings.categories, per_category=settings.per_category
+    )
+    answers = chat.answer_questions(
+        lambda chats: _generate_chat(ctx, model, chats, settings.answer_max_new_tokens), questions
+    )
+    extra = {"guided_choice": RATING_CHOICES} if settings.guided_choice else None
+
+    def score(base_url: str, model_name: str) -> list:
+        with chat.JudgeClient(base_url, model_name, api_key_env=settings.api_key_env, temperature=settings.temperature,
+                              max_retries=settings.max_retries, max_tokens=settings.max_tokens, extra_body=extra) as client:  # fmt: skip
+            return chat.judge_answers(client, questions, answers, concurrency=1 if base_url == "local" else 4)
+
+    if settings.base_url == "local":
+        path = resolve_model_path(settings.model)
+        with LocalJudgeServer(path, device=ctx.device) as server:
+            scores = score(server.base_url, settings.model)
+    else:
+        scores = score(settings.base_url, settings.model)
+    aggregated = chat.aggregate(scores)
+    chat.save_judgments(str(out), answers, scores, aggregated)
+    return chat.judge_metrics(aggregated)
+
+
+@torch.no_grad()
+def _generate_chat(ctx: Context, model, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy replies of θ_t to chats, with the training chat template (left-padded batches)."""
+    tokenizer, replies = ctx.tokenizer, []
+    size = ctx.config.evaluation.batch_size
+    for start in range(0, len(chats), size):
+        prompts = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
+                   for c in chats[start : start + size]]  # fmt: skip
+        width = max(map(len, prompts))
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=ctx.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ctx.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        replies.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out)
+    return replies

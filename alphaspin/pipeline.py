@@ -47,6 +47,9 @@ def run(config: AlphaSpinConfig, force: dict[int, set[str]] | None = None, fork_
             results.append({"iteration": t, **record.metrics})
             if on_iteration:
                 on_iteration(t, record.metrics)
+        from alphaspin.reporting import write_run_report
+
+        write_run_report(ctx.storage)
         return results
     finally:
         ctx.close()

@@ -310,7 +310,7 @@ def train(ctx: Context, t: int, reference: StageRecord, previous: StageRecord | 
 def evaluate(ctx: Context, t: int, trained: StageRecord, reference: StageRecord, force: bool = False) -> StageRecord:
     """Held-out metrics of θ_t: mean log-likelihood per token of the held-out SFT answers, and the
     DPO reward accuracy and margin on held-out pairs against this iteration's reference."""
-    from alphaspin.evaluation import evaluate_policy
+    from alphaspin.evaluation import evaluate_policy, run_benchmarks
 
     key = stage_key(ctx.config, "evaluate", t, [trained, reference])
     if (record := _done(ctx, "evaluate", t, key, force)) is not None:
@@ -321,6 +321,7 @@ def evaluate(ctx: Context, t: int, trained: StageRecord, reference: StageRecord,
     heldout = frame[frame.split == "heldout"].reset_index(drop=True)
     model = _model_with_adapter(ctx, trained)
     metrics = evaluate_policy(ctx, t, model, heldout, stage)
+    metrics.update(run_benchmarks(ctx, t, model, ctx.local_adapter(trained), stage))
     metrics["heldout/base_loglik_per_token"] = reference.metrics.get("heldout/base_loglik_per_token")
     metrics["train/loss"] = trained.metrics.get("train/loss")
     metrics["train/reward_margin"] = trained.metrics.get("train/reward_margin")

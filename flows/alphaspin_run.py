@@ -24,6 +24,7 @@ from tasks import (
     evaluate,
     generate_losers,
     load_trained,
+    publish_report,
     reference_logps,
     run_stage,
     sample_prompts,
@@ -82,6 +83,7 @@ def alphaspin_run(config: AlphaSpinConfig, force_stages: list[Stage] | None = No
         out = alphaspin_iteration(config=config, iteration=t, trained=trained, force=sorted(by_iteration.get(t, ())))
         trained[t] = out["trained"]
         results.append({"iteration": t, **out["evaluation"].metrics})
+    publish_report(config)
     return results
 
 

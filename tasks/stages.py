@@ -14,7 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import TaskRunContext
 
 from alphaspin import stages
@@ -195,6 +200,22 @@ def run_stage(
             retries=config.orchestration.retries, retry_delay_seconds=config.orchestration.retry_delay_seconds
         )
     return stage_task.with_options(**options)(config=config, iteration=iteration, force=force, **inputs)
+
+
+@task(name="publish_report", persist_result=False)
+def publish_report(config: AlphaSpinConfig) -> str:
+    """Write the run's report (markdown + charts) into storage and publish it as an artifact."""
+    from alphaspin.reporting import write_run_report
+
+    ctx = Context.create(config)
+    try:
+        report = write_run_report(ctx.storage)
+    finally:
+        ctx.close()
+    slug = "".join(ch if ch.isalnum() else "-" for ch in config.run.run_id.lower()).strip("-")
+    create_markdown_artifact(markdown=report["markdown"] + f"\n\nCharts: `{report['url']}`", key=f"{slug}-report",
+                             description=f"α-SPIN report of {config.run.run_id}")  # fmt: skip
+    return report["url"]
 
 
 def stage_task(stage: str):

@@ -263,6 +263,7 @@ class JudgeClient:
         *,
         max_tokens: int = 1024,
         retry_backoff_s: float = 1.0,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries: expected ≥ 0, got {max_retries}")
@@ -274,6 +275,8 @@ class JudgeClient:
         self.max_tokens = max_tokens
         self.retry_backoff_s = retry_backoff_s
         self.api_key_env = api_key_env
+        # Server-specific request fields, e.g. {"guided_choice": [...]} for vLLM or the local judge.
+        self.extra_body = dict(extra_body or {})
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(api_key_env) if api_key_env else None
         if api_key:
@@ -296,6 +299,7 @@ class JudgeClient:
             "messages": messages,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
+            **self.extra_body,
         }
         try:
             response = self._http.post(self.endpoint, json=payload)

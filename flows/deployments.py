@@ -1,0 +1,242 @@
+"""Deployment entrypoints: the flows that `deploy/prefect.yaml` registers with a Prefect server.
+
+Each one takes parameters a person can fill in the Prefect UI's run form (a recipe picked by
+name, ``key=value`` overrides, stages as a multi-select, a run id) and resolves them into an
+`AlphaSpinConfig` before calling the flows of `flows.alphaspin_run`. By default everything runs in
+one flow run on the deployment's work pool.
+
+    alphaspin-recipe        a whole run from a recipe (configs/<recipe>.yaml) + overrides
+    alphaspin-run-iteration one iteration t of an existing run (config read from its run.json)
+    alphaspin-rerun-stage   one stage of one iteration of an existing run (e.g. `train` on the GPU pool)
+    alphaspin-evaluate-run  evaluation only, of a given run or of the latest run under runs_root
+
+Split orchestration: ``alphaspin-recipe`` with ``iteration_deployment="alphaspin-run-iteration/gpu"``
+stays on its own (CPU) pool and starts every iteration as a run of that deployment on the GPU
+pool (`run_deployment`). The parent waits for each child and reads the iteration's metrics from
+run storage (the source of truth), so it needs no access to the child's result storage; the
+child still persists its return value (``persist_result=True``), which other machines can read
+only when result storage is remote (an S3 block: docs/gpu-pool.md). Run storage itself
+(``run.runs_root``) must then be shared too: ``s3://...``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run as current_flow_run
+
+from alphaspin.config import AlphaSpinConfig, ConfigError, Stage, apply_overrides, config_from_dict, load_config
+from flows.alphaspin_run import alphaspin_evaluate, alphaspin_iteration, alphaspin_run, alphaspin_stage
+
+Recipe = Literal["quickstart", "paper-gemma-2b", "spin-official"]
+RECIPES: tuple[str, ...] = ("quickstart", "paper-gemma-2b", "spin-official")
+CONFIG_DIR_ENV = "ALPHASPIN_CONFIG_DIR"
+
+
+# -- resolving configs -------------------------------------------------------------------------
+def recipe_path(recipe: str) -> Path:
+    """``configs/<recipe>.yaml``: from $ALPHASPIN_CONFIG_DIR, the source tree next to this file, or
+    ./configs (the deployment's working directory, set by the pull step of deploy/prefect.yaml)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe {recipe!r}: expected one of {list(RECIPES)}")
+    folders = [Path(os.environ[CONFIG_DIR_ENV])] if os.environ.get(CONFIG_DIR_ENV) else []
+    folders += [Path(__file__).resolve().parent.parent / "configs", Path.cwd() / "configs"]
+    for folder in folders:
+        if (folder / f"{recipe}.yaml").is_file():
+            return folder / f"{recipe}.yaml"
+    raise ConfigError(f"recipe {recipe!r}: {recipe}.yaml not found in {', '.join(map(str, folders))}")
+
+
+def resolve_config(
+    recipe: str = "quickstart", overrides: list[str] | None = None, config: AlphaSpinConfig | dict | None = None
+) -> AlphaSpinConfig:
+    """The run's config: ``config`` when given (a full config from the UI form or an API call),
+    else the recipe's YAML; ``overrides`` ("key=value", as the CLI's --set) apply on top."""
+    if config is None:
+        return load_config(recipe_path(recipe), overrides)
+    data = config.model_dump(mode="json") if isinstance(config, AlphaSpinConfig) else dict(config)
+    return config_from_dict(apply_overrides(data, list(overrides or [])), "the config parameter")
+
+
+def stored_config(run_id: str, runs_root: str) -> AlphaSpinConfig:
+    """The config recorded in ``<runs_root>/<run_id>/run.json``, located at ``runs_root`` (where it
+    was found, which may differ from where it was created, e.g. a relative path or a mount)."""
+    from alphaspin.cli import _stored_config
+
+    config = _stored_config(run_id, runs_root)
+    config.run.runs_root = runs_root
+    return config
+
+
+def latest_run_id(runs_root: str) -> str:
+    """The run under ``runs_root`` whose run.json was created last."""
+    import fsspec
+
+    from alphaspin.storage import storage_options_from_env
+
+    root = runs_root if "://" in runs_root else str(Path(runs_root).expanduser().resolve())
+    fs, path = fsspec.core.url_to_fs(root, **storage_options_from_env(root))
+    runs: list[tuple[str, str]] = []
+    for found in fs.glob(f"{path.rstrip('/')}/*/run.json"):
+        import json
+
+        record = json.loads(fs.cat_file(found))
+        runs.append((str(record.get("created", "")), str(record.get("run_id") or found.rstrip("/").split("/")[-2])))
+    if not runs:
+        raise ConfigError(f"runs_root {runs_root}: no runs (no */run.json)")
+    return max(runs)[1]
+
+
+def finished_iterations(config: AlphaSpinConfig) -> list[int]:
+    """Iterations whose adapter (train stage) and reference are done: those that can be evaluated."""
+    from alphaspin.context import Context
+
+    ctx = Context.create(config)
+    try:
+        return [
+            t
+            for t in range(config.method.iterations + 1)
+            if ctx.stage("train", t).verify(check_hashes=False) is not None
+            and ctx.stage("reference_logps", t).verify(check_hashes=False) is not None
+        ]
+    finally:
+        ctx.close()
+
+
+# -- flow run names (shown in the UI) ----------------------------------------------------------
+def _recipe_run_name() -> str:
+    parameters = current_flow_run.parameters
+    try:
+        config = resolve_config(parameters.get("recipe", "quickstart"), parameters.get("overrides"),
+                                parameters.get("config"))  # fmt: skip
+        return config.run.run_id
+    except Exception:  # the flow itself reports a bad config; the name just falls back
+        return str(parameters.get("recipe", "alphaspin"))
+
+
+def _evaluate_run_name() -> str:
+    return f"{current_flow_run.parameters.get('run_id') or 'latest'}-evaluate"
+
+
+# -- entrypoints -------------------------------------------------------------------------------
+@flow(name="alphaspin-recipe", flow_run_name=_recipe_run_name, log_prints=True)
+def alphaspin_recipe(
+    recipe: Recipe = "quickstart",
+    overrides: list[str] = [],  # noqa: B006 (never mutated; a list default renders as a list in the UI)
+    config: AlphaSpinConfig | None = None,
+    force_stages: list[Stage] = [],  # noqa: B006
+    force_iterations: list[int] = [],  # noqa: B006
+    fork_from: str | None = None,
+    iteration_deployment: str | None = None,
+) -> list[dict[str, Any]]:
+    """A whole α-SPIN run (t = 0..T) from a recipe. Completed stages come back Cached.
+
+    recipe: configs/<recipe>.yaml. overrides: "key=value" items like the CLI's --set, e.g.
+    "method.alpha=1.0", "run.runs_root=s3://bucket/runs". config: a full config instead of the
+    recipe (overrides still apply). force_stages: re-run these stages (and everything downstream)
+    in force_iterations (all when empty). fork_from: a run id this run forks. iteration_deployment:
+    run each iteration as a run of this deployment (e.g. "alphaspin-run-iteration/gpu") instead of
+    in this flow run.
+    """
+    resolved = resolve_config(recipe, overrides, config)
+    print(f"run {resolved.run.run_id} at {resolved.run.runs_root}: iterations 0..{resolved.method.iterations}, "
+          f"alpha={resolved.method.alpha}, history={resolved.method.history}")  # fmt: skip
+    if not iteration_deployment:
+        return alphaspin_run.fn(config=resolved, force_stages=list(force_stages) or None,
+                                force_iterations=list(force_iterations) or None, fork_from=fork_from)  # fmt: skip
+    return _run_iterations_on(iteration_deployment, resolved, list(force_stages), list(force_iterations), fork_from)
+
+
+def _run_iterations_on(deployment: str, config: AlphaSpinConfig, force_stages: list[str], force_iterations: list[int],
+                       fork_from: str | None) -> list[dict[str, Any]]:  # fmt: skip
+    """Each iteration as a child run of ``deployment`` (on its pool), one after the other."""
+    from alphaspin.context import Context
+    from alphaspin.stages import stored_record
+    from tasks import ensure_run
+
+    ensure_run(config, fork_from)  # run.json first: the child reads the config from it
+    iterations = list(range(config.method.iterations + 1))
+    forced = {t: sorted(force_stages) if (not force_iterations or t in force_iterations) else [] for t in iterations}
+    results = []
+    for t in iterations:
+        child = run_deployment(
+            name=deployment,
+            parameters={
+                "run_id": config.run.run_id,
+                "runs_root": config.run.runs_root,
+                "iteration": t,
+                "force_stages": forced[t],
+            },  # fmt: skip
+            flow_run_name=f"{config.run.run_id}-iter-{t}",
+            timeout=None,  # wait as long as the iteration takes (it may queue behind the GPU limit)
+        )
+        if child.state is None or not child.state.is_completed():
+            state = child.state.name if child.state else "unknown"
+            raise RuntimeError(f"iteration {t} ({deployment}, flow run {child.id}) ended {state}")
+        ctx = Context.create(config)
+        try:
+            metrics = stored_record(ctx, "evaluate", t).metrics
+        finally:
+            ctx.close()
+        results.append({"iteration": t, **metrics})
+    return results
+
+
+@flow(name="alphaspin-run-iteration", flow_run_name="{run_id}-iter-{iteration}", log_prints=True, persist_result=True)
+def alphaspin_run_iteration(
+    run_id: str,
+    runs_root: str = "./runs",
+    iteration: int = 0,
+    force_stages: list[Stage] = [],  # noqa: B006
+) -> dict[str, Any]:
+    """One iteration t of an existing run (its config from run.json; the adapters of earlier
+    iterations from storage). Stages already done come back Cached unless forced."""
+    config = stored_config(run_id, runs_root)
+    if not 0 <= iteration <= config.method.iterations:
+        raise ConfigError(f"iteration {iteration}: run {run_id} has iterations 0..{config.method.iterations}")
+    out = alphaspin_iteration.fn(config=config, iteration=iteration, trained=None, force=list(force_stages) or None)
+    return {"iteration": iteration, **out["evaluation"].metrics}
+
+
+@flow(name="alphaspin-rerun-stage", flow_run_name="{run_id}-iter-{iteration}-{stage}", log_prints=True)
+def alphaspin_rerun_stage(
+    run_id: str,
+    runs_root: str = "./runs",
+    iteration: int = 0,
+    stage: Stage = "train",
+    member: str | None = None,
+    force: bool = True,
+) -> dict[str, Any]:
+    """Re-run (force, by default) one stage of one iteration of an existing run, its inputs read
+    from storage; ``member`` names the opponent member for ``generate`` (base, iter-0, ...).
+    Downstream stages re-run on the next run of the recipe, as their cache keys change."""
+    config = stored_config(run_id, runs_root)
+    if not 0 <= iteration <= config.method.iterations:
+        raise ConfigError(f"iteration {iteration}: run {run_id} has iterations 0..{config.method.iterations}")
+    record = alphaspin_stage.fn(config=config, iteration=iteration, stage=stage, member=member, force=force)["record"]
+    return {"stage": record.stage, "iteration": record.iteration, "url": record.url, "metrics": record.metrics}
+
+
+@flow(name="alphaspin-evaluate-run", flow_run_name=_evaluate_run_name, log_prints=True)
+def alphaspin_evaluate_run(
+    run_id: str | None = None,
+    runs_root: str = "./runs",
+    iterations: list[int] = [],  # noqa: B006
+    force: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate the stored adapters of a run: ``run_id``, or the latest run under ``runs_root``
+    when empty (the nightly schedule). ``iterations``: all finished ones when empty. ``force``
+    re-evaluates iterations already evaluated; without it only new ones are computed."""
+    logger = get_run_logger()
+    run_id = run_id or latest_run_id(runs_root)
+    config = stored_config(run_id, runs_root)
+    chosen = list(iterations) or finished_iterations(config)
+    if not chosen:
+        logger.warning("run %s has no finished iteration yet; nothing to evaluate", run_id)
+        return []
+    logger.info("evaluating run %s, iterations %s", run_id, chosen)
+    return alphaspin_evaluate.fn(config=config, iterations=chosen, force=force)
