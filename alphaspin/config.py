@@ -319,3 +319,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(config: AlphaSpinConfig) -> dict[str, Any]:
     return config.model_dump(mode="json")
+
+
+def knobs_markdown() -> str:
+    """The README's table of every knob, generated from the model (``python -m alphaspin.config``)."""
+    import json
+
+    def walk(model: type[BaseModel], prefix: str = ""):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from walk(annotation, f"{prefix}{name}.")
+                continue
+            default = field.default_factory() if field.default_factory is not None else field.default
+            description = (field.description or "").replace("|", "\\|")
+            yield f"| `{prefix}{name}` | `{json.dumps(default, ensure_ascii=False)}` | {description} |"
+
+    return "\n".join(["| knob | default | meaning |", "|---|---|---|", *walk(AlphaSpinConfig)])
+
+
+if __name__ == "__main__":
+    print(knobs_markdown())
