@@ -156,6 +156,15 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _knobs_epilog() -> str:
+    """Every config knob with its default and help, for ``alphaspin run --help``."""
+    from alphaspin.config import knobs
+
+    lines = ["config knobs (YAML sections, or --set KEY=VALUE):"]
+    lines += [f"  {key} (default {default}): {text}" for key, default, text in knobs()]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaspin",
@@ -167,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run α-SPIN iterations t = 0..T (skips stages already done)",
                          description="Run a recipe. Completed stages (valid manifest, same cache key) are skipped, "
-                         "so the same command resumes an interrupted run.")  # fmt: skip
+                         "so the same command resumes an interrupted run.", epilog=_knobs_epilog(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _add_config_args(run)
     run.add_argument("--force", action="append", default=[], metavar="T:STAGE",
                      help=f"re-run a stage even if done, e.g. --force 1:train; stages: {', '.join(STAGES)}")  # fmt: skip

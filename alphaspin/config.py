@@ -321,8 +321,8 @@ def dump_config(config: AlphaSpinConfig) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
-def knobs_markdown() -> str:
-    """The README's table of every knob, generated from the model (``python -m alphaspin.config``)."""
+def knobs() -> list[tuple[str, str, str]]:
+    """(dotted key, default as JSON, help) of every config knob, in declaration order."""
     import json
 
     def walk(model: type[BaseModel], prefix: str = ""):
@@ -332,10 +332,15 @@ def knobs_markdown() -> str:
                 yield from walk(annotation, f"{prefix}{name}.")
                 continue
             default = field.default_factory() if field.default_factory is not None else field.default
-            description = (field.description or "").replace("|", "\\|")
-            yield f"| `{prefix}{name}` | `{json.dumps(default, ensure_ascii=False)}` | {description} |"
+            yield f"{prefix}{name}", json.dumps(default, ensure_ascii=False), field.description or ""
 
-    return "\n".join(["| knob | default | meaning |", "|---|---|---|", *walk(AlphaSpinConfig)])
+    return list(walk(AlphaSpinConfig))
+
+
+def knobs_markdown() -> str:
+    """The README's table of every knob, generated from the model (``python -m alphaspin.config``)."""
+    rows = [f"| `{key}` | `{default}` | {text.replace('|', chr(92) + '|')} |" for key, default, text in knobs()]
+    return "\n".join(["| knob | default | meaning |", "|---|---|---|", *rows])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import pytest  # noqa: E402
 
 from alphaspin.config import AlphaSpinConfig, load_config  # noqa: E402
-
 from alphaspin.testing.s3server import S3ServerError, SeaweedS3, find_weed  # noqa: E402
 
 # -- tiny model and configs ---------------------------------------------------------------------
