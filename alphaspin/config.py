@@ -231,6 +231,11 @@ class EvaluationConfig(_Section):
 class OrchestrationConfig(_Section):
     retries: int = Field(2, ge=0, description="Prefect retries of a failing GPU stage.")
     retry_delay_seconds: float = Field(10.0, ge=0.0, description="Delay between those retries.")
+    result_storage: str | None = Field(
+        None,
+        description="Prefect block slug for task results and cache records (e.g. remote-file-system/alphaspin-results, "
+        "an S3 basepath); needed when stages run on other machines (a GPU pool). Default: Prefect's local storage.",
+    )
 
 
 class AlphaSpinConfig(_Section):

@@ -195,6 +195,8 @@ def run_stage(
     finally:
         ctx.close()
     options: dict[str, Any] = {"refresh_cache": force or not valid}
+    if config.orchestration.result_storage:
+        options["result_storage"] = config.orchestration.result_storage
     if stage in GPU_STAGES:
         options.update(
             retries=config.orchestration.retries, retry_delay_seconds=config.orchestration.retry_delay_seconds
