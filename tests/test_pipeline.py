@@ -200,3 +200,18 @@ def test_too_many_pairs_for_the_data_names_the_field(make_config):
     config = make_config("method.pairs_first_iteration=100000")
     with pytest.raises(DataError, match=r"method\.pairs_first_iteration"):
         run(config)
+
+
+def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config):
+    """ipo does not cancel log Z(x); with normalized_reference the stored reference is
+    α·lp_prev + (1−α)·lp_base − log Ẑ(x), Ẑ from samples of π_(t-1), the same for both answers."""
+    config = make_config("training.loss_type=ipo", "training.normalized_reference=true",
+                         "training.partition_samples=2", "method.alpha=0.5")  # fmt: skip
+    results = run(config)
+    assert all(math.isfinite(r["train/loss"]) for r in results)
+    ctx = Context.create(config)
+    table = ctx.stage("reference_logps", 1).read_table("reference.parquet")
+    assert (table.log_partition != 0).all() and table.log_partition.map(math.isfinite).all()
+    expected = 0.5 * table.lp_prev_chosen + 0.5 * table.lp_base_chosen - table.log_partition
+    assert table.ref_chosen_logps.to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-9)
+    assert (ctx.stage("reference_logps", 0).read_table("reference.parquet").log_partition == 0).all()  # Z = 1 at t = 0
