@@ -35,6 +35,9 @@ from flows.alphaspin_run import alphaspin_evaluate, alphaspin_iteration, alphasp
 Recipe = Literal["quickstart", "paper-gemma-2b", "spin-official"]
 RECIPES: tuple[str, ...] = ("quickstart", "paper-gemma-2b", "spin-official")
 CONFIG_DIR_ENV = "ALPHASPIN_CONFIG_DIR"
+# The runs root of deployments whose parameters name none: the worker's (e.g. s3://alphaspin/runs
+# in docker/compose.yaml), else the recipes' ./runs (relative to the deployment's working directory).
+RUNS_ROOT_ENV = "ALPHASPIN_RUNS_ROOT"
 
 
 # -- resolving configs -------------------------------------------------------------------------
@@ -55,35 +58,46 @@ def resolve_config(
     recipe: str = "quickstart", overrides: list[str] | None = None, config: AlphaSpinConfig | dict | None = None
 ) -> AlphaSpinConfig:
     """The run's config: ``config`` when given (a full config from the UI form or an API call),
-    else the recipe's YAML; ``overrides`` ("key=value", as the CLI's --set) apply on top."""
+    else the recipe's YAML with run.runs_root from $ALPHASPIN_RUNS_ROOT when set; ``overrides``
+    ("key=value", as the CLI's --set) apply on top."""
     if config is None:
+        overrides = list(overrides or [])
+        if os.environ.get(RUNS_ROOT_ENV) and not any(o.strip().startswith("run.runs_root=") for o in overrides):
+            overrides.insert(0, f"run.runs_root={os.environ[RUNS_ROOT_ENV]}")
         return load_config(recipe_path(recipe), overrides)
     data = config.model_dump(mode="json") if isinstance(config, AlphaSpinConfig) else dict(config)
     return config_from_dict(apply_overrides(data, list(overrides or [])), "the config parameter")
 
 
-def stored_config(run_id: str, runs_root: str) -> AlphaSpinConfig:
+def runs_root_or_default(runs_root: str | None) -> str:
+    """``runs_root``, else $ALPHASPIN_RUNS_ROOT, else ./runs (the recipes' default)."""
+    return runs_root or os.environ.get(RUNS_ROOT_ENV) or "./runs"
+
+
+def stored_config(run_id: str, runs_root: str | None) -> AlphaSpinConfig:
     """The config recorded in ``<runs_root>/<run_id>/run.json``, located at ``runs_root`` (where it
     was found, which may differ from where it was created, e.g. a relative path or a mount)."""
     from alphaspin.cli import _stored_config
 
+    runs_root = runs_root_or_default(runs_root)
     config = _stored_config(run_id, runs_root)
     config.run.runs_root = runs_root
     return config
 
 
-def latest_run_id(runs_root: str) -> str:
+def latest_run_id(runs_root: str | None) -> str:
     """The run under ``runs_root`` whose run.json was created last."""
+    import json
+
     import fsspec
 
     from alphaspin.storage import storage_options_from_env
 
+    runs_root = runs_root_or_default(runs_root)
     root = runs_root if "://" in runs_root else str(Path(runs_root).expanduser().resolve())
     fs, path = fsspec.core.url_to_fs(root, **storage_options_from_env(root))
     runs: list[tuple[str, str]] = []
     for found in fs.glob(f"{path.rstrip('/')}/*/run.json"):
-        import json
-
         record = json.loads(fs.cat_file(found))
         runs.append((str(record.get("created", "")), str(record.get("run_id") or found.rstrip("/").split("/")[-2])))
     if not runs:
@@ -156,7 +170,7 @@ def _run_iterations_on(deployment: str, config: AlphaSpinConfig, force_stages: l
     """Each iteration as a child run of ``deployment`` (on its pool), one after the other."""
     from alphaspin.context import Context
     from alphaspin.stages import stored_record
-    from tasks import ensure_run
+    from tasks import ensure_run, publish_report
 
     ensure_run(config, fork_from)  # run.json first: the child reads the config from it
     iterations = list(range(config.method.iterations + 1))
@@ -183,13 +197,14 @@ def _run_iterations_on(deployment: str, config: AlphaSpinConfig, force_stages: l
         finally:
             ctx.close()
         results.append({"iteration": t, **metrics})
+    publish_report(config)
     return results
 
 
 @flow(name="alphaspin-run-iteration", flow_run_name="{run_id}-iter-{iteration}", log_prints=True, persist_result=True)
 def alphaspin_run_iteration(
     run_id: str,
-    runs_root: str = "./runs",
+    runs_root: str | None = None,
     iteration: int = 0,
     force_stages: list[Stage] = [],  # noqa: B006
 ) -> dict[str, Any]:
@@ -205,7 +220,7 @@ def alphaspin_run_iteration(
 @flow(name="alphaspin-rerun-stage", flow_run_name="{run_id}-iter-{iteration}-{stage}", log_prints=True)
 def alphaspin_rerun_stage(
     run_id: str,
-    runs_root: str = "./runs",
+    runs_root: str | None = None,
     iteration: int = 0,
     stage: Stage = "train",
     member: str | None = None,
@@ -224,7 +239,7 @@ def alphaspin_rerun_stage(
 @flow(name="alphaspin-evaluate-run", flow_run_name=_evaluate_run_name, log_prints=True)
 def alphaspin_evaluate_run(
     run_id: str | None = None,
-    runs_root: str = "./runs",
+    runs_root: str | None = None,
     iterations: list[int] = [],  # noqa: B006
     force: bool = True,
 ) -> list[dict[str, Any]]:

