@@ -10,6 +10,7 @@ judge (a large model behind vLLM or a hosted API); its scores say little about q
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -97,17 +98,22 @@ class LocalJudgeServer:
                                       pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
             return self.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
 
+    @torch.no_grad()
     def _choice_logps(self, prompt: list[int], choices: list[str]) -> torch.Tensor:
-        """Σ log p(choice tokens | prompt) for each choice, in one right-padded batch."""
-        encoded = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
-        width = len(prompt) + max(len(e) for e in encoded)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([prompt + e + [pad] * (width - len(prompt) - len(e)) for e in encoded], device=self.device)
-        mask = torch.tensor([[1] * (len(prompt) + len(e)) + [0] * (width - len(prompt) - len(e)) for e in encoded],
-                            device=self.device)  # fmt: skip
-        logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+        """Σ log p(choice tokens | prompt) for each choice. The prompt runs once; each choice then
+        continues from a copy of its key/value cache (the prompt is ~100x longer than a choice)."""
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # only the last position's logits
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         scores = []
-        for row, e in enumerate(encoded):
-            positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(e), device=self.device)
-            scores.append(logp[row, positions, ids[row, positions + 1]].sum())
+        for choice in choices:
+            tokens = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            total = first[tokens[0]]
+            if len(tokens) > 1:
+                cache = copy.deepcopy(out.past_key_values)
+                rest = self.model(input_ids=torch.tensor([tokens[:-1]], device=self.device), past_key_values=cache,
+                                  use_cache=True).logits[0].float()  # fmt: skip
+                logp = torch.log_softmax(rest, dim=-1)
+                total = total + logp[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].sum()
+            scores.append(total)
         return torch.stack(scores)
