@@ -189,6 +189,13 @@ class VllmBackend:
         self.adapter_paths = [_normalise_adapter_path(p) for p in dict.fromkeys(adapter_paths)]
         self._stop_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         kwargs = engine_kwargs(model_path, config, dtype, self.adapter_paths)
+        # vLLM sizes its KV cache from gpu_memory_utilization × total memory and refuses to start
+        # when that is not free: return what earlier stages of this process left in torch's cache.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info()
+            logger.info("GPU memory free before vLLM starts: %.1f of %.1f GiB", free / 2**30, total / 2**30)
         logger.info("starting vLLM: %s", {k: v for k, v in kwargs.items() if k != "tokenizer"})
         self.llm = LLM(**kwargs)
 

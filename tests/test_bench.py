@@ -1,0 +1,113 @@
+"""Smoke tests of the benchmarks (bench/): each entry function at its tiniest size on the tiny
+model, checking the JSON's keys and that its numbers are finite. No timing assertions: speed
+targets are measured by the benchmarks themselves, never in tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import common, cpu_stages, dpo_throughput, generation, reference_cache, resume  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: OpenMP's busy-waiting threads make tiny-model ops up to 100x slower on
+    a loaded CPU, and OMP_WAIT_POLICY (which bench/ sets) is read only before torch loads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TOP_KEYS = {"benchmark", "date", "machine", "versions", "config", "summary", "results", "notes"}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_common(data: dict, name: str) -> None:
+    assert TOP_KEYS <= set(data) and data["benchmark"] == name
+    assert data["machine"]["cpu"] and data["machine"]["cpu_count"] >= 1
+    assert {"torch", "transformers", "trl", "peft"} <= set(data["versions"])
+    json.dumps(data)  # serialisable as is
+
+
+def test_dpo_throughput_smoke():
+    data = dpo_throughput.run(model="tiny", steps=2, batch_size=2, max_length=48, warmup_steps=1)
+    _check_common(data, "dpo_throughput")
+    s = data["summary"]
+    assert _finite(s["ratio_steps_per_second"]) and s["ratio_steps_per_second"] > 0
+    assert all(_finite(v) for v in s["steps_per_second"].values())
+    assert s["step1_losses_agree"] and s["same_lora_init"]
+    assert s["step1_loss"]["geometric"] == pytest.approx(math.log(2), abs=1e-5)  # policy = base at step 1
+    assert all(len(r["step_seconds"]) == 2 for rs in data["results"]["runs"].values() for r in rs)
+
+
+def test_reference_cache_smoke():
+    data = reference_cache.run(model="tiny", pairs=3, heldout=2, max_length=48, max_new_tokens=4,
+                               reference_batch_size=4, repeats=1)  # fmt: skip
+    _check_common(data, "reference_cache")
+    s = data["summary"]
+    assert all(_finite(s[k]) for k in ("ratio_stage_wall", "ratio_forward_only", "forward_work_bound"))
+    assert 1.0 < s["forward_work_bound"] <= 2.0
+    runs = data["results"]["runs"]
+    assert (
+        runs["cached"][0]["base_cache_hits"] == data["config"]["pairs"] and runs["recompute"][0]["base_cache_hits"] == 0
+    )
+    # the cached run scores one side fewer per pair
+    assert runs["recompute"][0]["sequences_scored"] - runs["cached"][0]["sequences_scored"] == data["config"]["pairs"]
+
+
+def test_resume_smoke():
+    data = resume.run(model="tiny", iterations=0, pairs=3, max_new_tokens=4, max_length=48)
+    _check_common(data, "resume")
+    s = data["summary"]
+    assert _finite(s["ratio_upstream_rerun_over_first"])
+    assert s["upstream_all_skipped_in_rerun"] and s["upstream_stages"] == 4  # sample, generate, pairs, reference
+    assert [r["stage"] for r in data["results"]["upstream"]] == [
+        "sample_prompts", "generate-base", "build_pairs", "reference_logps",
+    ]  # fmt: skip
+
+
+def test_generation_smoke_and_main_writes_json(tmp_path, capsys):
+    out = tmp_path / "generation.json"
+    assert generation.main(["--model", "tiny", "--prompts", "2", "--max-new-tokens", "4", "--members", "2",
+                            "--out", str(out)]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    data = json.loads(out.read_text())
+    assert printed == data
+    _check_common(data, "generation")
+    cpu = data["results"]["cpu-transformers"]
+    assert cpu["sequences"] == 2 and _finite(cpu["tokens_per_second"]) and _finite(cpu["load_seconds"])
+    for row in ("gpu-transformers", "gpu-vllm-single", "gpu-vllm-mixture"):
+        assert set(data["results"][row]) == {"skipped"} or _finite(data["results"][row]["tokens_per_second"])
+
+
+def test_cpu_stages_smoke():
+    data = cpu_stages.run(model="tiny", iterations=0, pairs=3, max_new_tokens=4, max_length=48, heldout=2,
+                          light_evaluation=True)  # fmt: skip
+    _check_common(data, "cpu_stages")
+    s = data["summary"]
+    assert set(s["seconds_per_stage"]) == {"sample_prompts", "generate", "build_pairs", "reference_logps", "train",
+                                           "evaluate"}  # fmt: skip
+    assert all(_finite(v) and v >= 0 for v in s["seconds_per_stage"].values()) and s["scaled_down"]
+    assert _finite(s["wall_seconds"]) and s["wall_seconds"] >= s["stage_seconds_total"]
+
+
+def test_table_formatting():
+    text = common.format_table(["a", "b"], [["x", 1.23456], ["y", None], ["z", float("nan")]], "title")
+    assert text.splitlines()[0] == "title" and "1.235" in text and "nan" in text
