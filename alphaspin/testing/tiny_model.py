@@ -5,15 +5,10 @@ Built deterministically from a seed (no download): ~1.6 M parameters, most in th
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from alphaspin.models import cache_dir, resolve_model_path
+from alphaspin.models import cache_dir, resolve_model_path, save_model_folder
 
 
 def tiny_model_path(seed: int = 0) -> str:
@@ -36,13 +31,5 @@ def tiny_model_path(seed: int = 0) -> str:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(LlamaForCausalLM(config), tokenizer, target)
     return str(target)
