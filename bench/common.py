@@ -35,8 +35,16 @@ STAGE_FUNCTIONS = {
 }
 
 
-def quiet() -> None:
-    """Keep stderr for the table: silence progress bars and library chatter."""
+def script_setup() -> None:
+    """Process-wide settings for a benchmark run as a script (never applied on import, so tests
+    that import the entry functions keep their process as it was).
+
+    On a CPU shared with other processes, OpenMP's default busy-waiting makes torch's small ops up
+    to 100x slower (measured here: 2 threads, load average 4 on 2 cores), so idle OpenMP threads
+    sleep unless OMP_WAIT_POLICY is already set; it only takes effect before torch loads. Then
+    stderr is kept for the table: progress bars and library chatter are silenced.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

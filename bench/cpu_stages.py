@@ -29,7 +29,6 @@ def run(recipe: str = "configs/quickstart.yaml", model: str | None = None, itera
     from alphaspin.config import dump_config, load_config
     from alphaspin.pipeline import run as run_pipeline
 
-    common.quiet()
     workdir = Path(tempfile.mkdtemp(prefix="bench-cpu-stages-"))
     scaled = []
     if model is not None:
@@ -97,6 +96,7 @@ def table(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    common.script_setup()
     parser = common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="configs/quickstart.yaml")
     parser.add_argument("--model", help="tiny, builtin:smollm2-135m-instruct, or a folder (default: the recipe's)")

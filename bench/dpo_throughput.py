@@ -132,7 +132,6 @@ def run(model: str = common.SMOLLM2, steps: int = 6, batch_size: int = 4, max_le
     from alphaspin.dpo import completion_logps, dpo_config, pairs_to_dataset, prepare_for_logps, tokenize_like_trl
     from alphaspin.models import load_base_model, load_tokenizer, resolve_model_path
 
-    common.quiet()
     common.set_threads(threads)
     if steps <= warmup_steps:
         raise ValueError("steps must exceed warmup_steps")
@@ -242,6 +241,7 @@ def table(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    common.script_setup()
     parser = common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--model", default=common.SMOLLM2, help="tiny, builtin:smollm2-135m-instruct, or a folder")
     parser.add_argument("--steps", type=int, default=6)

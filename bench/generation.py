@@ -105,7 +105,6 @@ def run(model: str = common.SMOLLM2, prompts: int = 16, max_new_tokens: int = 32
     from alphaspin.data import load_sft
     from alphaspin.models import load_tokenizer, resolve_model_path
 
-    common.quiet()
     name = common.model_name(model)
     model_path = resolve_model_path(name)
     tokenizer = load_tokenizer(name)
@@ -165,6 +164,7 @@ def table(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    common.script_setup()
     parser = common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--model", default=common.SMOLLM2, help="tiny, builtin:smollm2-135m-instruct, or a folder")
     parser.add_argument("--prompts", type=int, default=16)

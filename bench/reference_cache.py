@@ -73,7 +73,6 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
     from alphaspin.context import Context
     from alphaspin.generation import render_prompt_ids
 
-    common.quiet()
     workdir = Path(tempfile.mkdtemp(prefix="bench-refcache-"))
     config = config_from_dict({
         "run": {"run_id": "bench-reference-cache", "runs_root": str(workdir / "runs"), "seed": seed},
@@ -180,6 +179,8 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
         "base(chosen), read from the run's cache (base_cache_hits = all pairs)",
         "ratio_stage_wall includes loading the model and adapter, tokenization and storage; ratio_forward_only times "
         "the completion_logps calls alone; the forward work is bounded by 4/3 at equal chosen/rejected lengths",
+        "best case for the cache: every row of iteration 1 was scored before (the warm-up run); in a run the hits at "
+        "t >= 1 are the held-out rows plus the training rows sampled again",
         "forward_work_bound counts real tokens; padded_work_ratio counts what the model is fed (TRL's collator pads a "
         "batch to its longest chosen or rejected sequence, also when only one side is scored)",
     ]
@@ -198,6 +199,7 @@ def table(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    common.script_setup()
     parser = common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--model", default=common.SMOLLM2, help="tiny, builtin:smollm2-135m-instruct, or a folder")
     parser.add_argument("--pairs", type=int, default=24, help="training pairs at t=1 (plus --heldout held-out rows)")

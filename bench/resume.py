@@ -72,7 +72,6 @@ def _runs_root(storage: str, workdir: Path) -> Iterator[str]:
 def run(model: str = "tiny", iterations: int = 1, pairs: int = 8, max_new_tokens: int = 16, max_length: int = 96,
         fail_iteration: int | None = None, recipe: str = "configs/quickstart.yaml",
         full_evaluation: bool = False, storage: str = "local") -> dict[str, Any]:  # fmt: skip
-    common.quiet()
     workdir = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     try:
         with _runs_root(storage, workdir) as runs_root:
@@ -174,6 +173,7 @@ def table(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    common.script_setup()
     parser = common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny, builtin:smollm2-135m-instruct, or a folder")
     parser.add_argument("--iterations", type=int, default=1, help="T: iterations 0..T")

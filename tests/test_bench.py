@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,18 +85,28 @@ def test_resume_smoke():
     ]  # fmt: skip
 
 
-def test_generation_smoke_and_main_writes_json(tmp_path, capsys):
-    out = tmp_path / "generation.json"
-    assert generation.main(["--model", "tiny", "--prompts", "2", "--max-new-tokens", "4", "--members", "2",
-                            "--out", str(out)]) == 0  # fmt: skip
-    printed = json.loads(capsys.readouterr().out)
-    data = json.loads(out.read_text())
-    assert printed == data
+def test_generation_smoke():
+    data = generation.run(model="tiny", prompts=2, max_new_tokens=4, members=2)
     _check_common(data, "generation")
     cpu = data["results"]["cpu-transformers"]
     assert cpu["sequences"] == 2 and _finite(cpu["tokens_per_second"]) and _finite(cpu["load_seconds"])
     for row in ("gpu-transformers", "gpu-vllm-single", "gpu-vllm-mixture"):
         assert set(data["results"][row]) == {"skipped"} or _finite(data["results"][row]["tokens_per_second"])
+
+
+def test_script_prints_json_table_and_saves(tmp_path):
+    """``python -m bench.<name>``: JSON alone on stdout, the table on stderr, --out saves the JSON
+    (a subprocess: the script's process-wide settings stay out of this test session)."""
+    out = tmp_path / "generation.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "bench.generation", "--model", "tiny", "--prompts", "2",
+                           "--max-new-tokens", "2", "--members", "1", "--rows", "cpu-transformers",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout)
+    assert printed == json.loads(out.read_text())
+    assert printed["machine"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    assert "cpu-transformers" in done.stderr and "tokens/s" in done.stderr
 
 
 def test_cpu_stages_smoke():
