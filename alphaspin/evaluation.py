@@ -63,7 +63,8 @@ def run_benchmarks(ctx: Context, t: int, model, adapter_path: str, stage: StageD
         result = run_lm_eval(ctx.model_path, adapter_path, list(config.benchmarks), num_fewshot=config.benchmark_num_fewshot,
                              limit=config.benchmark_limit, batch_size=config.batch_size, device=ctx.device,
                              dtype=ctx.config.model.dtype, backend=config.benchmark_backend,
-                             output_dir=str(out / "lm_eval"))  # fmt: skip
+                             output_dir=str(out / "lm_eval"),
+                             adapter_label=f"iter-{t}/train/adapter")  # fmt: skip
         metrics.update(leaderboard_metrics(result))
     if config.judge.enabled:
         ctx.progress(0.5, "judged chat")

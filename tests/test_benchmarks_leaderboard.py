@@ -218,10 +218,19 @@ def test_offline_arc_easy_with_lora_adapter(base_run, base_model_path, lora_adap
     from alphaspin.benchmarks.leaderboard import run_lm_eval
 
     result = run_lm_eval(
-        base_model_path, lora_adapter, ["alphaspin_arc_easy"], limit=8, output_dir=str(tmp_path), log_samples=True
-    )
+        base_model_path, lora_adapter, ["alphaspin_arc_easy"], limit=8, output_dir=str(tmp_path), log_samples=True,
+        adapter_label="iter-0/train/adapter",
+    )  # fmt: skip
 
-    assert result["results"]["config"]["model_args"]["peft"] == lora_adapter
+    # The record names the adapter by its label, never by the local (temporary) folder it was read from,
+    # and what changes from run to run lies in the timing file, not in the results file.
+    assert result["results"]["config"]["model_args"]["peft"] == "iter-0/train/adapter"
+    assert result["model"]["adapter_path"] == "iter-0/train/adapter"
+    written = (tmp_path / "lm_eval_results.json").read_text()
+    assert lora_adapter not in written and '"date"' not in written and '"elapsed_s"' not in written
+    timing = json.loads((tmp_path / "lm_eval_timing.json").read_text())
+    assert timing.keys() == {"elapsed_s", "results.date"} and timing["elapsed_s"] == result["elapsed_s"]
+    assert result["results"]["date"] == timing["results.date"]  # the returned record keeps both
     assert result["tasks"] == {"alphaspin_arc_easy": None} and result["limit"] == 8
     assert result["results"]["n-samples"]["alphaspin_arc_easy"]["effective"] == 8
     _check_table_matches_lm_eval(result, "alphaspin_arc_easy")

@@ -179,11 +179,14 @@ def run_lm_eval(
     apply_chat_template: bool = False,
     max_lora_rank: int = 16,
     model_args_extra: Mapping[str, Any] | None = None,
+    adapter_label: str | None = None,
 ) -> dict:
     """Evaluate ``model_path`` (+ ``adapter_path``) on lm-eval ``tasks`` (task or preset names).
 
     ``model_path`` is a transformers folder (or a ``builtin:`` model name, resolved to its cached
-    folder); ``adapter_path`` a PEFT LoRA folder or None for the base model.
+    folder); ``adapter_path`` a PEFT LoRA folder or None for the base model. ``adapter_label``
+    names the adapter in the returned record instead of its local path (the pipeline passes the
+    run-relative folder it was downloaded from, so the record holds no temporary paths).
 
     Tasks are grouped by few-shot count and each group runs through ``lm_eval.simple_evaluate`` on
     one loaded model. Returns a JSON-serialisable dict::
@@ -193,7 +196,9 @@ def run_lm_eval(
          "tasks": {task: num_fewshot}, "limit": ..., "model": {...}, "elapsed_s": ...}
 
     With ``output_dir``, writes ``lm_eval_results.json``, ``lm_eval_table.csv`` and, with
-    ``log_samples``, ``samples_<task>.jsonl`` there (the caller uploads the folder).
+    ``log_samples``, ``samples_<task>.jsonl`` there (the caller uploads the folder). The results
+    file is reproducible: the same model, adapter and tasks give the same bytes; what changes
+    from run to run (lm-eval's ``date``, ``elapsed_s``) goes to ``lm_eval_timing.json`` instead.
     """
     import lm_eval
     from lm_eval.api.registry import get_model
@@ -240,6 +245,9 @@ def run_lm_eval(
         samples.update(out.pop("samples", {}) or {})
         _merge_results(merged, out)
 
+    if adapter_path is not None and adapter_label is not None:
+        model_args = {key: adapter_label if value == adapter_path else value for key, value in model_args.items()}
+        adapter_path = adapter_label
     merged.setdefault("config", {}).update(model=model_name, model_args=model_args, limit=limit)
     raw = to_jsonable(merged)
     result = {
@@ -357,9 +365,29 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+# Fields of the record that differ between two runs of the same evaluation.
+VOLATILE_FIELDS = ("elapsed_s", "results.date")
+
+
+def _split_volatile(result: dict) -> tuple[dict, dict]:
+    stable, volatile = dict(result), {}
+    for path in VOLATILE_FIELDS:
+        *parents, leaf = path.split(".")
+        holder = stable
+        for key in parents:  # copy the parents so the caller's record is left as it was
+            child = dict(holder.get(key) or {})
+            holder[key] = child
+            holder = child
+        if leaf in holder:
+            volatile[path] = holder.pop(leaf)
+    return stable, volatile
+
+
 def _write_outputs(out_dir: Path, result: dict, samples: Mapping[str, list]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "lm_eval_results.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    stable, volatile = _split_volatile(result)
+    (out_dir / "lm_eval_results.json").write_text(json.dumps(stable, indent=2, allow_nan=False) + "\n")
+    (out_dir / "lm_eval_timing.json").write_text(json.dumps(volatile, indent=2, allow_nan=False) + "\n")
     with (out_dir / "lm_eval_table.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["task", "metric", "value", "stderr"])
         writer.writeheader()
