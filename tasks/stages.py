@@ -201,7 +201,31 @@ def run_stage(
         options.update(
             retries=config.orchestration.retries, retry_delay_seconds=config.orchestration.retry_delay_seconds
         )
-    return stage_task.with_options(**options)(config=config, iteration=iteration, force=force, **inputs)
+    state = stage_task.with_options(**options)(
+        config=config, iteration=iteration, force=force, return_state=True, **inputs
+    )
+    record = state.result()  # raises the stage's error when it failed
+    _check_result_written(stage_task.name, prefect_cache_key(stage, parameters), options.get("result_storage"))
+    return record
+
+
+def _check_result_written(task_name: str, key: str, result_storage: str | None) -> None:
+    """Fail loudly when Prefect could not write a task's result record.
+
+    Prefect logs a failed result write and goes on (the transaction is rolled back, the task still
+    ends Completed), so a misconfigured result storage would silently turn every later run of the
+    stage into a re-execution instead of a `Cached` state. The stage's artifacts are safe (its
+    manifest is written), but the user asked for caching, so say what is wrong and where."""
+    from prefect.results import ResultStore, get_default_result_storage, resolve_result_storage
+
+    storage = resolve_result_storage(result_storage) if result_storage else get_default_result_storage(_sync=True)
+    if not ResultStore(result_storage=storage).exists(key):
+        where = getattr(storage, "basepath", None) or result_storage or type(storage).__name__
+        raise RuntimeError(
+            f"task {task_name!r} finished (its artifacts and manifest are written) but Prefect could not write its "
+            f"result record {key!r} to the result storage {where!r}, so the stage would never show as Cached; "
+            "check `orchestration.result_storage` (or PREFECT_LOCAL_STORAGE_PATH) is writable from where tasks run"
+        )
 
 
 @task(name="publish_report", persist_result=False)

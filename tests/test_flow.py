@@ -15,7 +15,7 @@ from alphaspin import stages
 from alphaspin.context import Context
 from alphaspin.storage import StorageError
 from alphaspin.testing.s3server import SeaweedS3
-from flows.alphaspin_run import alphaspin_run
+from flows.alphaspin_run import alphaspin_run, alphaspin_stage
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -85,6 +85,22 @@ def test_a_stage_that_fails_once_is_retried(make_config, monkeypatch):
     state, found = run_flow(config)
     assert state.is_completed() and len(calls) == 2
     assert found["train-iter-0"] == "Completed"
+
+
+def test_a_result_prefect_cannot_write_fails_the_stage_loudly(make_config, tmp_path):
+    from prefect.filesystems import LocalFileSystem
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the result folder should be")
+    LocalFileSystem(basepath=str(blocker)).save("unwritable-results", overwrite=True)
+    config = make_config("method.iterations=0", "orchestration.result_storage=local-file-system/unwritable-results")
+
+    state = alphaspin_stage(config=config, iteration=0, stage="sample_prompts", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match=rf"could not write its result record .* '{blocker}'"):
+        state.result()
+    # The stage's own artifacts are complete: only Prefect's cache record is missing.
+    assert Context.create(config).storage.stage(0, "sample_prompts").verify() is not None
 
 
 def test_a_corrupted_artifact_is_detected_and_its_stage_reruns(make_config):

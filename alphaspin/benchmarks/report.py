@@ -199,7 +199,8 @@ def plot_lines(
     if not series_by_metric:
         raise ValueError("line chart: no metrics to draw")
     rows, columns = _grid(len(series_by_metric))
-    fig = Figure(figsize=(4.2 * columns, 3.0 * rows + 0.6))
+    # constrained layout leaves room for the suptitle (tight_layout let it overlap the top panels)
+    fig = Figure(figsize=(4.2 * columns, 3.0 * rows + 0.6), layout="constrained")
     for index, (metric, by_label) in enumerate(series_by_metric.items(), start=1):
         ax = fig.add_subplot(rows, columns, index)
         for label, series in by_label.items():
@@ -218,7 +219,6 @@ def plot_lines(
         if legend:
             ax.legend(fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     return Path(path)
 
