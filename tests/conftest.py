@@ -36,6 +36,14 @@ TINY_OVERRIDES = [
 ]
 
 
+def tiny_overrides(model: str, runs_root) -> list[str]:
+    """The quickstart recipe on the tiny model, in ``runs_root``. The judged chat keeps running (its
+    whole path: answers, the in-process judge server, the ratings) but with the tiny model as judge:
+    the quickstart's 135M judge alone takes ~40 s per iteration on 2 cores."""
+    return [f"model.name_or_path={model}", f"run.runs_root={runs_root}", *TINY_OVERRIDES,
+            f"evaluation.judge.model={model}", "evaluation.judge.answer_max_new_tokens=8"]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     from alphaspin.testing.tiny_model import tiny_model_path
@@ -49,8 +57,7 @@ def make_config(tiny_model: str, tmp_path) -> Callable[..., AlphaSpinConfig]:
     recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")
 
     def make(*overrides: str) -> AlphaSpinConfig:
-        base = [f"model.name_or_path={tiny_model}", f"run.runs_root={tmp_path / 'runs'}", *TINY_OVERRIDES]
-        return load_config(recipe, [*base, *overrides])
+        return load_config(recipe, [*tiny_overrides(tiny_model, tmp_path / "runs"), *overrides])
 
     return make
 

@@ -16,14 +16,13 @@ from alphaspin.reporting import iteration_metrics
 
 @pytest.fixture(scope="module")
 def benchmarked(tmp_path_factory, tiny_model):
-    from conftest import TINY_OVERRIDES
+    from conftest import tiny_overrides
 
     from alphaspin.config import load_config
 
     root = tmp_path_factory.mktemp("runs")
-    overrides = [f"model.name_or_path={tiny_model}", f"run.runs_root={root}", *TINY_OVERRIDES,
-                 "evaluation.benchmark_limit=4", "evaluation.judge.per_category=1",
-                 f"evaluation.judge.model={tiny_model}", "evaluation.judge.answer_max_new_tokens=6",
+    overrides = [*tiny_overrides(tiny_model, root), "evaluation.benchmark_limit=4", "evaluation.judge.per_category=1",
+                 "evaluation.judge.answer_max_new_tokens=6",
                  "evaluation.judge.categories=[writing, math, stem]"]  # fmt: skip
     config = load_config("configs/quickstart.yaml", overrides)
     spin = load_config("configs/quickstart.yaml", [*overrides, "method.alpha=1.0", "run.run_id=spin"])

@@ -27,14 +27,12 @@ STAGE_DIRS = {
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model):
     """One two-iteration run (t = 0, 1; h = 2; α = 0.95) shared by the tests of this module."""
-    from conftest import TINY_OVERRIDES
+    from conftest import tiny_overrides
 
     from alphaspin.config import load_config
 
     root = tmp_path_factory.mktemp("runs")
-    config = load_config(
-        "configs/quickstart.yaml", [f"model.name_or_path={tiny_model}", f"run.runs_root={root}", *TINY_OVERRIDES]
-    )
+    config = load_config("configs/quickstart.yaml", tiny_overrides(tiny_model, root))
     results = run(config)
     return config, results
 

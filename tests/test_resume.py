@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_OVERRIDES
+from conftest import tiny_overrides
 from safetensors.torch import load
 
 from alphaspin.config import load_config
@@ -28,7 +28,7 @@ def drive(point: str, overrides: list[str]) -> int:
 
 
 def config_for(runs_root: Path, tiny_model: str) -> list[str]:
-    return [f"model.name_or_path={tiny_model}", f"run.runs_root={runs_root}", *TINY_OVERRIDES, *ITERATION_0]
+    return [*tiny_overrides(tiny_model, runs_root), *ITERATION_0]
 
 
 @pytest.fixture(scope="module")
