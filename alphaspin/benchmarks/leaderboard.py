@@ -365,21 +365,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-# Fields of the record that differ between two runs of the same evaluation.
-VOLATILE_FIELDS = ("elapsed_s", "results.date")
-
-
 def _split_volatile(result: dict) -> tuple[dict, dict]:
-    stable, volatile = dict(result), {}
-    for path in VOLATILE_FIELDS:
-        *parents, leaf = path.split(".")
-        holder = stable
-        for key in parents:  # copy the parents so the caller's record is left as it was
-            child = dict(holder.get(key) or {})
-            holder[key] = child
-            holder = child
-        if leaf in holder:
-            volatile[path] = holder.pop(leaf)
+    """The record without what differs between two runs of the same evaluation (our ``elapsed_s``,
+    lm-eval's ``date``), and that part keyed by its path in the record. ``result`` is not changed."""
+    raw = dict(result["results"])
+    stable, volatile = {**result, "results": raw}, {}
+    if "elapsed_s" in stable:
+        volatile["elapsed_s"] = stable.pop("elapsed_s")
+    if "date" in raw:
+        volatile["results.date"] = raw.pop("date")
     return stable, volatile
 
 
