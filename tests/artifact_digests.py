@@ -36,13 +36,25 @@ def _round(value: float) -> float | str:
     return float(f"{value:.{DIGITS}g}")
 
 
+# lm-eval records the git commit of the working directory: it changes with every commit.
+COMMIT_FIELDS = ("git_hash", "upper_git_hash")
+
+
 def _round_json(value: Any) -> Any:
     if isinstance(value, float):
         return _round(value)
     if isinstance(value, dict):
-        return {k: _round_json(v) for k, v in value.items()}
+        return {k: _round_json(v) for k, v in value.items() if k not in COMMIT_FIELDS}
     if isinstance(value, list):
         return [_round_json(v) for v in value]
+    return value
+
+
+def _strip_commit(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_commit(v) for k, v in value.items() if k not in COMMIT_FIELDS}
+    if isinstance(value, list):
+        return [_strip_commit(v) for v in value]
     return value
 
 
@@ -73,8 +85,10 @@ def fingerprint(name: str, data: bytes) -> dict[str, Any]:
                 values[column] = hashlib.sha256(json.dumps(series.astype(str).tolist()).encode()).hexdigest()[:16]
         return {"sha256": hashlib.sha256(data).hexdigest(), "values": values}
     if name.endswith(".json"):
-        text = json.dumps(_round_json(json.loads(data)), sort_keys=True)
-        return {"sha256": hashlib.sha256(data).hexdigest(), "values": hashlib.sha256(text.encode()).hexdigest()[:16]}
+        content = _round_json(json.loads(data))
+        text = json.dumps(content, sort_keys=True)
+        exact = json.dumps(_strip_commit(json.loads(data)), sort_keys=True)
+        return {"sha256": hashlib.sha256(exact.encode()).hexdigest(), "values": hashlib.sha256(text.encode()).hexdigest()[:16]}
     return {"sha256": hashlib.sha256(data).hexdigest(), "values": hashlib.sha256(data).hexdigest()[:16]}
 
 
