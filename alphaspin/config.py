@@ -26,9 +26,6 @@ LossType = Literal[
     "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down", "sigmoid_norm",
 ]  # fmt: skip
 
-STAGES = ("sample_prompts", "generate", "build_pairs", "reference_logps", "train", "evaluate")
-Stage = Literal["sample_prompts", "generate", "build_pairs", "reference_logps", "train", "evaluate"]
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and what was expected."""
@@ -235,6 +232,18 @@ class OrchestrationConfig(_Section):
         None,
         description="Prefect block slug for task results and cache records (e.g. remote-file-system/alphaspin-results, "
         "an S3 basepath); needed when stages run on other machines (a GPU pool). Default: Prefect's local storage.",
+    )
+    lease_seconds: float = Field(
+        120.0,
+        gt=0.0,
+        description="A running stage holds a lease in run storage (renewed while it works), so a second process on "
+        "the same run id waits instead of running it twice; a crashed holder's lease expires after this many seconds "
+        "(at once when its host sees the process is gone).",
+    )
+    wait_for_running_stage: bool = Field(
+        True,
+        description="When another process is running a stage of this run: wait for it (true) or stop with an "
+        "error naming the holder (false; the CLI's --no-wait).",
     )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alphaspin.context import Context
+from alphaspin.workspace import Workspace
 from alphaspin.reference import dpo_margin
 from alphaspin.storage import StageDir
 
@@ -30,16 +30,15 @@ def heldout_metrics(policy: pd.DataFrame, heldout: pd.DataFrame, beta: float) ->
     }
 
 
-def evaluate_policy(ctx: Context, t: int, model, heldout: pd.DataFrame, stage: StageDir) -> dict:
-    from alphaspin.dpo import completion_logps, dpo_config, pairs_to_dataset, tokenize_like_trl
+def evaluate_policy(ws: Workspace, t: int, model, heldout: pd.DataFrame, stage: StageDir) -> dict:
+    from alphaspin.dpo import completion_logps
 
-    config = ctx.config
+    config = ws.config
     metrics: dict = {}
     if len(heldout) and (config.evaluation.heldout_likelihood or config.evaluation.heldout_pairs):
-        args = dpo_config(config.training, str(ctx.workdir / "trl"), config.run.seed, use_cpu=ctx.device == "cpu")
-        tokenized = tokenize_like_trl(pairs_to_dataset(heldout), ctx.tokenizer, args)
-        policy = completion_logps(model, tokenized, ctx.tokenizer.pad_token_id, config.training.max_length,
-                                  config.evaluation.batch_size, ctx.device)  # fmt: skip
+        tokenized = ws.tokenize_pairs(heldout)
+        policy = completion_logps(model, tokenized, ws.tokenizer.pad_token_id, config.training.max_length,
+                                  config.evaluation.batch_size, ws.device)  # fmt: skip
         found = heldout_metrics(policy, heldout, config.training.beta)
         if not config.evaluation.heldout_pairs:
             found = {k: v for k, v in found.items() if "reward" not in k}
@@ -50,41 +49,41 @@ def evaluate_policy(ctx: Context, t: int, model, heldout: pd.DataFrame, stage: S
     return metrics
 
 
-def run_benchmarks(ctx: Context, t: int, model, adapter_path: str, stage: StageDir) -> dict:
+def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: StageDir) -> dict:
     """lm-eval tasks and the judged chat on base + adapter t; their files go into the stage.
     Any failure raises: a stage is never marked done with missing numbers."""
-    config = ctx.config.evaluation
+    config = ws.config.evaluation
     metrics: dict = {}
-    out = ctx.workdir / f"benchmarks-{t}"
+    out = ws.scratch / f"benchmarks-{t}"
     if config.benchmarks:
         from alphaspin.benchmarks.leaderboard import leaderboard_metrics, run_lm_eval
 
-        ctx.progress(0.1, "lm-eval")
-        result = run_lm_eval(ctx.model_path, adapter_path, list(config.benchmarks), num_fewshot=config.benchmark_num_fewshot,
-                             limit=config.benchmark_limit, batch_size=config.batch_size, device=ctx.device,
-                             dtype=ctx.config.model.dtype, backend=config.benchmark_backend,
+        ws.progress(0.1, "lm-eval")
+        result = run_lm_eval(ws.model_path, adapter_path, list(config.benchmarks), num_fewshot=config.benchmark_num_fewshot,
+                             limit=config.benchmark_limit, batch_size=config.batch_size, device=ws.device,
+                             dtype=ws.config.model.dtype, backend=config.benchmark_backend,
                              output_dir=str(out / "lm_eval"),
                              adapter_label=f"iter-{t}/train/adapter")  # fmt: skip
         metrics.update(leaderboard_metrics(result))
     if config.judge.enabled:
-        ctx.progress(0.5, "judged chat")
-        metrics.update(_judged_chat(ctx, model, out / "judge"))
+        ws.progress(0.5, "judged chat")
+        metrics.update(_judged_chat(ws, model, out / "judge"))
     if out.exists():
         stage.put_dir(out, "benchmarks")
     return metrics
 
 
-def _judged_chat(ctx: Context, model, out) -> dict:
+def _judged_chat(ws: Workspace, model, out) -> dict:
     from alphaspin.benchmarks import judge as chat
     from alphaspin.benchmarks.local_judge import RATING_CHOICES, LocalJudgeServer
     from alphaspin.models import resolve_model_path
 
-    settings = ctx.config.evaluation.judge
+    settings = ws.config.evaluation.judge
     questions = chat.load_questions(
         settings.questions, categories=settings.categories, per_category=settings.per_category
     )
     answers = chat.answer_questions(
-        lambda chats: _generate_chat(ctx, model, chats, settings.answer_max_new_tokens), questions
+        lambda chats: _generate_chat(ws, model, chats, settings.answer_max_new_tokens), questions
     )
     extra = {"guided_choice": RATING_CHOICES} if settings.guided_choice else None
 
@@ -95,7 +94,7 @@ def _judged_chat(ctx: Context, model, out) -> dict:
 
     if settings.base_url == "local":
         path = resolve_model_path(settings.model)
-        with LocalJudgeServer(path, device=ctx.device) as server:
+        with LocalJudgeServer(path, device=ws.device) as server:
             scores = score(server.base_url, settings.model)
     else:
         scores = score(settings.base_url, settings.model)
@@ -105,17 +104,17 @@ def _judged_chat(ctx: Context, model, out) -> dict:
 
 
 @torch.no_grad()
-def _generate_chat(ctx: Context, model, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
+def _generate_chat(ws: Workspace, model, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
     """Greedy replies of θ_t to chats, with the training chat template (left-padded batches)."""
-    tokenizer, replies = ctx.tokenizer, []
-    size = ctx.config.evaluation.batch_size
+    tokenizer, replies = ws.tokenizer, []
+    size = ws.config.evaluation.batch_size
     for start in range(0, len(chats), size):
         prompts = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
                    for c in chats[start : start + size]]  # fmt: skip
         width = max(map(len, prompts))
         pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=ctx.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ctx.device)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=ws.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ws.device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         replies.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out)

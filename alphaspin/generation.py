@@ -7,6 +7,8 @@ uclaml/SPIN#33), the member's adapter (None for the base) and a per-request seed
 - ``TransformersBackend``: batched ``generate`` on CPU or GPU.
 - ``VllmBackend`` (``alphaspin.vllm_backend``): one vLLM engine serving the base and every
   member's LoRA adapter.
+
+`alphaspin.backends.make_backend` picks one from ``generation.backend``.
 """
 
 from __future__ import annotations
@@ -158,12 +160,3 @@ class _null:
 
     def __exit__(self, *exc):
         return False
-
-
-def make_backend(config: GenerationConfig, model_path: str, tokenizer: PreTrainedTokenizerBase,
-                 dtype: torch.dtype, device: str, adapter_paths: Sequence[str] = ()) -> GenerationBackend:  # fmt: skip
-    if config.backend == "vllm":
-        from alphaspin.vllm_backend import VllmBackend
-
-        return VllmBackend(model_path, tokenizer, config, dtype=dtype, adapter_paths=adapter_paths)
-    return TransformersBackend(model_path, tokenizer, config, dtype=dtype, device=device)

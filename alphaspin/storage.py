@@ -284,9 +284,11 @@ class StageDir:
             return None
         return manifest if isinstance(manifest, dict) and manifest.get("version") == MANIFEST_VERSION else None
 
-    def verify(self, expected_key: str | None = None, check_hashes: bool = True) -> StageRecord | None:
-        """The stage's record if its manifest verifies (and carries ``expected_key``), else None."""
-        manifest = self.read_manifest()
+    def verify(self, expected_key: str | None = None, check_hashes: bool = True,
+               manifest: dict[str, Any] | None = None) -> StageRecord | None:  # fmt: skip
+        """The stage's record if its manifest verifies (and carries ``expected_key``), else None.
+        ``manifest``: the manifest already read by the caller (it is read otherwise)."""
+        manifest = manifest if manifest is not None else self.read_manifest()
         if manifest is None:
             return None
         if expected_key is not None and manifest.get("cache_key") != expected_key:
@@ -311,9 +313,10 @@ class StageDir:
             return None
         except _BACKEND_ERRORS as error:
             raise StorageError(f"cannot verify {self.url}: {error}") from error
-        return self._record(manifest)
+        return self.record(manifest)
 
-    def _record(self, manifest: dict[str, Any]) -> StageRecord:
+    def record(self, manifest: dict[str, Any]) -> StageRecord:
+        """The record a manifest describes (no file is checked: see `verify`)."""
         return StageRecord(
             stage=manifest["stage"],
             iteration=manifest.get("iteration"),
@@ -328,11 +331,13 @@ class StageDir:
         )
 
     def commit(self, stage: str, iteration: int | None, key: str, metrics: dict[str, Any] | None = None,
-               attempt: str | None = None) -> StageRecord:  # fmt: skip
+               attempt: str | None = None, provenance: dict[str, Any] | None = None) -> StageRecord:  # fmt: skip
         """Hash every file of the stage (scratch excluded) and write the manifest, last.
 
         ``attempt`` is given only when adopting another run's identical stage (same files, same
         key): keeping its attempt id keeps its digest, so downstream stages can be adopted too.
+        ``provenance`` records what the key was computed from (code version, the config fields
+        read, the input digests), so ``plan`` can say why a stage must run again.
         """
         files = {}
         for name in self.list_files():
@@ -349,9 +354,11 @@ class StageDir:
             "files": files,
             "metrics": metrics or {},
         }
+        if provenance is not None:
+            manifest["provenance"] = provenance
         self.write_json(MANIFEST, manifest)
         self.clear_scratch()  # in-progress state (resume markers, checkpoints) is done with
-        return self._record(manifest)
+        return self.record(manifest)
 
     def adopt(self, source: StageDir, key: str) -> StageRecord | None:
         """Copy ``source``'s files if its manifest verifies under ``key`` (a forked run reusing its
@@ -363,7 +370,8 @@ class StageDir:
         for name in manifest["files"]:
             self.write_bytes(name, source.read_bytes(name))
         metrics = {**manifest.get("metrics", {}), "adopted_from": source.url}
-        return self.commit(manifest["stage"], manifest.get("iteration"), key, metrics, attempt=manifest.get("attempt"))
+        return self.commit(manifest["stage"], manifest.get("iteration"), key, metrics, attempt=manifest.get("attempt"),
+                           provenance=manifest.get("provenance"))  # fmt: skip
 
     def reset(self, keep_scratch: bool = True) -> None:
         """Make the stage not-done: remove the manifest first, then its old files."""

@@ -13,8 +13,9 @@ from typing import Any
 import pandas as pd
 from transformers import TrainerCallback
 
-from alphaspin.context import Context
-from alphaspin.storage import SCRATCH, StageDir, StageRecord
+from alphaspin.stage_spec import Artifact, Job
+from alphaspin.storage import SCRATCH, StageDir
+from alphaspin.workspace import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,8 @@ class StorageCheckpointCallback(TrainerCallback):
     """After the Trainer saves ``checkpoint-N`` locally, upload it into the stage's scratch area
     and delete older remote checkpoints (uploaded first, deleted after: one always survives)."""
 
-    def __init__(self, stage: StageDir, output_dir: Path, ctx: Context, total_steps: int):
-        self.stage, self.output_dir, self.ctx, self.total_steps = stage, output_dir, ctx, total_steps
+    def __init__(self, stage: StageDir, output_dir: Path, progress: Progress, total_steps: int):
+        self.stage, self.output_dir, self.progress, self.total_steps = stage, output_dir, progress, total_steps
 
     def on_save(self, args, state, control, **kwargs):
         name = f"checkpoint-{state.global_step}"
@@ -41,7 +42,7 @@ class StorageCheckpointCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.ctx.progress(
+        self.progress(
             state.global_step / max(1, self.total_steps), f"train: step {state.global_step}/{self.total_steps}"
         )
         return control
@@ -79,16 +80,18 @@ def _summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_training(ctx: Context, t: int, stage: StageDir, pairs: pd.DataFrame, previous: StageRecord | None) -> dict:
+def run_training(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> dict:
+    """Train θ_t from θ_(t-1) (a fresh LoRA at t = 0) on ``pairs`` (with their reference columns),
+    resuming from the last checkpoint stored in ``job.out``; the adapter goes to ``job.out/adapter``."""
     from peft import LoraConfig, PeftModel
 
-    from alphaspin.dpo import REFERENCE_COLUMNS, GeometricReferenceDPOTrainer, dpo_config, pairs_to_dataset
+    from alphaspin.dpo import REFERENCE_COLUMNS, GeometricReferenceDPOTrainer, pairs_to_dataset
     from alphaspin.models import load_base_model
 
+    t, stage, ws, config = job.iteration, job.out, job.workspace, job.config
     if pairs.empty:
         raise ValueError(f"iter-{t}/train: no training pairs (all dropped by training.max_length?)")
-    config = ctx.config
-    output_dir = ctx.workdir / f"train-{t}"
+    output_dir = ws.scratch / f"train-{t}"
     shutil.rmtree(output_dir, ignore_errors=True)
     resume_from = None
     remote = _remote_checkpoints(stage)
@@ -97,7 +100,7 @@ def run_training(ctx: Context, t: int, stage: StageDir, pairs: pd.DataFrame, pre
         stage.get_dir(posixpath.join(CHECKPOINTS, remote[-1]), resume_from)
         logger.info("iter-%d/train: resuming from %s", t, remote[-1])
 
-    base = load_base_model(config.model.name_or_path, config.model.dtype, ctx.device)
+    base = load_base_model(config.model.name_or_path, config.model.dtype, ws.device)
     lora = config.training.lora
     peft_config = None
     if previous is None:
@@ -105,19 +108,19 @@ def run_training(ctx: Context, t: int, stage: StageDir, pairs: pd.DataFrame, pre
                                  target_modules=list(lora.target_modules), task_type="CAUSAL_LM")  # fmt: skip
         model = base
     else:  # θ_t starts from θ_(t-1)
-        model = PeftModel.from_pretrained(base, ctx.local_adapter(previous), is_trainable=True)
-    args = dpo_config(config.training, str(output_dir), config.run.seed, use_cpu=ctx.device == "cpu")
+        model = PeftModel.from_pretrained(base, ws.local_adapter(previous), is_trainable=True)
+    args = ws.dpo_args(output_dir=str(output_dir))
     dataset = pairs_to_dataset(pairs, REFERENCE_COLUMNS)
     trainer = GeometricReferenceDPOTrainer(model=model, args=args, train_dataset=dataset,
-                                           processing_class=ctx.tokenizer, peft_config=peft_config)  # fmt: skip
+                                           processing_class=ws.tokenizer, peft_config=peft_config)  # fmt: skip
     total = trainer.get_train_dataloader().__len__()
     total_steps = max(
         1, int(round(total * config.training.num_train_epochs / config.training.gradient_accumulation_steps))
     )
-    trainer.add_callback(StorageCheckpointCallback(stage, output_dir, ctx, total_steps))
+    trainer.add_callback(StorageCheckpointCallback(stage, output_dir, ws.progress, total_steps))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-    adapter_dir = ctx.workdir / f"adapter-out-{t}"
+    adapter_dir = ws.scratch / f"adapter-out-{t}"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     # TRL keeps a frozen copy of θ_(t-1) as adapter "ref"; only "default" (θ_t) is the result.
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])

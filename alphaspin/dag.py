@@ -1,0 +1,107 @@
+"""The DAG of an α-SPIN run, derived from the stage declarations (`alphaspin.stages`).
+
+Iteration t's nodes are the registry's stages in order, per-member stages expanded over the
+opponent mixture at t (`alphaspin.mixture`). A node's inputs are the nodes its spec's `Input`s
+point at; ``previous`` and ``member`` inputs reach back into earlier iterations (θ_(t-1), θ_k).
+The plain runner and the Prefect flow both walk the DAG through `walk_iteration`: there is one loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from alphaspin.config import AlphaSpinConfig, ConfigError
+from alphaspin.mixture import member_iteration, opponent_members
+from alphaspin.stage_spec import Input, Node
+from alphaspin.stages import REGISTRY, STAGE_NAMES
+
+R = TypeVar("R")
+InputRef = Node | list[Node] | None
+
+
+def iteration_nodes(config: AlphaSpinConfig, iteration: int) -> list[Node]:
+    """The nodes of iteration ``iteration`` in a topological order."""
+    members = [m.name for m in opponent_members(iteration, config.method.history)]
+    nodes: list[Node] = []
+    for spec in REGISTRY.values():
+        if spec.per_member:
+            nodes.extend(Node(spec.name, iteration, member) for member in members)
+        else:
+            nodes.append(Node(spec.name, iteration))
+    return nodes
+
+
+def _resolve(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
+    t = node.iteration
+    if item.at == "same":
+        return Node(item.stage, t)
+    if item.at == "previous":
+        return Node(item.stage, t - 1) if t > 0 else None
+    if item.at == "member":
+        k = member_iteration(node.member) if node.member is not None else None
+        return Node(item.stage, k) if k is not None else None
+    if item.at == "members":
+        return [Node(item.stage, t, m.name) for m in opponent_members(t, config.method.history)]
+    raise ValueError(f"{node.stage}: unknown input position {item.at!r}")
+
+
+def node_inputs(config: AlphaSpinConfig, node: Node) -> dict[str, InputRef]:
+    """The upstream nodes of ``node``, by the stage function's parameter name."""
+    return {item.param: _resolve(config, node, item) for item in REGISTRY[node.stage].inputs}
+
+
+def bind_inputs(refs: dict[str, InputRef], lookup: Callable[[Node], R]) -> dict[str, R | list[R] | None]:
+    """``refs`` with every node replaced by ``lookup(node)`` (its record, or its artifact)."""
+    out: dict[str, R | list[R] | None] = {}
+    for param, ref in refs.items():
+        if ref is None:
+            out[param] = None
+        elif isinstance(ref, list):
+            out[param] = [lookup(n) for n in ref]
+        else:
+            out[param] = lookup(ref)
+    return out
+
+
+def walk_iteration(config: AlphaSpinConfig, iteration: int, records: dict[Node, R],
+                   execute: Callable[[Node, dict[str, R | list[R] | None]], R]) -> dict[Node, R]:  # fmt: skip
+    """Execute the nodes of one iteration in order; ``records`` holds the records of earlier
+    iterations' nodes it needs (at least their ``train`` nodes) and receives the new ones."""
+    for node in iteration_nodes(config, iteration):
+        records[node] = execute(node, bind_inputs(node_inputs(config, node), records.__getitem__))
+    return records
+
+
+def trained_nodes(before: int) -> list[Node]:
+    """The train nodes of iterations 0..before-1: what an iteration may read from earlier ones."""
+    return [Node("train", k) for k in range(before)]
+
+
+# -- forced stages --------------------------------------------------------------------------------
+def parse_force(items: Iterable[str], iterations: int | None = None) -> dict[int, set[str]]:
+    """``["1:train", "0:generate"]`` → {1: {"train"}, 0: {"generate"}}; errors name the item."""
+    force: dict[int, set[str]] = {}
+    for item in items:
+        t, sep, stage = str(item).partition(":")
+        if not sep or not t.strip().isdigit() or stage.strip() not in STAGE_NAMES:
+            raise ConfigError(f"--force {item!r}: expected ITERATION:STAGE with STAGE one of {list(STAGE_NAMES)}")
+        if iterations is not None and int(t) > iterations:
+            raise ConfigError(f"--force {item!r}: the run has iterations 0..{iterations}")
+        force.setdefault(int(t), set()).add(stage.strip())
+    return force
+
+
+def force_plan(iterations: int, items: Iterable[str] = (), stages: Iterable[str] = (),
+               only_iterations: Iterable[int] = ()) -> dict[int, set[str]]:  # fmt: skip
+    """Forced stages per iteration from "T:STAGE" items plus ``stages`` in ``only_iterations``
+    (every iteration when empty): the CLI's, the flows' and the deployments' one parser."""
+    force = parse_force(items, iterations)
+    stages = list(stages)
+    for stage in stages:
+        if stage not in STAGE_NAMES:
+            raise ConfigError(f"force_stages: {stage!r} is not a stage; expected one of {list(STAGE_NAMES)}")
+    for t in list(only_iterations) or range(iterations + 1):
+        if stages:
+            force.setdefault(t, set()).update(stages)
+    return force

@@ -1,0 +1,263 @@
+"""The one cached runner: every stage of every iteration runs through `Runner`.
+
+``prepare`` computes a node's cache key once (stage name, code version, the config fields it
+reads, its input digests), verifies its manifest once, and decides: ``cached`` (a valid manifest
+under that key), ``adopt`` (the fork parent holds it under that key) or ``run`` — with the reason.
+``execute`` then holds the stage's lease in run storage (a second process on the same run waits
+instead of running it twice), adopts or runs the stage function, and commits the manifest with
+the key's provenance. The Prefect tasks call ``execute`` with what the flow ``prepare``d, and
+``plan`` is ``prepare`` over the whole DAG without executing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from alphaspin.config import AlphaSpinConfig
+from alphaspin.dag import InputRef, bind_inputs, iteration_nodes, node_inputs, trained_nodes, walk_iteration
+from alphaspin.leases import StageLease
+from alphaspin.runs import Run
+from alphaspin.stage_spec import Artifact, Job, Node
+from alphaspin.stages import REGISTRY
+from alphaspin.storage import SCRATCH, StageDir, StageRecord, cache_key
+from alphaspin.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["cached", "adopt", "run"]
+Inputs = dict[str, StageRecord | list[StageRecord] | None]
+STARTED = f"{SCRATCH}/started.json"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A node ready to execute: its key, what the runner will do, and why (small, picklable)."""
+
+    node: Node
+    key: str
+    status: Status
+    reason: str
+    inputs: Inputs
+    provenance: dict[str, Any] = field(default_factory=dict)
+    record: StageRecord | None = None  # cached: the stage's record; adopt: the parent's
+    force: bool = False
+
+
+def _flat_digests(inputs: Inputs) -> dict[str, str | list[str] | None]:
+    out: dict[str, str | list[str] | None] = {}
+    for param, value in inputs.items():
+        if value is None:
+            out[param] = None
+        elif isinstance(value, list):
+            out[param] = [r.digest for r in sorted(value, key=lambda r: r.url)]
+        else:
+            out[param] = value.digest
+    return out
+
+
+def node_key(node: Node, fields: dict[str, Any], digests: dict[str, str | list[str] | None]) -> str:
+    spec = REGISTRY[node.stage]
+    identity = {"iteration": node.iteration, "member": node.member, "fields": fields}
+    flat: list[str] = []
+    for item in spec.inputs:
+        value = digests[item.param]
+        flat.extend(value if isinstance(value, list) else ["none" if value is None else value])
+    return cache_key(spec.name, spec.version, identity, flat)
+
+
+def begin_stage(stage: StageDir, key: str, fresh: bool) -> None:
+    """Prepare a stage folder to (re)run under ``key``.
+
+    Partial work of an interrupted attempt with the same key is kept (generation shards, training
+    checkpoints), so the stage resumes. A forced rerun, a changed key, or a manifest that exists
+    but failed verification (a corrupted artifact) starts from an empty folder.
+    """
+    try:
+        started = stage.read_json(STARTED)
+    except (FileNotFoundError, ValueError):
+        started = None
+    has_manifest = stage.read_manifest() is not None
+    if fresh or has_manifest or not started or started.get("cache_key") != key:
+        stage.reset(keep_scratch=False)
+        stage.clear_scratch()
+        stage.write_json(STARTED, {"cache_key": key, "started": time.time()})
+    else:
+        logger.info("%s: resuming an interrupted attempt", stage.url)
+
+
+class Runner:
+    """Runs the nodes of one run. ``workspace`` is needed only to execute (not to prepare or plan)."""
+
+    def __init__(self, run: Run, workspace: Workspace | None = None):
+        self.run = run
+        self.workspace = workspace
+
+    @property
+    def config(self) -> AlphaSpinConfig:
+        return self.run.config
+
+    def ensure_run(self, fork_from: str | None = None) -> dict[str, Any]:
+        """run.json: created (after the model and data load: a bad input leaves nothing behind) or checked."""
+        if self.run.record() is None and self.workspace is not None:
+            self.workspace.check_inputs()
+        device = self.workspace.device if self.workspace is not None else None
+        return self.run.ensure(fork_from, device=device)
+
+    # -- prepare ----------------------------------------------------------------------------------
+    def prepare(self, node: Node, inputs: Inputs, force: bool = False) -> Prepared:
+        spec = REGISTRY[node.stage]
+        fields = spec.reads(self.config, node.iteration, node.member)
+        digests = _flat_digests(inputs)
+        key = node_key(node, fields, digests)
+        provenance = {"version": spec.version, "fields": fields, "inputs": digests}
+        prepared = dict(node=node, key=key, inputs=inputs, provenance=provenance, force=force)
+        if force:
+            return Prepared(status="run", reason="forced", **prepared)
+        out = self.run.dir(node)
+        manifest = out.read_manifest()
+        if manifest is not None and manifest.get("cache_key") == key:
+            record = out.verify(key, manifest=manifest)
+            if record is not None:
+                return Prepared(status="cached", reason="cached", record=record, **prepared)
+        parent = self.run.parent_dir(node)
+        if parent is not None:
+            found = parent.read_manifest()
+            if found is not None and found.get("cache_key") == key:
+                reason = f"adopted from {self.run.parent.run_id}"  # type: ignore[union-attr]
+                return Prepared(status="adopt", reason=reason, record=parent.record(found), **prepared)
+        return Prepared(status="run", reason=self._why(node, out, manifest, provenance, key), **prepared)
+
+    def _why(self, node: Node, out: StageDir, manifest: dict | None, provenance: dict, key: str) -> str:
+        """Why a node must run: never run, interrupted, corrupted, or which knob/input/version changed."""
+        if manifest is None:
+            try:
+                started = out.read_json(STARTED)
+            except (FileNotFoundError, ValueError):
+                return "not run yet"
+            if started.get("cache_key") == key and REGISTRY[node.stage].resumable:
+                return "an interrupted attempt resumes"
+            return "an interrupted attempt starts again"
+        if manifest.get("cache_key") == key:
+            return "its artifacts fail verification (a file is missing or changed)"
+        before = manifest.get("provenance")
+        if not before:
+            return "its cache key changed"
+        reasons = []
+        if before.get("version") != provenance["version"]:
+            reasons.append(f"stage code version {before.get('version')} → {provenance['version']}")
+        old, new = before.get("fields", {}), provenance["fields"]
+        for knob in sorted(set(old) | set(new)):
+            if old.get(knob) != new.get(knob):
+                reasons.append(f"{knob} changed ({_short(old.get(knob))} → {_short(new.get(knob))})")
+        for param, digest in provenance["inputs"].items():
+            if before.get("inputs", {}).get(param) != digest:
+                reasons.append(f"input {param} was re-executed")
+        return "; ".join(reasons) or "its cache key changed"
+
+    # -- execute ----------------------------------------------------------------------------------
+    def execute(self, prepared: Prepared) -> StageRecord:
+        if prepared.status == "cached" and prepared.record is not None:
+            logger.info("%s: cached", prepared.node.label)
+            return prepared.record
+        node, key = prepared.node, prepared.key
+        spec = REGISTRY[node.stage]
+        out = self.run.dir(node)
+        settings = self.config.orchestration
+        lease = StageLease(self.run.storage, f"iter-{node.iteration}-{node.folder}", label=node.label,
+                           ttl=settings.lease_seconds, wait=settings.wait_for_running_stage)  # fmt: skip
+        with lease:
+            if lease.waited and not prepared.force:  # the holder may have done it meanwhile
+                record = out.verify(key)
+                if record is not None:
+                    logger.info("%s: done by another process meanwhile", node.label)
+                    return record
+            if prepared.status == "adopt":
+                source = self.run.parent_dir(node)
+                record = out.adopt(source, key) if source is not None else None
+                if record is not None:
+                    logger.info("%s: %s", node.label, prepared.reason)
+                    return record
+                logger.warning("%s: the fork parent's copy does not verify; running it", node.label)
+            if self.workspace is None:
+                raise RuntimeError(f"{node.label}: executing a stage needs a Workspace")
+            logger.info("%s: running (%s)", node.label, prepared.reason)
+            begin_stage(out, key, fresh=prepared.force or not spec.resumable)
+            job = Job(node=node, config=self.config, out=out, workspace=self.workspace, key=key)
+            metrics = spec.function(job, **self._artifacts(node, prepared.inputs))
+            if lease.lost:  # we stalled past the lease and another process took the stage over
+                raise RuntimeError(f"{node.label}: lost its lease to another process while running; not committing")
+            return out.commit(spec.name, node.iteration, key, metrics, provenance=prepared.provenance)
+
+    def _artifacts(self, node: Node, inputs: Inputs) -> dict[str, Any]:
+        refs = node_inputs(self.config, node)
+        out: dict[str, Any] = {}
+        for param, ref in refs.items():
+            value = inputs[param]
+            if ref is None or value is None:
+                out[param] = None
+            elif isinstance(ref, list):
+                out[param] = [Artifact(r, self.run.dir(n)) for n, r in zip(ref, value, strict=True)]  # type: ignore[arg-type]
+            else:
+                out[param] = Artifact(value, self.run.dir(ref))  # type: ignore[arg-type]
+        return out
+
+    def run_node(self, node: Node, inputs: Inputs, force: bool = False) -> StageRecord:
+        return self.execute(self.prepare(node, inputs, force))
+
+    # -- whole iterations -------------------------------------------------------------------------
+    def stored_records(self, iteration: int) -> dict[Node, StageRecord]:
+        """The train records of iterations before ``iteration``, from storage (an iteration run alone)."""
+        return {node: self.run.stored_record(node) for node in trained_nodes(iteration)}
+
+    def stored_inputs(self, node: Node) -> Inputs:
+        """A node's input records, read from storage (a stage run alone)."""
+        return bind_inputs(node_inputs(self.config, node), self.run.stored_record)
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- plan -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanRow:
+    node: Node
+    status: Status
+    reason: str
+
+
+def _nodes(ref: InputRef) -> Iterator[Node]:
+    if isinstance(ref, list):
+        yield from ref
+    elif ref is not None:
+        yield ref
+
+
+def plan(run: Run, force: dict[int, set[str]] | None = None) -> list[PlanRow]:
+    """What running ``run`` would do to every node, and why, without executing or writing anything."""
+    runner = Runner(run)
+    config = run.config
+    known: dict[Node, StageRecord | None] = {}
+    rows: list[PlanRow] = []
+    for t in range(config.method.iterations + 1):
+        forced = (force or {}).get(t, set())
+        for node in iteration_nodes(config, t):
+            refs = node_inputs(config, node)
+            pending = [n.label for ref in refs.values() for n in _nodes(ref) if known.get(n) is None]
+            if pending:
+                reason = "forced" if node.stage in forced else f"input {', '.join(pending)} runs"
+                rows.append(PlanRow(node, "run", reason))
+                known[node] = None
+                continue
+            prepared = runner.prepare(node, bind_inputs(refs, known.__getitem__), force=node.stage in forced)  # type: ignore[arg-type]
+            rows.append(PlanRow(node, prepared.status, prepared.reason))
+            known[node] = prepared.record if prepared.status != "run" else None
+    return rows
+
+
+__all__ = ["Prepared", "Runner", "PlanRow", "begin_stage", "plan", "walk_iteration"]

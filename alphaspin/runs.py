@@ -1,0 +1,140 @@
+"""A run in storage: its config, ``run.json``, its fork parent, and the records of its stages.
+
+``<runs_root>/<run_id>/run.json`` binds a run id to one config: running the id with another
+config is refused (it would mix two configurations' artifacts), and a fork (``--fork-from``)
+records its parent, whose identical stages the runner adopts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+from typing import Any
+
+from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dump_config
+from alphaspin.stage_spec import Node
+from alphaspin.storage import RunStorage, StageDir, StageRecord
+
+PACKAGES = ("alphaspin", "torch", "transformers", "peft", "trl", "datasets", "lm_eval", "prefect", "vllm", "fsspec",
+            "s3fs")  # fmt: skip
+
+
+class RunConflictError(RuntimeError):
+    """A run id already holds a run with another config."""
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class Run:
+    """One run's storage and identity. ``parent`` is the run it was forked from (or None)."""
+
+    def __init__(self, config: AlphaSpinConfig, fork_from: str | None = None):
+        self.config = config
+        self.storage = RunStorage(config.run.runs_root, config.run.run_id)
+        self.parent: RunStorage | None = None
+        recorded = self.record()
+        self._set_parent(recorded.get("forked_from") if recorded else fork_from)
+
+    @property
+    def run_json(self) -> str:
+        return self.storage.path("run.json")
+
+    def record(self) -> dict[str, Any] | None:
+        """The stored run.json, or None before the run is created."""
+        return self.storage.read_json(self.run_json) if self.storage.exists(self.run_json) else None
+
+    def _set_parent(self, fork_from: str | None) -> None:
+        if fork_from is not None and fork_from != self.config.run.run_id:
+            self.parent = RunStorage(self.config.run.runs_root, fork_from)
+
+    def ensure(self, fork_from: str | None = None, device: str | None = None) -> dict[str, Any]:
+        """Create run.json, or check that the existing run has the same config.
+
+        Orchestration knobs and the run's location may differ; anything else is a conflict.
+        The caller checks the model and data first (`Workspace.check_inputs`): a bad input
+        leaves no run behind.
+        """
+        resolved = dump_config(self.config)
+        comparable = _comparable(resolved)
+        existing = self.record()
+        if existing is not None:
+            before = _comparable(existing.get("config", {}))
+            if before != comparable:
+                changed = sorted(_diff(before, comparable))
+                raise RunConflictError(
+                    f"run {self.storage.url} exists with a different config (changed: {', '.join(changed)}). "
+                    f"Choose a new run.run_id, or fork it: alphaspin run ... --set run.run_id=NEW --fork-from "
+                    f"{self.config.run.run_id} (the new run reuses every stage whose inputs are unchanged)."
+                )
+            self._set_parent(existing.get("forked_from"))
+            return existing
+        if fork_from is not None:
+            parent = RunStorage(self.config.run.runs_root, fork_from)
+            if not parent.exists(parent.path("run.json")):
+                raise RunConflictError(f"--fork-from {fork_from}: no run at {parent.url}")
+        self._set_parent(fork_from)
+        record = {
+            "run_id": self.config.run.run_id,
+            "config": resolved,
+            "versions": package_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "device": device,
+            "forked_from": fork_from,
+        }
+        self.storage.write_json(self.run_json, record)
+        return record
+
+    # -- stage folders and records ----------------------------------------------------------------
+    def dir(self, node: Node) -> StageDir:
+        return self.storage.stage(node.iteration, node.folder)
+
+    def parent_dir(self, node: Node) -> StageDir | None:
+        return self.parent.stage(node.iteration, node.folder) if self.parent is not None else None
+
+    def stored_record(self, node: Node) -> StageRecord:
+        """The verified record of a finished stage, for running a later stage on its own."""
+        record = self.dir(node).verify()
+        if record is None:
+            raise FileNotFoundError(
+                f"{node.label} of run {self.config.run.run_id} is not done (no valid manifest at "
+                f"{self.dir(node).url}); run the iteration first"
+            )
+        return record
+
+
+def stored_config(run_id: str, runs_root: str) -> AlphaSpinConfig:
+    """The config recorded in ``<runs_root>/<run_id>/run.json``, located at ``runs_root`` (where it was
+    found, which may differ from where it was created: a relative path, a mount)."""
+    storage = RunStorage(runs_root, run_id)
+    path = storage.path("run.json")
+    if not storage.exists(path):
+        raise ConfigError(f"--run-id {run_id}: no run at {storage.url} (no run.json)")
+    config = config_from_dict(storage.read_json(path)["config"], f"{storage.url}/run.json")
+    config.run.runs_root = runs_root
+    return config
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    trimmed = {k: v for k, v in config.items() if k != "orchestration"}
+    run = dict(trimmed.get("run", {}))
+    run.pop("runs_root", None)
+    trimmed["run"] = run
+    return trimmed
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in set(a) | set(b):
+            out.extend(_diff(a.get(key), b.get(key), f"{prefix}{key}."))
+        return out
+    return [prefix.rstrip(".")] if a != b else []

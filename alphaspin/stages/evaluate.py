@@ -1,0 +1,42 @@
+"""Stage ``evaluate``: θ_t on the held-out rows training never sees (log-likelihood per token of
+y_w; DPO reward accuracy and margin against this iteration's reference), then the configured
+benchmarks (lm-eval, judged chat). Any failure fails the stage: never done with missing numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alphaspin.config import AlphaSpinConfig
+from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
+
+
+def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
+    return pick(config, "model.name_or_path", "model.dtype", "model.chat_template", "evaluation", "training.beta",
+                "training.max_length")  # fmt: skip
+
+
+def evaluate(job: Job, trained: Artifact, reference: Artifact) -> dict[str, Any]:
+    from alphaspin.evaluation import evaluate_policy, run_benchmarks
+
+    ws, t = job.workspace, job.iteration
+    frame = reference.read_table("reference.parquet")
+    heldout = frame[frame.split == "heldout"].reset_index(drop=True)
+    model = ws.load_policy(trained)
+    metrics = evaluate_policy(ws, t, model, heldout, job.out)
+    metrics.update(run_benchmarks(ws, t, model, ws.local_adapter(trained), job.out))
+    metrics["heldout/base_loglik_per_token"] = reference.metrics.get("heldout/base_loglik_per_token")
+    for key in ("train/loss", "train/reward_margin", "train/reward_accuracy"):
+        metrics[key] = trained.metrics.get(key)
+    job.out.write_json("metrics.json", {"iteration": t, **metrics})
+    return metrics
+
+
+SPEC = StageSpec(
+    name="evaluate",
+    function=evaluate,
+    inputs=(Input("trained", "train"), Input("reference", "reference_logps")),
+    reads=reads,
+    version=1,
+    gpu=True,
+    description="Evaluate θ_t on held-out pairs and the configured benchmarks.",
+)

@@ -1,0 +1,39 @@
+"""Stage ``train``: θ_t from θ_(t-1) (a fresh LoRA at t = 0) with TRL's DPO loss against the
+stored geometric reference; checkpoints into storage every ``training.save_steps`` steps, so a
+retried stage resumes where it stopped (`alphaspin.training`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alphaspin.config import AlphaSpinConfig
+from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
+
+# Knobs that change how training is executed, not what it writes.
+EXECUTION_ONLY = ("training.reference_batch_size", "training.save_steps")
+
+
+def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
+    return pick(config, "model.name_or_path", "model.dtype", "model.chat_template", "training", "run.seed",
+                exclude=EXECUTION_ONLY)  # fmt: skip
+
+
+def train(job: Job, reference: Artifact, previous: Artifact | None) -> dict[str, Any]:
+    from alphaspin.training import run_training
+
+    frame = reference.read_table("reference.parquet")
+    metrics = run_training(job, frame[frame.split == "train"].reset_index(drop=True), previous)
+    job.out.clear_scratch()
+    return metrics
+
+
+SPEC = StageSpec(
+    name="train",
+    function=train,
+    inputs=(Input("reference", "reference_logps"), Input("previous", "train", at="previous")),
+    reads=reads,
+    version=1,
+    gpu=True,
+    resumable=True,
+    description="DPO-train θ_t from θ_(t-1) against the stored reference; checkpoints into storage.",
+)

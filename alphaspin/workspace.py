@@ -1,0 +1,122 @@
+"""The workspace of one process: the device, a scratch folder, and what is loaded lazily once and
+shared by the stages it runs (tokenizer, SFT data, downloaded adapters).
+
+The run itself (config, storage, run.json, fork parent) is `alphaspin.runs.Run`; a workspace
+holds nothing that must survive the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+
+from alphaspin.config import AlphaSpinConfig
+
+if TYPE_CHECKING:
+    import datasets
+
+    from alphaspin.stage_spec import Artifact
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Workspace:
+    def __init__(self, config: AlphaSpinConfig, progress: Progress | None = None):
+        self.config = config
+        self.device = config.model.device or default_device()
+        self.scratch = Path(tempfile.mkdtemp(prefix="alphaspin-"))
+        # Progress hook (fraction done, message): the Prefect tasks turn it into progress artifacts.
+        self.progress: Progress = progress or (lambda fraction, message: None)
+        self._tokenizer: Any = None
+        self._sft: pd.DataFrame | None = None
+        self._adapters: dict[str, Path] = {}
+
+    # -- the base model and data, loaded once ---------------------------------------------------
+    @property
+    def model_path(self) -> str:
+        from alphaspin.models import resolve_model_path
+
+        return resolve_model_path(self.config.model.name_or_path)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from alphaspin.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.model.name_or_path, self.config.model.chat_template)
+        return self._tokenizer
+
+    @property
+    def sft(self) -> pd.DataFrame:
+        if self._sft is None:
+            from alphaspin.data import load_sft
+
+            self._sft = load_sft(self.config.data)
+        return self._sft
+
+    @property
+    def dtype(self) -> torch.dtype:
+        from alphaspin.models import torch_dtype
+
+        return torch_dtype(self.config.model.dtype)
+
+    def check_inputs(self) -> None:
+        """Load the model path, tokenizer and data: a bad input fails here, before anything is written."""
+        _ = self.model_path, self.tokenizer, self.sft
+
+    # -- adapters and policies ------------------------------------------------------------------
+    def local_adapter(self, trained: Artifact) -> str:
+        """A local folder holding the adapter of a finished train stage (downloaded once)."""
+        if trained.digest not in self._adapters:
+            target = self.scratch / f"adapter-{trained.iteration}-{trained.digest[:8]}"
+            trained.dir.get_dir("adapter", target)
+            self._adapters[trained.digest] = target
+        return str(self._adapters[trained.digest])
+
+    def load_policy(self, adapter: Artifact | None, trainable: bool = False):
+        """The base model with TRL's fused log-prob head, wrapped with ``adapter`` when given."""
+        from peft import PeftModel
+
+        from alphaspin.dpo import prepare_for_logps
+        from alphaspin.models import load_base_model
+
+        model = prepare_for_logps(load_base_model(self.config.model.name_or_path, self.config.model.dtype, self.device))
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, self.local_adapter(adapter), is_trainable=trainable)
+        return model if trainable else model.eval()
+
+    # -- TRL --------------------------------------------------------------------------------------
+    def dpo_args(self, output_dir: str | None = None):
+        """TRL's DPOConfig for this run (the one place it is assembled)."""
+        from alphaspin.dpo import dpo_config
+
+        output_dir = output_dir or str(self.scratch / "trl")
+        return dpo_config(self.config.training, output_dir, self.config.run.seed, use_cpu=self.device == "cpu")
+
+    def tokenize_pairs(self, frame: pd.DataFrame) -> datasets.Dataset:
+        """Pairs (id, prompt, chosen, rejected) tokenized exactly as TRL's DPOTrainer tokenizes them."""
+        from alphaspin.dpo import pairs_to_dataset, tokenize_like_trl
+
+        return tokenize_like_trl(pairs_to_dataset(frame), self.tokenizer, self.dpo_args())
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,311 @@
+"""Stage leases: real threads, real subprocesses, local disk and a real S3 server (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from alphaspin.leases import LEASES, LeaseHeldError, LeaseInfo, StageLease
+from alphaspin.storage import RunStorage
+
+FAST = {"poll": 0.05, "settle": 0.05}
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> RunStorage:
+    return RunStorage(str(tmp_path / "runs"), "r1")
+
+
+def lease_path(storage: RunStorage, name: str) -> str:
+    return storage.path(LEASES, f"{name}.json")
+
+
+def write_record(storage: RunStorage, name: str, **fields: object) -> LeaseInfo:
+    now = time.time()
+    values: dict = {
+        "holder": "f" * 32,
+        "host": "some-other-host",
+        "pid": 1,
+        "label": "by hand",
+        "acquired": now - 100,
+        "expires": now + 100,
+    }
+    values.update(fields)
+    info = LeaseInfo(**values)
+    storage.write_json(lease_path(storage, name), info.to_json())
+    return info
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def contend(make_lease, workers: int, rounds: int, hold: float) -> list[tuple[float, float, bool]]:
+    """``workers`` threads each take the lease ``rounds`` times, holding it ``hold`` s; returns
+    (enter, exit, waited) of every critical section."""
+    sections: list[tuple[float, float, bool]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(workers)
+
+    def work() -> None:
+        try:
+            start.wait()
+            for _ in range(rounds):
+                with make_lease() as lease:
+                    entered = time.monotonic()
+                    time.sleep(hold)
+                    assert not lease.lost
+                    sections.append((entered, time.monotonic(), lease.waited))
+        except BaseException as error:  # surfaced in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert len(sections) == workers * rounds
+    return sections
+
+
+def assert_no_overlap(sections: list[tuple[float, float, bool]]) -> None:
+    ordered = sorted(sections)
+    for (_, first_exit, _), (second_enter, _, _) in zip(ordered, ordered[1:], strict=False):
+        assert second_enter >= first_exit, ordered
+
+
+# -- threads --------------------------------------------------------------------------------------
+def test_second_thread_waits_until_first_releases(storage: RunStorage) -> None:
+    first = StageLease(storage, "iter-1-train", label="first", ttl=5, **FAST)
+    second = StageLease(storage, "iter-1-train", label="second", ttl=5, **FAST)
+    first_held = threading.Event()
+    times: dict[str, float] = {}
+
+    def run_first() -> None:
+        with first:
+            times["first_enter"] = time.monotonic()
+            first_held.set()
+            time.sleep(0.5)
+            times["first_exit"] = time.monotonic()
+
+    def run_second() -> None:
+        first_held.wait(10)
+        with second:
+            times["second_enter"] = time.monotonic()
+            times["second_exit"] = time.monotonic()
+
+    threads = [threading.Thread(target=run_first), threading.Thread(target=run_second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert set(times) == {"first_enter", "first_exit", "second_enter", "second_exit"}
+    assert first.waited is False
+    assert second.waited is True
+    assert times["second_enter"] >= times["first_exit"]
+    assert not first.lost and not second.lost
+    assert not storage.exists(lease_path(storage, "iter-1-train"))  # released, removed
+
+
+def test_many_threads_never_overlap(storage: RunStorage) -> None:
+    sections = contend(lambda: StageLease(storage, "iter-2-generate-base", ttl=5, **FAST), 4, 2, 0.05)
+    assert_no_overlap(sections)
+    assert any(waited for _, _, waited in sections)
+
+
+# -- refusing and waiting -------------------------------------------------------------------------
+def test_wait_false_names_holder_and_path(storage: RunStorage) -> None:
+    with StageLease(storage, "iter-1-train", label="iteration 1: train", ttl=5, **FAST) as holder:
+        other = StageLease(storage, "iter-1-train", wait=False, ttl=5, **FAST)
+        with pytest.raises(LeaseHeldError) as raised:
+            other.acquire()
+        message = str(raised.value)
+        assert socket.gethostname() in message
+        assert f"pid {os.getpid()}" in message
+        assert holder.holder in message
+        assert storage.unstrip(lease_path(storage, "iter-1-train")) in message
+        assert "remove" in message
+        assert not other.held
+        info = holder.current()
+        assert info is not None and info.holder == holder.holder and info.label == "iteration 1: train"
+
+
+def test_timeout_raises_while_holder_never_releases(storage: RunStorage) -> None:
+    with StageLease(storage, "iter-1-train", ttl=5, **FAST):
+        waiter = StageLease(storage, "iter-1-train", wait=True, timeout=0.5, ttl=5, **FAST)
+        started = time.monotonic()
+        with pytest.raises(LeaseHeldError, match="timed out"):
+            waiter.acquire()
+        assert 0.5 <= time.monotonic() - started < 3
+        assert waiter.waited is True
+
+
+def test_reacquire_is_an_error_and_release_is_idempotent(storage: RunStorage) -> None:
+    lease = StageLease(storage, "iter-1-train", ttl=5, **FAST)
+    lease.acquire()
+    with pytest.raises(RuntimeError, match="already held"):
+        lease.acquire()
+    lease.release()
+    lease.release()
+    assert lease.current() is None
+    lease.acquire()  # a released lease can be taken again
+    lease.release()
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", "iter 1", "x\n"])
+def test_name_must_be_a_file_name(storage: RunStorage, name: str) -> None:
+    with pytest.raises(ValueError):
+        StageLease(storage, name)
+
+
+# -- stale records --------------------------------------------------------------------------------
+def test_expired_record_is_taken_over_at_once(storage: RunStorage) -> None:
+    write_record(storage, "iter-1-train", acquired=time.time() - 100, expires=time.time() - 1)
+    lease = StageLease(storage, "iter-1-train", wait=False, ttl=5, **FAST)
+    with lease:
+        assert lease.waited is False
+        assert lease.current().holder == lease.holder
+
+
+def test_live_record_of_other_host_is_respected_even_with_unknown_pid(storage: RunStorage) -> None:
+    # a pid means nothing on another host: only expiry frees its record
+    write_record(storage, "iter-1-train", host="some-other-host", pid=dead_pid())
+    with pytest.raises(LeaseHeldError, match="some-other-host"):
+        StageLease(storage, "iter-1-train", wait=False, ttl=5, **FAST).acquire()
+
+
+def test_dead_pid_on_this_host_is_taken_over_at_once(storage: RunStorage) -> None:
+    write_record(storage, "iter-1-train", host=socket.gethostname(), pid=dead_pid(), expires=time.time() + 1000)
+    lease = StageLease(storage, "iter-1-train", wait=False, ttl=5, **FAST)
+    started = time.monotonic()
+    with lease:
+        assert time.monotonic() - started < 1
+        assert lease.current().holder == lease.holder
+
+
+def test_malformed_record_counts_as_expired(storage: RunStorage) -> None:
+    storage.write_bytes(lease_path(storage, "iter-1-train"), b"{not json")
+    lease = StageLease(storage, "iter-1-train", wait=False, ttl=5, **FAST)
+    assert lease.current() is None
+    with lease:
+        assert lease.current().holder == lease.holder
+
+
+def test_record_missing_fields_counts_as_expired(storage: RunStorage) -> None:
+    storage.write_json(lease_path(storage, "iter-1-train"), {"holder": "x"})
+    with StageLease(storage, "iter-1-train", wait=False, ttl=5, **FAST) as lease:
+        assert lease.current().holder == lease.holder
+
+
+# -- renewal and loss -----------------------------------------------------------------------------
+def test_renewal_keeps_lease_alive_past_ttl(storage: RunStorage) -> None:
+    with StageLease(storage, "iter-1-train", ttl=0.3, **FAST) as lease:
+        first = lease.current()
+        time.sleep(1.0)  # > 3 x ttl
+        later = lease.current()
+        assert later.holder == lease.holder and later.acquired == first.acquired
+        assert later.expires > time.time()
+        with pytest.raises(LeaseHeldError):
+            StageLease(storage, "iter-1-train", wait=False, ttl=0.3, **FAST).acquire()
+
+
+def test_release_keeps_someone_elses_record_and_renewal_marks_lost(storage: RunStorage) -> None:
+    lease = StageLease(storage, "iter-1-train", ttl=0.3, **FAST)
+    lease.acquire()
+    other = write_record(storage, "iter-1-train", holder="e" * 32)
+    deadline = time.monotonic() + 5
+    while not lease.lost and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lease.lost is True
+    lease.release()
+    assert lease.current() == other  # the other holder's record stays
+
+
+def test_release_right_after_overwrite_keeps_other_record(storage: RunStorage) -> None:
+    lease = StageLease(storage, "iter-1-train", ttl=60, **FAST)  # no renewal before release
+    lease.acquire()
+    other = write_record(storage, "iter-1-train", holder="d" * 32)
+    lease.release()
+    assert lease.current() == other
+
+
+# -- a real process, killed -----------------------------------------------------------------------
+HOLDER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from alphaspin.leases import StageLease
+    from alphaspin.storage import RunStorage
+
+    lease = StageLease(RunStorage(sys.argv[1], "r1"), "iter-1-train", label="child", ttl=0.5, poll=0.05, settle=0.05)
+    lease.acquire()
+    print("held", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_killed_holder_process_is_taken_over_at_once(tmp_path: Path) -> None:
+    runs_root = str(tmp_path / "runs")
+    storage = RunStorage(runs_root, "r1")
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER_SCRIPT, runs_root], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    try:
+        assert child.stdout.readline().strip() == "held"
+        held_since = time.monotonic()
+        refusals = 0
+        while time.monotonic() - held_since < 2.0:  # 4 x ttl: only renewal keeps it alive
+            with pytest.raises(LeaseHeldError, match=f"pid {child.pid}"):
+                StageLease(storage, "iter-1-train", wait=False, ttl=0.5, **FAST).acquire()
+            refusals += 1
+            time.sleep(0.1)
+        assert refusals >= 5
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        record = StageLease(storage, "iter-1-train").current()
+        assert record is not None and record.pid == child.pid  # kill -9 left its record behind
+        lease = StageLease(storage, "iter-1-train", wait=True, timeout=3, ttl=5, **FAST)
+        started = time.monotonic()
+        with lease:
+            assert time.monotonic() - started < 1
+            assert lease.waited is False  # taken because the pid is gone, not after waiting
+            assert lease.current().holder == lease.holder
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout:
+            child.stdout.close()
+
+
+# -- S3 -------------------------------------------------------------------------------------------
+def test_threads_contending_over_s3_never_overlap(s3_runs_root: str) -> None:
+    storage = RunStorage(s3_runs_root, "r1")
+    sections = contend(lambda: StageLease(storage, "iter-1-train", ttl=3, poll=0.1, settle=0.5), 2, 2, 0.2)
+    assert_no_overlap(sections)
+    assert any(waited for _, _, waited in sections)
+    assert not storage.exists(lease_path(storage, "iter-1-train"))
+
+
+def test_s3_wait_false_and_dead_pid(s3_runs_root: str) -> None:
+    storage = RunStorage(s3_runs_root, "r1")
+    with StageLease(storage, "iter-1-generate-base", ttl=3, settle=0.2) as holder:
+        with pytest.raises(LeaseHeldError) as raised:
+            StageLease(storage, "iter-1-generate-base", wait=False, ttl=3, settle=0.2).acquire()
+        assert storage.unstrip(lease_path(storage, "iter-1-generate-base")) in str(raised.value)
+        assert holder.current().holder == holder.holder
+    write_record(storage, "iter-1-generate-base", host=socket.gethostname(), pid=dead_pid())
+    with StageLease(storage, "iter-1-generate-base", wait=False, ttl=3, settle=0.2) as lease:
+        assert lease.current().holder == lease.holder
