@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alphaspin.workspace import Workspace
 from alphaspin.reference import dpo_margin
 from alphaspin.storage import StageDir
+from alphaspin.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 

@@ -134,7 +134,8 @@ class StageLease:
     (every ``poll`` seconds, at most ``timeout`` seconds if given) instead of raising
     LeaseHeldError at once. ``settle``: seconds between writing our record and reading it back,
     which must exceed the time a competitor may take between reading the record and writing its
-    own (storage round trips, not compute).
+    own (storage round trips, not compute); default 0.5 s on object stores, 0 on local disk, where
+    the record is created and removed atomically.
     """
 
     def __init__(
@@ -146,9 +147,11 @@ class StageLease:
         ttl: float = 120.0,
         wait: bool = True,
         poll: float = 2.0,
-        settle: float = 0.5,
+        settle: float | None = None,
         timeout: float | None = None,
     ) -> None:
+        if settle is None:  # local disk creates and removes records atomically: no race to settle
+            settle = 0.0 if storage.protocol in ("file", "local") else 0.5
         if not _NAME.fullmatch(name) or name in (".", ".."):
             raise ValueError(f"lease name {name!r} must be a file name of letters, digits, '.', '_' and '-'")
         if ttl <= 0 or poll <= 0 or settle < 0 or (timeout is not None and timeout < 0):

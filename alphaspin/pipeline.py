@@ -34,7 +34,7 @@ def run(config: AlphaSpinConfig, force: dict[int, set[str]] | None = None, fork_
         results = []
         for t in range(config.method.iterations + 1):
             forced = (force or {}).get(t, set())
-            walk_iteration(config, t, records, lambda node, inputs: runner.run_node(node, inputs, node.stage in forced))
+            walk_iteration(config, t, records, lambda node, inputs, forced=forced: runner.run_node(node, inputs, node.stage in forced))
             metrics = records[Node("evaluate", t)].metrics
             results.append({"iteration": t, **metrics})
             if on_iteration:

@@ -124,39 +124,43 @@ class Runner:
             if record is not None:
                 return Prepared(status="cached", reason="cached", record=record, **prepared)
         parent = self.run.parent_dir(node)
-        if parent is not None:
-            found = parent.read_manifest()
-            if found is not None and found.get("cache_key") == key:
-                reason = f"adopted from {self.run.parent.run_id}"  # type: ignore[union-attr]
-                return Prepared(status="adopt", reason=reason, record=parent.record(found), **prepared)
-        return Prepared(status="run", reason=self._why(node, out, manifest, provenance, key), **prepared)
+        found = parent.read_manifest() if parent is not None else None
+        if found is not None and found.get("cache_key") == key:
+            reason = f"adopted from {self.run.parent.run_id}"  # type: ignore[union-attr]
+            return Prepared(status="adopt", reason=reason, record=parent.record(found), **prepared)  # type: ignore[union-attr]
+        return Prepared(status="run", reason=self._why(node, out, manifest, found, provenance, key), **prepared)
 
-    def _why(self, node: Node, out: StageDir, manifest: dict | None, provenance: dict, key: str) -> str:
-        """Why a node must run: never run, interrupted, corrupted, or which knob/input/version changed."""
+    def _why(self, node: Node, out: StageDir, manifest: dict | None, parent: dict | None, provenance: dict,
+             key: str) -> str:  # fmt: skip
+        """Why a node must run: never run, interrupted, corrupted, or which knob/input/version changed
+        (against its own last manifest, or for a fork's new stage, against the parent's)."""
         if manifest is None:
             try:
                 started = out.read_json(STARTED)
             except (FileNotFoundError, ValueError):
+                started = None
+            if started is not None:
+                resumes = started.get("cache_key") == key and REGISTRY[node.stage].resumable
+                return "an interrupted attempt resumes" if resumes else "an interrupted attempt starts again"
+            if parent is None:
                 return "not run yet"
-            if started.get("cache_key") == key and REGISTRY[node.stage].resumable:
-                return "an interrupted attempt resumes"
-            return "an interrupted attempt starts again"
+            changes = self._changes(parent, provenance)
+            return f"differs from the fork parent's: {changes}" if changes else "differs from the fork parent's"
         if manifest.get("cache_key") == key:
             return "its artifacts fail verification (a file is missing or changed)"
+        return self._changes(manifest, provenance) or "its cache key changed"
+
+    @staticmethod
+    def _changes(manifest: dict, provenance: dict) -> str:
+        """What differs between the provenance a manifest recorded and ``provenance`` now."""
         before = manifest.get("provenance")
         if not before:
-            return "its cache key changed"
-        reasons = []
-        if before.get("version") != provenance["version"]:
-            reasons.append(f"stage code version {before.get('version')} → {provenance['version']}")
-        old, new = before.get("fields", {}), provenance["fields"]
-        for knob in sorted(set(old) | set(new)):
-            if old.get(knob) != new.get(knob):
-                reasons.append(f"{knob} changed ({_short(old.get(knob))} → {_short(new.get(knob))})")
+            return ""
+        reasons = _knob_changes(before, provenance["version"], provenance["fields"])
         for param, digest in provenance["inputs"].items():
             if before.get("inputs", {}).get(param) != digest:
                 reasons.append(f"input {param} was re-executed")
-        return "; ".join(reasons) or "its cache key changed"
+        return "; ".join(reasons)
 
     # -- execute ----------------------------------------------------------------------------------
     def execute(self, prepared: Prepared) -> StageRecord:
@@ -218,6 +222,18 @@ class Runner:
         return bind_inputs(node_inputs(self.config, node), self.run.stored_record)
 
 
+def _knob_changes(before: dict, version: int, fields: dict[str, Any]) -> list[str]:
+    """The code version and config fields that differ from a manifest's recorded provenance."""
+    reasons = []
+    if before.get("version") != version:
+        reasons.append(f"stage code version {before.get('version')} → {version}")
+    old = before.get("fields", {})
+    for knob in sorted(set(old) | set(fields)):
+        if old.get(knob) != fields.get(knob):
+            reasons.append(f"{knob} changed ({_short(old.get(knob))} → {_short(fields.get(knob))})")
+    return reasons
+
+
 def _short(value: Any, width: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -250,7 +266,13 @@ def plan(run: Run, force: dict[int, set[str]] | None = None) -> list[PlanRow]:
             refs = node_inputs(config, node)
             pending = [n.label for ref in refs.values() for n in _nodes(ref) if known.get(n) is None]
             if pending:
-                reason = "forced" if node.stage in forced else f"input {', '.join(pending)} runs"
+                spec = REGISTRY[node.stage]
+                manifest = run.dir(node).read_manifest()
+                if manifest is None and run.parent_dir(node) is not None:
+                    manifest = run.parent_dir(node).read_manifest()  # type: ignore[union-attr]
+                before = (manifest or {}).get("provenance")
+                knobs = _knob_changes(before, spec.version, spec.reads(config, t, node.member)) if before else []
+                reason = "forced" if node.stage in forced else "; ".join([*knobs, f"input {', '.join(pending)} runs"])
                 rows.append(PlanRow(node, "run", reason))
                 known[node] = None
                 continue

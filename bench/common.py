@@ -1,6 +1,7 @@
 """What every benchmark shares: the machine and versions it ran on, model names, stage timing
-(wrapping `alphaspin.stages` functions in the benchmark process, product code untouched), and
-the output: JSON on stdout, a short table on stderr, optionally saved under bench/results/."""
+(wrapping the cached runner's `Runner.prepare`/`Runner.execute` in the benchmark process, product
+code untouched), and the output: JSON on stdout, a short table on stderr, optionally saved under
+bench/results/."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,6 @@ SMOLLM2 = "builtin:smollm2-135m-instruct"
 # The quickstart's evaluate stage also runs lm-eval and the judged chat (minutes on 2 cores); these
 # overrides keep only the held-out metrics, for benchmarks that are not about evaluation.
 LIGHT_EVALUATION = ["evaluation.benchmarks=[]", "evaluation.judge.enabled=false"]
-# stage functions of alphaspin.stages -> stage names
-STAGE_FUNCTIONS = {
-    "sample_prompts": "sample_prompts",
-    "generate_losers": "generate",
-    "build_pairs": "build_pairs",
-    "reference_logps": "reference_logps",
-    "train": "train",
-    "evaluate": "evaluate",
-}
 
 
 def script_setup() -> None:
@@ -124,7 +116,7 @@ def machine() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    from alphaspin.context import package_versions
+    from alphaspin.runs import package_versions
 
     return package_versions()
 
@@ -207,37 +199,52 @@ def median(values: Sequence[float]) -> float:
 # -- stage timing -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def timed_stages(log: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    """Wrap every stage function of `alphaspin.stages` (which the plain runner looks up at call
-    time) so each call appends {stage, iteration, member, seconds, digest, error} to ``log``."""
-    from alphaspin import stages
+    """Time every node the cached runner handles in this process: `alphaspin.runner.Runner`'s
+    ``prepare`` (cache key, manifest and sha256 verification) plus ``execute`` (adopt, or run the
+    stage function of `alphaspin.stages.REGISTRY` and commit), so a cached node is timed as the
+    cost of skipping it. Each node appends {stage, iteration, member, seconds, digest, error} to
+    ``log`` (``Runner.run_node`` is prepare then execute; the methods are wrapped on the class and
+    restored after)."""
+    from alphaspin.runner import Runner
 
-    originals = {name: getattr(stages, name) for name in STAGE_FUNCTIONS}
+    prepare, execute = Runner.prepare, Runner.execute
+    prepared_seconds: dict[tuple[int, Any], float] = {}
 
-    def wrap(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(function)
-        def timed(ctx, t, *args, **kwargs):
-            member = (args[0] if args else kwargs.get("member")) if name == "generate_losers" else None
-            entry: dict[str, Any] = {"stage": STAGE_FUNCTIONS[name], "iteration": t, "member": member}
-            started = time.perf_counter()
-            try:
-                record = function(ctx, t, *args, **kwargs)
-            except BaseException as error:
-                entry.update(seconds=time.perf_counter() - started, digest=None, error=repr(error))
-                log.append(entry)
-                raise
-            entry.update(seconds=time.perf_counter() - started, digest=record.digest, error=None)
-            log.append(entry)
-            return record
+    def entry(node: Any) -> dict[str, Any]:
+        return {"stage": node.stage, "iteration": node.iteration, "member": node.member}
 
-        return timed
+    @functools.wraps(prepare)
+    def timed_prepare(self, node, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            prepared = prepare(self, node, *args, **kwargs)
+        except BaseException as error:
+            log.append({**entry(node), "seconds": time.perf_counter() - started, "digest": None, "error": repr(error)})
+            raise
+        prepared_seconds[(id(self), node)] = time.perf_counter() - started
+        return prepared
 
-    for name, function in originals.items():
-        setattr(stages, name, wrap(name, function))
+    @functools.wraps(execute)
+    def timed_execute(self, prepared, *args, **kwargs):
+        node = prepared.node
+        done = entry(node)
+        before = prepared_seconds.pop((id(self), node), 0.0)
+        started = time.perf_counter()
+        try:
+            record = execute(self, prepared, *args, **kwargs)
+        except BaseException as error:
+            done.update(seconds=before + time.perf_counter() - started, digest=None, error=repr(error))
+            log.append(done)
+            raise
+        done.update(seconds=before + time.perf_counter() - started, digest=record.digest, error=None)
+        log.append(done)
+        return record
+
+    Runner.prepare, Runner.execute = timed_prepare, timed_execute  # type: ignore[method-assign]
     try:
         yield log
     finally:
-        for name, function in originals.items():
-            setattr(stages, name, function)
+        Runner.prepare, Runner.execute = prepare, execute  # type: ignore[method-assign]
 
 
 def stage_label(entry: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """Wall time of each stage of the CPU default run (configs/quickstart.yaml through the plain
 runner `alphaspin.pipeline.run`), optionally scaled down.
 
-Each stage call is timed by wrapping the stage functions of `alphaspin.stages` in this process;
-product code is untouched. The run goes to a temp folder (fresh: nothing cached).
+Each node is timed by wrapping the cached runner's `Runner.prepare` and `Runner.execute` in this
+process (the stage functions of `alphaspin.stages.REGISTRY` run inside execute); product code is
+untouched. The run goes to a temp folder (fresh: nothing cached).
 
     python -m bench.cpu_stages                                   # the quickstart as shipped (T=2, 16 pairs)
     python -m bench.cpu_stages --iterations 1 --pairs 8          # scaled down
@@ -75,7 +76,9 @@ def run(recipe: str = "configs/quickstart.yaml", model: str | None = None, itera
                   "max_length": config.training.max_length, "device": "cpu", "resolved": resolved}  # fmt: skip
     calls = [{"label": common.stage_label(e), **e} for e in log]
     notes = ["scaled down from the recipe by " + ", ".join(scaled)] if scaled else ["the recipe as shipped"]
-    notes.append("wall_seconds - stage_seconds_total = the runner's own work (Context, run.json, imports on first use)")
+    notes.append(
+        "wall_seconds - stage_seconds_total = the runner's own work (Run, Workspace, run.json, imports on first use)"
+    )
     return common.result(NAME, config_out, {"stage_calls": calls, "iterations": results}, summary, notes)
 
 

@@ -10,9 +10,11 @@ long, up to 2 when the SFT answers are much longer than the generated losers —
 fixed costs (model load, tokenization, storage) pull it further towards 1.
 
 Setup (product code throughout): a run in a temp folder, an iteration-0 adapter (small random
-LoRA, standing in for θ_0), then iteration 1's real stages sample_prompts → generate_losers (base
-and iter-0: the h = 2 mixture) → build_pairs. Then `alphaspin.stages.reference_logps(t=1)` runs
-forced, alternately with the cache folder removed ("recompute") and present ("cached").
+LoRA, standing in for θ_0), then iteration 1's real stages sample_prompts → generate (base and
+iter-0: the h = 2 mixture) → build_pairs through the cached runner (`alphaspin.runner.Runner`).
+Then the reference_logps node at t = 1 (`alphaspin.stages.reference_logps`) runs forced
+(``Runner.run_node(Node("reference_logps", 1), inputs, force=True)``), alternately with the cache
+folder removed ("recompute") and present ("cached").
 
     python -m bench.reference_cache                      # SmolLM2-135M, 24 pairs
     python -m bench.reference_cache --model tiny --pairs 4 --max-new-tokens 4    # smoke
@@ -45,21 +47,25 @@ def _padded_tokens(tokenized, max_length: int, batch_size: int, sides: tuple[str
     return total
 
 
-def _setup(ctx, workdir: Path, seed: int):
-    """Iteration 0's adapter as a committed train stage, then iteration 1's pairs."""
-    from alphaspin import stages
-    from alphaspin.context import begin_stage
+def _setup(stored, runner, workspace, reference, workdir: Path, seed: int):
+    """Iteration 0's adapter as a committed train stage, then iteration 1's real stages up to
+    build_pairs through the cached runner; returns the input records of the ``reference`` node."""
+    from alphaspin.dag import bind_inputs, iteration_nodes, node_inputs
+    from alphaspin.runner import begin_stage
+    from alphaspin.stage_spec import Node
 
-    stage = ctx.stage("train", 0)
+    config = stored.config
+    stage = stored.dir(Node("train", 0))
     begin_stage(stage, "bench", fresh=True)
     stage.put_dir(
-        common.lora_adapter(ctx.model_path, workdir / "adapter-0", seed, r=ctx.config.training.lora.r), "adapter"
+        common.lora_adapter(workspace.model_path, workdir / "adapter-0", seed, r=config.training.lora.r), "adapter"
     )
-    trained = stage.commit("train", 0, "bench", {"note": "random LoRA standing in for θ_0 (bench)"})
-    prompts = stages.sample_prompts(ctx, 1)
-    generations = [stages.generate_losers(ctx, 1, "base", prompts, None),
-                   stages.generate_losers(ctx, 1, "iter-0", prompts, trained)]  # fmt: skip
-    return stages.build_pairs(ctx, 1, prompts, generations), trained
+    records = {Node("train", 0): stage.commit("train", 0, "bench", {"note": "random LoRA standing in for θ_0 (bench)"})}
+    for node in iteration_nodes(config, 1):  # sample_prompts, generate-base, generate-iter-0, build_pairs
+        if node.stage == reference.stage:
+            break
+        records[node] = runner.run_node(node, bind_inputs(node_inputs(config, node), records.__getitem__))
+    return bind_inputs(node_inputs(config, reference), records.__getitem__)
 
 
 def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_length: int = 128,
@@ -68,10 +74,13 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
     import numpy as np
 
     import alphaspin.dpo
-    from alphaspin import stages
     from alphaspin.config import config_from_dict
-    from alphaspin.context import Context
     from alphaspin.generation import render_prompt_ids
+    from alphaspin.runner import Runner
+    from alphaspin.runs import Run
+    from alphaspin.stage_spec import Node
+    from alphaspin.stages.reference_logps import BASE_CACHE
+    from alphaspin.workspace import Workspace
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-refcache-"))
     config = config_from_dict({
@@ -83,7 +92,10 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
         "generation": {"max_new_tokens": max_new_tokens, "batch_size": 8, "shard_size": 64},
         "training": {"max_length": max_length, "reference_batch_size": reference_batch_size},
     })  # fmt: skip
-    ctx = Context.create(config)
+    stored = Run(config)
+    workspace = Workspace(config)
+    runner = Runner(stored, workspace)
+    reference = Node("reference_logps", 1)
     forward_log: list[dict[str, Any]] = []
     original = alphaspin.dpo.completion_logps
 
@@ -102,38 +114,38 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
     runs: dict[str, list[dict[str, Any]]] = {"recompute": [], "cached": []}
     tables: dict[str, Any] = {}
     try:
-        ctx.ensure_run()
+        runner.ensure_run()
         started = time.perf_counter()
-        pair_record, trained = _setup(ctx, workdir, seed)
+        inputs = _setup(stored, runner, workspace, reference, workdir, seed)
         setup_seconds = time.perf_counter() - started
-        cache = ctx.storage.path(stages.BASE_CACHE)
+        cache = stored.storage.path(BASE_CACHE)
         alphaspin.dpo.completion_logps = timed_completion_logps
         # untimed warm-up: loads files into the page cache and writes the base cache
-        stages.reference_logps(ctx, 1, pair_record, trained, force=True)
+        runner.run_node(reference, inputs, force=True)
         for repeat in range(repeats):
             order = ("recompute", "cached") if repeat % 2 == 0 else ("cached", "recompute")
             for mode in order:
                 if mode == "recompute":
-                    ctx.storage.remove(cache, recursive=True)
-                elif not ctx.storage.find_files(cache):
+                    stored.storage.remove(cache, recursive=True)
+                elif not stored.storage.find_files(cache):
                     raise RuntimeError("the base cache should exist before a cached run")
                 forward_log.clear()
                 started = time.perf_counter()
-                record = stages.reference_logps(ctx, 1, pair_record, trained, force=True)
+                record = runner.run_node(reference, inputs, force=True)
                 wall = time.perf_counter() - started
                 runs[mode].append({"stage_seconds": wall, "forward_seconds": sum(c["seconds"] for c in forward_log),
                                    "sequences_scored": sum(c["sequences"] for c in forward_log),
                                    "padded_tokens": sum(c["padded_tokens"] for c in forward_log),
                                    "base_cache_hits": record.metrics["base_cache_hits"],
                                    "calls": list(forward_log)})  # fmt: skip
-                tables[mode] = ctx.stage("reference_logps", 1).read_table("reference.parquet")
+                tables[mode] = stored.dir(reference).read_table("reference.parquet")
         frame = tables["cached"]
         train = frame[frame.split == "train"]
         pair_count = len(frame)
-        prompt_tokens = float(sum(len(render_prompt_ids(ctx.tokenizer, p)) for p in frame.prompt))
+        prompt_tokens = float(sum(len(render_prompt_ids(workspace.tokenizer, p)) for p in frame.prompt))
     finally:
         alphaspin.dpo.completion_logps = original
-        ctx.close()
+        workspace.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
     # the same reference either way (up to float rounding of a different batch composition)
@@ -170,7 +182,7 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
         "max_abs_diff_cached_vs_recomputed": diff,
         "setup_seconds": setup_seconds,
     }
-    config_out = {"model": common.model_label(model), "device": ctx.device, "iteration": 1, "pairs": pair_count,
+    config_out = {"model": common.model_label(model), "device": workspace.device, "iteration": 1, "pairs": pair_count,
                   "train_pairs": len(train), "max_length": max_length, "max_new_tokens": max_new_tokens,
                   "reference_batch_size": reference_batch_size, "repeats": repeats, "seed": seed,
                   "data": data_source, "alpha": 0.95, "history": 2}  # fmt: skip

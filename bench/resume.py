@@ -4,9 +4,10 @@ The plain runner (`alphaspin.pipeline.run`) runs the quickstart recipe with
 ``alphaspin.training.run_training`` made to raise the first time it is called at the failing
 iteration (the last by default). The same command is then run again: every stage before the
 failed train has a manifest that verifies under its cache key, so it is skipped (manifest and
-sha256 verification only), and train runs. Each stage call is timed by wrapping the stage
-functions in this process (product code untouched); a stage counts as skipped in the rerun when it
-returns the first run's record (same digest: a re-executed stage gets a new attempt id).
+sha256 verification only), and train runs. Each node is timed by wrapping the cached runner's
+``Runner.prepare`` and ``Runner.execute`` in this process (product code untouched); a stage counts
+as skipped in the rerun when it returns the first run's record (same digest: a re-executed stage
+gets a new attempt id).
 
     python -m bench.resume                                # tiny model, t = 0..1, 8 pairs
     python -m bench.resume --model builtin:smollm2-135m-instruct   # the real model
@@ -92,11 +93,12 @@ def _run(model: str, iterations: int, pairs: int, max_new_tokens: int, max_lengt
     original = alphaspin.training.run_training
     failed = []
 
-    def failing_run_training(ctx, t, *args, **kwargs):
-        if t == fail_at and not failed:
-            failed.append(t)
-            raise InjectedFailure(f"injected failure in iter-{t}/train")
-        return original(ctx, t, *args, **kwargs)
+    def failing_run_training(job, *args, **kwargs):
+        # run_training(job, pairs_frame, previous_artifact); the train stage looks it up at call time
+        if job.iteration == fail_at and not failed:
+            failed.append(job.iteration)
+            raise InjectedFailure(f"injected failure in iter-{job.iteration}/train")
+        return original(job, *args, **kwargs)
 
     logs: dict[str, list[dict[str, Any]]] = {"first": [], "rerun": []}
     walls: dict[str, float] = {}
@@ -153,7 +155,7 @@ def _run(model: str, iterations: int, pairs: int, max_new_tokens: int, max_lengt
     notes = [
         "ratio = time in the upstream stage calls of the rerun (manifest read + sha256 of every listed file) / time "
         "in the same calls of the first run (the stages' real work)",
-        "wall_seconds also include the Context, run.json checks and the train/evaluate stages after the failure",
+        "wall_seconds also include the Run and Workspace setup, run.json checks and the train/evaluate stages after the failure",
         "without --full-evaluation the evaluate stages skip lm-eval and the judged chat: a cheaper first run, so a "
         "larger (more conservative) ratio",
     ]

@@ -1,1 +1,1 @@
-"""Prefect flows: wiring only. The top flow loops over iterations; each iteration is a subflow."""
+"""Prefect flows (installed as ``alphaspin.flows``): wiring only, plus the command line above them."""

@@ -1,10 +1,10 @@
 """α-SPIN as Prefect flows (Algorithm 2 of arXiv 2404.04291).
 
-for t = 0..T:
+for t = 0..T:                                         (alphaspin.dag.walk_iteration)
     prompts      = sample_prompts(t)
-    losers_k     = generate_losers(t, k, θ_k)    for each member k of the opponent mixture
+    losers_k     = generate(t, k, θ_k)               for each member k of the opponent mixture
     pairs        = build_pairs(prompts, losers)
-    reference    = reference_logps(pairs, θ_(t-1))      # α·lp_prev + (1−α)·lp_base
+    reference    = reference_logps(pairs, θ_(t-1))   # α·lp_prev + (1−α)·lp_base
     θ_t          = train(reference, θ_(t-1))
     metrics_t    = evaluate(θ_t)
 """
@@ -15,86 +15,64 @@ from typing import Any
 
 from prefect import flow
 
-from alphaspin.config import AlphaSpinConfig, Stage
-from alphaspin.mixture import member_iteration, opponent_members
+from alphaspin.config import AlphaSpinConfig
+from alphaspin.console import format_metrics
+from alphaspin.dag import force_plan, walk_iteration
+from alphaspin.stage_spec import Node
+from alphaspin.stages import StageName
 from alphaspin.storage import StageRecord
-from tasks import (
-    build_pairs,
-    ensure_run,
-    evaluate,
-    generate_losers,
-    load_trained,
-    publish_report,
-    reference_logps,
-    run_stage,
-    sample_prompts,
-    stage_task,
-    stored_inputs,
-    train,
-)
+from alphaspin.tasks import ensure_run, publish_metrics, publish_report, run_stage, stored_inputs, stored_records
 
 
 @flow(name="alphaspin-iteration", flow_run_name="{config.run.run_id}-iter-{iteration}", log_prints=True)
 def alphaspin_iteration(config: AlphaSpinConfig, iteration: int, trained: dict[int, StageRecord] | None = None,
-                        force: list[Stage] | None = None) -> dict[str, Any]:  # fmt: skip
-    """One α-SPIN iteration t. ``trained`` holds the train records of iterations < t; ``force``
-    re-runs the chosen stages (and so everything downstream of them)."""
-    if trained is None and iteration > 0:  # started on its own (a deployment): adapters from storage
-        trained = load_trained(config, iteration)
-    trained = dict(trained or {})
+                        force: list[StageName] | None = None) -> dict[str, Any]:  # fmt: skip
+    """One α-SPIN iteration t. ``trained`` holds the train records of iterations < t (read from
+    storage when None); ``force`` re-runs the chosen stages (and so everything downstream)."""
+    if trained is None:
+        records = stored_records(config, iteration)
+    else:
+        records = {Node("train", k): record for k, record in trained.items()}
     forced = set(force or [])
-    t = iteration
-    prompts = run_stage(sample_prompts, config=config, iteration=t, force="sample_prompts" in forced)
-    generations = []
-    for member in opponent_members(t, config.method.history):
-        k = member_iteration(member.name)
-        generations.append(run_stage(generate_losers, config=config, iteration=t, force="generate" in forced,
-                                     member=member.name, prompts=prompts, adapter=trained.get(k) if k is not None else None))  # fmt: skip
-    pairs = run_stage(build_pairs, config=config, iteration=t, force="build_pairs" in forced,
-                      prompts=prompts, generations=generations)  # fmt: skip
-    reference = run_stage(reference_logps, config=config, iteration=t, force="reference_logps" in forced,
-                          pairs=pairs, previous=trained.get(t - 1))  # fmt: skip
-    model = run_stage(train, config=config, iteration=t, force="train" in forced,
-                      reference=reference, previous=trained.get(t - 1))  # fmt: skip
-    result = run_stage(evaluate, config=config, iteration=t, force="evaluate" in forced,
-                       trained=model, reference=reference)  # fmt: skip
-    print(_format(t, result.metrics))
-    return {"trained": model, "evaluation": result}
+    walk_iteration(config, iteration, records,
+                   lambda node, inputs: run_stage(config, node, inputs, force=node.stage in forced))  # fmt: skip
+    metrics = records[Node("evaluate", iteration)].metrics
+    publish_metrics(config, iteration, metrics)
+    print(format_metrics(iteration, metrics))
+    return {"trained": records[Node("train", iteration)], "metrics": metrics}
 
 
 @flow(name="alphaspin-run", flow_run_name="{config.run.run_id}", log_prints=True)
-def alphaspin_run(config: AlphaSpinConfig, force_stages: list[Stage] | None = None,
+def alphaspin_run(config: AlphaSpinConfig, force_stages: list[StageName] | None = None,
                   force_iterations: list[int] | None = None, fork_from: str | None = None,
-                  force: list[str] | None = None, print_progress: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+                  force: list[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """A whole α-SPIN run, t = 0..T. Completed stages are skipped (Cached); ``force_stages`` re-runs
     those stages in ``force_iterations`` (all iterations when empty) and everything downstream.
     ``force`` takes "T:STAGE" items (the CLI's form)."""
+    forced = force_plan(config.method.iterations, force or [], force_stages or [], force_iterations or [])
     ensure_run(config, fork_from)
-    by_iteration: dict[int, set[str]] = {}
-    for item in force or []:
-        t, _, stage = item.partition(":")
-        by_iteration.setdefault(int(t), set()).add(stage)
-    iterations = range(config.method.iterations + 1)
-    for t in force_iterations or iterations:
-        by_iteration.setdefault(t, set()).update(force_stages or [])
     trained: dict[int, StageRecord] = {}
     results = []
-    for t in iterations:
-        out = alphaspin_iteration(config=config, iteration=t, trained=trained, force=sorted(by_iteration.get(t, ())))
+    for t in range(config.method.iterations + 1):
+        out = alphaspin_iteration(config=config, iteration=t, trained=trained, force=sorted(forced.get(t, ())))
         trained[t] = out["trained"]
-        results.append({"iteration": t, **out["evaluation"].metrics})
+        results.append({"iteration": t, **out["metrics"]})
     publish_report(config)
     return results
 
 
 @flow(name="alphaspin-stage", flow_run_name="{config.run.run_id}-iter-{iteration}-{stage}", log_prints=True)
-def alphaspin_stage(config: AlphaSpinConfig, iteration: int, stage: Stage, member: str | None = None,
+def alphaspin_stage(config: AlphaSpinConfig, iteration: int, stage: StageName, member: str | None = None,
                     force: bool = True) -> dict[str, Any]:  # fmt: skip
     """Run (by default: force) one stage of one iteration of an existing run, its inputs read from
     storage. Stages downstream of it re-run on the next run/iteration, as their keys change."""
-    inputs = stored_inputs(config, stage, iteration, member)
-    record = run_stage(stage_task(stage), config=config, iteration=iteration, force=force, **inputs)
-    print(f"iter-{iteration}/{stage}: {record.metrics}")
+    from alphaspin.stages import spec
+
+    if spec(stage).per_member and member is None:
+        raise ValueError(f"stage {stage} runs once per opponent member: name the member (base, iter-0, ...)")
+    node = Node(stage, iteration, member if spec(stage).per_member else None)
+    record = run_stage(config, node, stored_inputs(config, node), force=force)
+    print(f"{node.label}: {record.metrics}")
     return {"record": record}
 
 
@@ -106,14 +84,9 @@ def alphaspin_evaluate(
     changing the evaluation settings or nightly on a schedule."""
     results = []
     for t in iterations or range(config.method.iterations + 1):
-        inputs = stored_inputs(config, "evaluate", t)
-        record = run_stage(evaluate, config=config, iteration=t, force=force, **inputs)
-        print(_format(t, record.metrics))
+        node = Node("evaluate", t)
+        record = run_stage(config, node, stored_inputs(config, node), force=force)
+        publish_metrics(config, t, record.metrics)
+        print(format_metrics(t, record.metrics))
         results.append({"iteration": t, **record.metrics})
     return results
-
-
-def _format(t: int, metrics: dict[str, Any]) -> str:
-    from alphaspin.cli import format_metrics
-
-    return format_metrics(t, metrics)

@@ -29,8 +29,12 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 
-from alphaspin.config import AlphaSpinConfig, ConfigError, Stage, apply_overrides, config_from_dict, load_config
-from flows.alphaspin_run import alphaspin_evaluate, alphaspin_iteration, alphaspin_run, alphaspin_stage
+from alphaspin.config import AlphaSpinConfig, ConfigError, apply_overrides, config_from_dict, load_config
+from alphaspin.dag import force_plan
+from alphaspin.flows.alphaspin_run import alphaspin_evaluate, alphaspin_iteration, alphaspin_run, alphaspin_stage
+from alphaspin.runs import Run
+from alphaspin.stage_spec import Node
+from alphaspin.stages import StageName
 
 Recipe = Literal["quickstart", "paper-gemma-2b", "spin-official"]
 RECIPES: tuple[str, ...] = ("quickstart", "paper-gemma-2b", "spin-official")
@@ -77,12 +81,9 @@ def runs_root_or_default(runs_root: str | None) -> str:
 def stored_config(run_id: str, runs_root: str | None) -> AlphaSpinConfig:
     """The config recorded in ``<runs_root>/<run_id>/run.json``, located at ``runs_root`` (where it
     was found, which may differ from where it was created, e.g. a relative path or a mount)."""
-    from alphaspin.cli import _stored_config
+    from alphaspin.runs import stored_config as read_stored_config
 
-    runs_root = runs_root_or_default(runs_root)
-    config = _stored_config(run_id, runs_root)
-    config.run.runs_root = runs_root
-    return config
+    return read_stored_config(run_id, runs_root_or_default(runs_root))
 
 
 def latest_run_id(runs_root: str | None) -> str:
@@ -107,18 +108,13 @@ def latest_run_id(runs_root: str | None) -> str:
 
 def finished_iterations(config: AlphaSpinConfig) -> list[int]:
     """Iterations whose adapter (train stage) and reference are done: those that can be evaluated."""
-    from alphaspin.context import Context
-
-    ctx = Context.create(config)
-    try:
-        return [
-            t
-            for t in range(config.method.iterations + 1)
-            if ctx.stage("train", t).verify(check_hashes=False) is not None
-            and ctx.stage("reference_logps", t).verify(check_hashes=False) is not None
-        ]
-    finally:
-        ctx.close()
+    run = Run(config)
+    return [
+        t
+        for t in range(config.method.iterations + 1)
+        if run.dir(Node("train", t)).verify(check_hashes=False) is not None
+        and run.dir(Node("reference_logps", t)).verify(check_hashes=False) is not None
+    ]
 
 
 # -- flow run names (shown in the UI) ----------------------------------------------------------
@@ -142,7 +138,7 @@ def alphaspin_recipe(
     recipe: Recipe = "quickstart",
     overrides: list[str] = [],  # noqa: B006 (never mutated; a list default renders as a list in the UI)
     config: AlphaSpinConfig | None = None,
-    force_stages: list[Stage] = [],  # noqa: B006
+    force_stages: list[StageName] = [],  # noqa: B006
     force_iterations: list[int] = [],  # noqa: B006
     fork_from: str | None = None,
     iteration_deployment: str | None = None,
@@ -168,13 +164,12 @@ def alphaspin_recipe(
 def _run_iterations_on(deployment: str, config: AlphaSpinConfig, force_stages: list[str], force_iterations: list[int],
                        fork_from: str | None) -> list[dict[str, Any]]:  # fmt: skip
     """Each iteration as a child run of ``deployment`` (on its pool), one after the other."""
-    from alphaspin.context import Context
-    from alphaspin.stages import stored_record
-    from tasks import ensure_run, publish_report
+    from alphaspin.tasks import ensure_run, publish_report
 
     ensure_run(config, fork_from)  # run.json first: the child reads the config from it
     iterations = list(range(config.method.iterations + 1))
-    forced = {t: sorted(force_stages) if (not force_iterations or t in force_iterations) else [] for t in iterations}
+    plan = force_plan(config.method.iterations, stages=force_stages, only_iterations=force_iterations)
+    forced = {t: sorted(plan.get(t, ())) for t in iterations}
     results = []
     for t in iterations:
         child = run_deployment(
@@ -191,11 +186,7 @@ def _run_iterations_on(deployment: str, config: AlphaSpinConfig, force_stages: l
         if child.state is None or not child.state.is_completed():
             state = child.state.name if child.state else "unknown"
             raise RuntimeError(f"iteration {t} ({deployment}, flow run {child.id}) ended {state}")
-        ctx = Context.create(config)
-        try:
-            metrics = stored_record(ctx, "evaluate", t).metrics
-        finally:
-            ctx.close()
+        metrics = Run(config).stored_record(Node("evaluate", t)).metrics
         results.append({"iteration": t, **metrics})
     publish_report(config)
     return results
@@ -206,7 +197,7 @@ def alphaspin_run_iteration(
     run_id: str,
     runs_root: str | None = None,
     iteration: int = 0,
-    force_stages: list[Stage] = [],  # noqa: B006
+    force_stages: list[StageName] = [],  # noqa: B006
 ) -> dict[str, Any]:
     """One iteration t of an existing run (its config from run.json; the adapters of earlier
     iterations from storage). Stages already done come back Cached unless forced."""
@@ -214,7 +205,7 @@ def alphaspin_run_iteration(
     if not 0 <= iteration <= config.method.iterations:
         raise ConfigError(f"iteration {iteration}: run {run_id} has iterations 0..{config.method.iterations}")
     out = alphaspin_iteration.fn(config=config, iteration=iteration, trained=None, force=list(force_stages) or None)
-    return {"iteration": iteration, **out["evaluation"].metrics}
+    return {"iteration": iteration, **out["metrics"]}
 
 
 @flow(name="alphaspin-rerun-stage", flow_run_name="{run_id}-iter-{iteration}-{stage}", log_prints=True)
@@ -222,7 +213,7 @@ def alphaspin_rerun_stage(
     run_id: str,
     runs_root: str | None = None,
     iteration: int = 0,
-    stage: Stage = "train",
+    stage: StageName = "train",
     member: str | None = None,
     force: bool = True,
 ) -> dict[str, Any]:

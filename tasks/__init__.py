@@ -1,31 +1,23 @@
-"""Prefect tasks: one per α-SPIN stage, each a thin wrapper around `alphaspin.stages`."""
+"""Prefect tasks (installed as ``alphaspin.tasks``): one per stage, made from its declaration."""
 
-from tasks.stages import (
-    build_pairs,
+from alphaspin.tasks.stages import (
+    STAGE_TASKS,
     ensure_run,
-    evaluate,
-    generate_losers,
-    load_trained,
+    execute_stage,
+    publish_metrics,
     publish_report,
-    reference_logps,
     run_stage,
-    sample_prompts,
-    stage_task,
     stored_inputs,
-    train,
+    stored_records,
 )
 
 __all__ = [
-    "build_pairs",
+    "STAGE_TASKS",
     "ensure_run",
-    "evaluate",
-    "generate_losers",
-    "load_trained",
+    "execute_stage",
+    "publish_metrics",
     "publish_report",
-    "reference_logps",
     "run_stage",
-    "sample_prompts",
-    "stage_task",
     "stored_inputs",
-    "train",
+    "stored_records",
 ]

@@ -56,7 +56,7 @@ EXPECTED_DEPLOYMENTS = {
     "alphaspin-evaluate-run/nightly",
     "alphaspin-evaluate-run/cpu",
 }
-STAGE_TASKS = ("sample_prompts", "generate_losers", "build_pairs", "reference_logps", "train", "evaluate")
+STAGE_TASKS = ("sample_prompts", "generate", "build_pairs", "reference_logps", "train", "evaluate")
 RUN_ID = "deploy-test"
 
 
@@ -290,7 +290,8 @@ def _wait_final(client, flow_run_id: str, stack: Stack, timeout: float):
 
 
 def _stage(task_run_name: str) -> str:
-    return task_run_name.split("-", 1)[0]  # "generate_losers-iter-0-base" -> "generate_losers"
+    folder = task_run_name.split("/", 1)[-1]  # "iter-0/generate-base" -> "generate-base"
+    return folder.split("-", 1)[0] if folder.startswith("generate-") else folder
 
 
 def _iteration_runs(client, parent_id: str) -> list[tuple[str, dict[str, Any]]]:
@@ -548,7 +549,7 @@ def _pinned(name: str) -> str:
 # -- resolving parameters (no server) --------------------------------------------------------------
 def test_resolve_config_recipe_overrides_and_full_config(monkeypatch: pytest.MonkeyPatch) -> None:
     from alphaspin.config import AlphaSpinConfig, ConfigError
-    from flows.deployments import RUNS_ROOT_ENV, resolve_config
+    from alphaspin.flows.deployments import RUNS_ROOT_ENV, resolve_config
 
     monkeypatch.delenv(RUNS_ROOT_ENV, raising=False)
     config = resolve_config("quickstart", ["method.iterations=0", "method.alpha=1.0"])
@@ -568,7 +569,7 @@ def test_resolve_config_recipe_overrides_and_full_config(monkeypatch: pytest.Mon
 
 def test_latest_run_and_stored_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from alphaspin.config import AlphaSpinConfig, ConfigError, dump_config
-    from flows.deployments import RUNS_ROOT_ENV, latest_run_id, stored_config
+    from alphaspin.flows.deployments import RUNS_ROOT_ENV, latest_run_id, stored_config
 
     monkeypatch.delenv(RUNS_ROOT_ENV, raising=False)
     with pytest.raises(ConfigError, match="no runs"):

@@ -8,10 +8,11 @@ import math
 
 import pytest
 
-from alphaspin.cli import main
-from alphaspin.context import Context
+from alphaspin.flows.cli import main
 from alphaspin.pipeline import run
 from alphaspin.reporting import iteration_metrics
+from alphaspin.runs import Run
+from alphaspin.stage_spec import Node
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +32,21 @@ def benchmarked(tmp_path_factory, tiny_model):
 
 def test_evaluate_stores_lm_eval_and_judge_numbers(benchmarked):
     config, results, _, _ = benchmarked
-    ctx = Context.create(config)
+    ctx = Run(config)
     for row in results:
         assert 0.0 <= row["lm_eval/alphaspin_arc_easy/acc"] <= 1.0
         for category in ("writing", "math", "stem"):
             assert 1.0 <= row[f"judge/{category}"] <= 10.0
         assert math.isfinite(row["judge/overall"])
-    files = ctx.stage("evaluate", 1).read_manifest()["files"]
+    files = ctx.dir(Node("evaluate", 1)).read_manifest()["files"]
     assert "benchmarks/lm_eval/lm_eval_results.json" in files
-    summary = json.loads(ctx.stage("evaluate", 1).read_bytes("benchmarks/judge/judge_summary.json"))
+    summary = json.loads(ctx.dir(Node("evaluate", 1)).read_bytes("benchmarks/judge/judge_summary.json"))
     assert summary["judge"]["temperature"] == 0.0 and summary["judge"]["model"]
 
 
 def test_run_report_and_comparison(benchmarked, tmp_path, capsys):
     config, results, _, root = benchmarked
-    ctx = Context.create(config)
+    ctx = Run(config)
     report = ctx.storage.stage(None, "report")
     assert {"report.md", "metrics_over_iterations.png", "judge_radar.png"} <= set(report.list_files())
     assert [r["iteration"] for r in iteration_metrics(ctx.storage)] == [0, 1]

@@ -4,6 +4,7 @@ detected, and an S3 outage mid-run fails clearly and the rerun completes once it
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
@@ -11,11 +12,12 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
-from alphaspin import stages
-from alphaspin.context import Context
+from alphaspin.flows.alphaspin_run import alphaspin_run, alphaspin_stage
+from alphaspin.runs import Run
+from alphaspin.stage_spec import Node
+from alphaspin.stages import REGISTRY
 from alphaspin.storage import StorageError
 from alphaspin.testing.s3server import SeaweedS3
-from flows.alphaspin_run import alphaspin_run, alphaspin_stage
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -28,7 +30,7 @@ def task_states(flow_run_id) -> dict[str, str]:
         )
         ids = [flow_run_id, *(child.id for child in children)]
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return {run.name: run.state.name for run in runs if run.name.split("-iter-")[0] in STAGE_TASKS}
+    return {run.name: run.state.name for run in runs if run.name.startswith("iter-")}
 
 
 def wait_readable(storage, seconds: float = 60.0) -> None:
@@ -44,11 +46,15 @@ def wait_readable(storage, seconds: float = 60.0) -> None:
             time.sleep(0.5)
 
 
-STAGE_TASKS = {"sample_prompts", "generate_losers", "build_pairs", "reference_logps", "train", "evaluate"}
-ITERATION_0 = ["sample_prompts-iter-0", "generate_losers-iter-0-base", "build_pairs-iter-0", "reference_logps-iter-0",
-               "train-iter-0", "evaluate-iter-0"]  # fmt: skip
-ITERATION_1 = ["sample_prompts-iter-1", "generate_losers-iter-1-base", "generate_losers-iter-1-iter-0",
-               "build_pairs-iter-1", "reference_logps-iter-1", "train-iter-1", "evaluate-iter-1"]  # fmt: skip
+def patch_stage(monkeypatch: pytest.MonkeyPatch, name: str, function) -> None:
+    """Replace a stage's function in the registry for one test (the runner looks it up there)."""
+    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], function=function))
+
+
+ITERATION_0 = ["iter-0/sample_prompts", "iter-0/generate-base", "iter-0/build_pairs", "iter-0/reference_logps",
+               "iter-0/train", "iter-0/evaluate"]  # fmt: skip
+ITERATION_1 = ["iter-1/sample_prompts", "iter-1/generate-base", "iter-1/generate-iter-0", "iter-1/build_pairs",
+               "iter-1/reference_logps", "iter-1/train", "iter-1/evaluate"]  # fmt: skip
 
 
 def run_flow(config, **kwargs):
@@ -67,13 +73,13 @@ def test_flow_on_s3_caches_and_forced_stage_reruns_exactly_downstream(make_confi
     assert second == {name: "Cached" for name in ITERATION_0 + ITERATION_1}
 
     _, forced = run_flow(config, force_stages=["build_pairs"], force_iterations=[1])
-    downstream = {"build_pairs-iter-1", "reference_logps-iter-1", "train-iter-1", "evaluate-iter-1"}
+    downstream = {"iter-1/build_pairs", "iter-1/reference_logps", "iter-1/train", "iter-1/evaluate"}
     assert forced == {name: "Completed" if name in downstream else "Cached" for name in ITERATION_0 + ITERATION_1}
 
 
 def test_a_stage_that_fails_once_is_retried(make_config, monkeypatch):
     config = make_config("method.iterations=0", "orchestration.retries=1", "orchestration.retry_delay_seconds=0")
-    original, calls = stages.train, []
+    original, calls = REGISTRY["train"].function, []
 
     def flaky_train(*args, **kwargs):
         calls.append(1)
@@ -81,10 +87,10 @@ def test_a_stage_that_fails_once_is_retried(make_config, monkeypatch):
             raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "train", flaky_train)
+    patch_stage(monkeypatch, "train", flaky_train)
     state, found = run_flow(config)
     assert state.is_completed() and len(calls) == 2
-    assert found["train-iter-0"] == "Completed"
+    assert found["iter-0/train"] == "Completed"
 
 
 def test_a_result_prefect_cannot_write_fails_the_stage_loudly(make_config, tmp_path):
@@ -100,21 +106,21 @@ def test_a_result_prefect_cannot_write_fails_the_stage_loudly(make_config, tmp_p
     with pytest.raises(RuntimeError, match=rf"could not write its result record .* '{blocker}'"):
         state.result()
     # The stage's own artifacts are complete: only Prefect's cache record is missing.
-    assert Context.create(config).storage.stage(0, "sample_prompts").verify() is not None
+    assert Run(config).storage.stage(0, "sample_prompts").verify() is not None
 
 
 def test_a_corrupted_artifact_is_detected_and_its_stage_reruns(make_config):
     config = make_config("method.iterations=0")
     run_flow(config)
-    ctx = Context.create(config)
-    folder = ctx.stage("build_pairs", 0)
+    ctx = Run(config)
+    folder = ctx.dir(Node("build_pairs", 0))
     data = bytearray(folder.read_bytes("pairs.parquet"))
     data[len(data) // 2] ^= 0xFF  # same size, different bytes: only the sha256 can tell
     folder.write_bytes("pairs.parquet", bytes(data))
     assert folder.verify() is None
     _, found = run_flow(config)
-    assert found["sample_prompts-iter-0"] == "Cached" and found["generate_losers-iter-0-base"] == "Cached"
-    assert {found[n] for n in ("build_pairs-iter-0", "reference_logps-iter-0", "train-iter-0", "evaluate-iter-0")} == {
+    assert found["iter-0/sample_prompts"] == "Cached" and found["iter-0/generate-base"] == "Cached"
+    assert {found[n] for n in ("iter-0/build_pairs", "iter-0/reference_logps", "iter-0/train", "iter-0/evaluate")} == {
         "Completed"
     }
     assert folder.verify() is not None
@@ -127,20 +133,20 @@ def test_s3_outage_mid_run_fails_clearly_and_the_rerun_completes(make_config, mo
             monkeypatch.setenv(name, value)
         bucket = server.make_bucket("outage")
         config = make_config(f"run.runs_root=s3://{bucket}/runs", "method.iterations=0")
-        original = stages.build_pairs
+        original = REGISTRY["build_pairs"].function
 
         def build_pairs_during_outage(*args, **kwargs):
             server.stop()
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(stages, "build_pairs", build_pairs_during_outage)
+        patch_stage(monkeypatch, "build_pairs", build_pairs_during_outage)
         state = alphaspin_run(config=config, return_state=True)
         assert state.is_failed()
         with pytest.raises(StorageError, match=rf"s3://{bucket}/runs/alphaspin-quickstart/iter-0/"):
             state.result()
-        monkeypatch.setattr(stages, "build_pairs", original)
+        patch_stage(monkeypatch, "build_pairs", original)
         server.restart()
-        wait_readable(Context.create(config).storage)
+        wait_readable(Run(config).storage)
         state, found = run_flow(config)
         assert state.is_completed()
         assert found["sample_prompts-iter-0"] == "Cached" and found["build_pairs-iter-0"] == "Completed"

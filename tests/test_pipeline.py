@@ -11,12 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alphaspin import stages
-from alphaspin.cli import main
-from alphaspin.context import Context, RunConflictError
+from alphaspin.dag import iteration_nodes
 from alphaspin.data import DataError
+from alphaspin.flows.cli import main
 from alphaspin.pipeline import run
+from alphaspin.runner import Runner
+from alphaspin.runs import Run, RunConflictError
+from alphaspin.stage_spec import Artifact, Node
 from alphaspin.storage import MANIFEST
+from alphaspin.workspace import Workspace
 
 STAGE_DIRS = {
     0: ["sample_prompts", "generate-base", "build_pairs", "reference_logps", "train", "evaluate"],
@@ -39,14 +42,14 @@ def finished_run(tmp_path_factory, tiny_model):
 
 def test_two_iterations_write_every_stage_and_a_new_adapter(finished_run):
     config, results = finished_run
-    ctx = Context.create(config)
+    ctx = Run(config)
     assert [r["iteration"] for r in results] == [0, 1]
     for t, names in STAGE_DIRS.items():
         found = sorted(p.rsplit("/", 2)[-2] for p in ctx.storage.fs.glob(ctx.storage.path(f"iter-{t}", "*", MANIFEST)))
         assert found == sorted(names)
         for name in names:
             assert ctx.storage.stage(t, name).verify() is not None, f"iter-{t}/{name}"
-    adapters = [ctx.stage("train", t).read_bytes("adapter/adapter_model.safetensors") for t in (0, 1)]
+    adapters = [ctx.dir(Node("train", t)).read_bytes("adapter/adapter_model.safetensors") for t in (0, 1)]
     assert adapters[0] != adapters[1]
     for r in results:
         for key in ("train/loss", "heldout/loglik_per_token", "heldout/reward_accuracy"):
@@ -57,16 +60,16 @@ def test_two_iterations_write_every_stage_and_a_new_adapter(finished_run):
 
 def test_prompts_shares_and_heldout_isolation(finished_run):
     config, _ = finished_run
-    ctx = Context.create(config)
+    ctx = Run(config)
     heldout_ids = set()
     for t in (0, 1):
-        prompts = ctx.stage("sample_prompts", t).read_table("prompts.parquet")
+        prompts = ctx.dir(Node("sample_prompts", t)).read_table("prompts.parquet")
         train = prompts[prompts.split == "train"]
         assert len(train) == 6 and train.id.is_unique
         heldout_ids |= set(prompts[prompts.split == "heldout"].id)
         expected = {"base": 6} if t == 0 else {"base": 3, "iter-0": 3}  # h = 2
         assert train.groupby("opponent").size().to_dict() == expected
-        pairs = ctx.stage("build_pairs", t).read_table("pairs.parquet")
+        pairs = ctx.dir(Node("build_pairs", t)).read_table("pairs.parquet")
         assert pairs.id.is_unique and len(pairs) == len(prompts)  # no duplicated rows
         assert set(pairs[pairs.split == "train"].id).isdisjoint(heldout_ids)
     assert len(heldout_ids) == 4  # the same held-out rows every iteration
@@ -92,13 +95,14 @@ def test_stored_reference_logps_equal_hand_computation(finished_run, tiny_model)
     from peft import PeftModel
 
     config, _ = finished_run
-    ctx = Context.create(config)
-    table = ctx.stage("reference_logps", 1).read_table("reference.parquet").head(3)
+    stored, ctx = Run(config), Workspace(config)
+    table = stored.dir(Node("reference_logps", 1)).read_table("reference.parquet").head(3)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tokenizer = ctx.tokenizer
     expected_base = [[_logps_by_hand(base, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
                      for r in table.itertuples()]  # fmt: skip
-    adapter_dir = ctx.local_adapter(ctx.stage("train", 0).verify())
+    trained = Node("train", 0)
+    adapter_dir = ctx.local_adapter(Artifact(stored.stored_record(trained), stored.dir(trained)))
     prev = PeftModel.from_pretrained(base, adapter_dir).eval()
     expected_prev = [[_logps_by_hand(prev, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
                      for r in table.itertuples()]  # fmt: skip
@@ -125,18 +129,17 @@ def test_alpha_one_reproduces_the_reference_trl_computes_from_the_previous_itera
     spin = config.model_copy(deep=True)
     spin.method.alpha = 1.0
     spin.run.run_id = "spin-alpha-1"
-    ctx, source = Context.create(spin), Context.create(config)
+    stored, source, ctx = Run(spin), Run(config), Workspace(spin)
     # a separate run that adopts the pairs and θ_0 of the finished run
-    pairs_record = ctx.stage("build_pairs", 1).adopt(
-        source.stage("build_pairs", 1), source.stage("build_pairs", 1).verify().cache_key
-    )
-    previous = ctx.stage("train", 0).adopt(source.stage("train", 0), source.stage("train", 0).verify().cache_key)
-    stages.reference_logps(ctx, 1, pairs_record, previous)
-    ours = ctx.stage("reference_logps", 1).read_table("reference.parquet")
+    pairs_node, trained = Node("build_pairs", 1), Node("train", 0)
+    pairs_record = stored.dir(pairs_node).adopt(source.dir(pairs_node), source.stored_record(pairs_node).cache_key)
+    previous = stored.dir(trained).adopt(source.dir(trained), source.stored_record(trained).cache_key)
+    Runner(stored, ctx).run_node(Node("reference_logps", 1), {"pairs": pairs_record, "previous": previous})
+    ours = stored.dir(Node("reference_logps", 1)).read_table("reference.parquet")
     ours = ours[ours.split == "train"].reset_index(drop=True)
     assert (ours.ref_chosen_logps == ours.lp_prev_chosen).all()
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), ctx.local_adapter(previous),
-                                      is_trainable=True)  # fmt: skip
+    adapter = ctx.local_adapter(Artifact(previous, stored.dir(trained)))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter, is_trainable=True)
     args = dpo_config(spin.training, str(tmp_path / "trl"), 0, use_cpu=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs_to_dataset(ours), processing_class=ctx.tokenizer)
     trl_ref = pd.DataFrame({"id": trainer.train_dataset["id"], "c": trainer.train_dataset["ref_chosen_logps"],
@@ -148,14 +151,71 @@ def test_alpha_one_reproduces_the_reference_trl_computes_from_the_previous_itera
 
 def test_rerun_skips_everything_and_a_conflicting_config_is_refused(finished_run):
     config, results = finished_run
-    ctx = Context.create(config)
-    before = {t: ctx.stage("train", t).read_manifest()["attempt"] for t in (0, 1)}
+    ctx = Run(config)
+    before = {t: ctx.dir(Node("train", t)).read_manifest()["attempt"] for t in (0, 1)}
     assert run(config)[1]["train/loss"] == pytest.approx(results[1]["train/loss"])
-    assert {t: ctx.stage("train", t).read_manifest()["attempt"] for t in (0, 1)} == before
+    assert {t: ctx.dir(Node("train", t)).read_manifest()["attempt"] for t in (0, 1)} == before
     changed = config.model_copy(deep=True)
     changed.training.beta = 0.3
     with pytest.raises(RunConflictError, match=r"training\.beta.*--fork-from"):
         run(changed)
+
+
+def test_plan_says_what_would_run_and_why_without_writing(finished_run, capsys):
+    from alphaspin.runner import plan
+
+    config, _ = finished_run
+    assert {row.status for row in plan(Run(config))} == {"cached"}
+    # The same run id with another β: train reads β, so it re-runs; evaluate reads it and its input.
+    changed = config.model_copy(deep=True)
+    changed.training.beta = 0.3
+    rows = {row.node.label: row for row in plan(Run(changed))}
+    assert rows["iter-0/reference_logps"].status == "cached"
+    assert rows["iter-0/train"].status == "run" and rows["iter-0/train"].reason == "training.beta changed (0.1 → 0.3)"
+    assert "training.beta changed" in rows["iter-0/evaluate"].reason
+    assert rows["iter-1/generate-iter-0"].reason == "input iter-0/train runs"
+    # A fork: what its parent holds under the same key is adopted; the rest says what differs.
+    fork = changed.model_copy(deep=True)
+    fork.run.run_id = "planned-fork"
+    rows = {row.node.label: row for row in plan(Run(fork, fork_from=config.run.run_id))}
+    assert rows["iter-0/build_pairs"].status == "adopt" and rows["iter-1/generate-base"].status == "adopt"
+    assert rows["iter-0/train"].reason == "differs from the fork parent's: training.beta changed (0.1 → 0.3)"
+    assert not Run(fork).storage.exists(Run(fork).run_json)  # planning writes nothing
+    # Through the CLI, as a person reads it.
+    code = main(["plan", "-c", "configs/quickstart.yaml",
+                 *[arg for item in tiny_overrides_of(config) for arg in ("--set", item)],
+                 "--set", "training.beta=0.3", "--set", "run.run_id=planned-fork", "--fork-from", config.run.run_id])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "iter-0/train" in out and "training.beta changed (0.1 → 0.3)" in out
+    assert "to run," in out and "adopted from the fork parent" in out
+
+
+def test_plan_names_a_corrupted_artifact_and_what_follows_it(finished_run):
+    from alphaspin.runner import plan
+
+    config, _ = finished_run
+    copy = config.model_copy(deep=True)
+    copy.run.run_id = "corrupted-copy"
+    source, target = Run(config), Run(copy)
+    for t in (0, 1):  # a copy of the finished run, to corrupt without harming the shared fixture
+        for node in iteration_nodes(config, t):
+            record = source.stored_record(node)
+            target.dir(node).adopt(source.dir(node), record.cache_key)
+    folder = target.dir(Node("build_pairs", 1))
+    data = bytearray(folder.read_bytes("pairs.parquet"))
+    data[len(data) // 2] ^= 0xFF
+    folder.write_bytes("pairs.parquet", bytes(data))
+    rows = {row.node.label: row for row in plan(target)}
+    assert rows["iter-1/generate-iter-0"].status == "cached"
+    assert rows["iter-1/build_pairs"].reason == "its artifacts fail verification (a file is missing or changed)"
+    assert rows["iter-1/reference_logps"].reason == "input iter-1/build_pairs runs"
+    assert rows["iter-1/train"].status == "run"
+
+
+def tiny_overrides_of(config) -> list[str]:
+    from conftest import tiny_overrides
+
+    return tiny_overrides(config.model.name_or_path, config.run.runs_root)
 
 
 def test_a_fork_with_a_new_beta_reuses_exactly_the_stages_that_do_not_read_it(finished_run):
@@ -164,7 +224,7 @@ def test_a_fork_with_a_new_beta_reuses_exactly_the_stages_that_do_not_read_it(fi
     fork.training.beta = 0.3
     fork.run.run_id = "forked-beta"
     run(fork, fork_from=config.run.run_id)
-    ctx = Context.create(fork)
+    ctx = Run(fork)
     adopted = {(t, name): "adopted_from" in ctx.storage.stage(t, name).verify().metrics
                for t, names in STAGE_DIRS.items() for name in names}  # fmt: skip
     assert adopted == {
@@ -207,9 +267,9 @@ def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config)
                          "training.partition_samples=2", "method.alpha=0.5")  # fmt: skip
     results = run(config)
     assert all(math.isfinite(r["train/loss"]) for r in results)
-    ctx = Context.create(config)
-    table = ctx.stage("reference_logps", 1).read_table("reference.parquet")
+    ctx = Run(config)
+    table = ctx.dir(Node("reference_logps", 1)).read_table("reference.parquet")
     assert (table.log_partition != 0).all() and table.log_partition.map(math.isfinite).all()
     expected = 0.5 * table.lp_prev_chosen + 0.5 * table.lp_base_chosen - table.log_partition
     assert table.ref_chosen_logps.to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-9)
-    assert (ctx.stage("reference_logps", 0).read_table("reference.parquet").log_partition == 0).all()  # Z = 1 at t = 0
+    assert (ctx.dir(Node("reference_logps", 0)).read_table("reference.parquet").log_partition == 0).all()  # Z = 1 at t = 0

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from alphaspin.cli import build_parser
 from alphaspin.config import knobs_markdown
+from alphaspin.flows.cli import build_parser
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()

@@ -14,7 +14,8 @@ from conftest import tiny_overrides
 from safetensors.torch import load
 
 from alphaspin.config import load_config
-from alphaspin.context import Context
+from alphaspin.runs import Run
+from alphaspin.stage_spec import Node
 
 ROOT = Path(__file__).parents[1]
 ITERATION_0 = ["method.iterations=0"]
@@ -32,13 +33,13 @@ def config_for(runs_root: Path, tiny_model: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model) -> Context:
+def uninterrupted(tmp_path_factory, tiny_model) -> Run:
     overrides = config_for(tmp_path_factory.mktemp("clean"), tiny_model)
     assert drive("none", overrides) == 0
-    return Context.create(load_config(ROOT / "configs/quickstart.yaml", overrides))
+    return Run(load_config(ROOT / "configs/quickstart.yaml", overrides))
 
 
-def files_of(ctx: Context) -> dict[str, bytes]:
+def files_of(ctx: Run) -> dict[str, bytes]:
     """Every file listed in the run's manifests, except those that hold wall times."""
     out = {}
     for stage in ("sample_prompts", "generate-base", "build_pairs", "reference_logps", "train", "evaluate"):
@@ -55,7 +56,7 @@ def files_of(ctx: Context) -> dict[str, bytes]:
 def test_sigkill_then_rerun_gives_the_uninterrupted_artifacts(point, uninterrupted, tmp_path, tiny_model):
     overrides = config_for(tmp_path / "runs", tiny_model)
     assert drive(point, overrides) == -signal.SIGKILL
-    ctx = Context.create(load_config(ROOT / "configs/quickstart.yaml", overrides))
+    ctx = Run(load_config(ROOT / "configs/quickstart.yaml", overrides))
     stage = "generate-base" if point.startswith("generate") else "train"
     assert ctx.storage.stage(0, stage).read_manifest() is None  # the killed stage is not done
     partial = ctx.storage.stage(0, stage).list_files()
@@ -76,8 +77,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_artifacts(point, uninterrupt
             assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
         else:
             assert resumed[name] == data, name
-    pairs = ctx.stage("build_pairs", 0).read_table("pairs.parquet")
+    pairs = ctx.dir(Node("build_pairs", 0)).read_table("pairs.parquet")
     assert pairs.id.is_unique and len(pairs) == 10
     if stage == "train":
-        assert ctx.stage("train", 0).verify().metrics["resumed_from"] == "checkpoint-2"
-        assert not ctx.stage("train", 0).list_files("_scratch")  # checkpoints cleared once done
+        assert ctx.dir(Node("train", 0)).verify().metrics["resumed_from"] == "checkpoint-2"
+        assert not ctx.dir(Node("train", 0)).list_files("_scratch")  # checkpoints cleared once done

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alphaspin.config import GenerationConfig
 from alphaspin.backends import make_backend
+from alphaspin.config import GenerationConfig
 from alphaspin.generation import build_requests, render_prompt_ids, request_seed
 from alphaspin.models import load_tokenizer
 from alphaspin.vllm_backend import (

@@ -2,6 +2,7 @@
 
 alphaspin run --config configs/quickstart.yaml [--set method.alpha=1.0 ...]
 alphaspin rerun --run-id R --iteration 1 --stage train [--runs-root ./runs]
+alphaspin plan --config configs/quickstart.yaml [--set ...] [--fork-from RUN]   (what would run, and why)
 alphaspin status --run-id R [--runs-root ./runs]
 alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
 """
@@ -15,29 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from alphaspin.config import STAGES, AlphaSpinConfig, ConfigError, config_from_dict, load_config
+from alphaspin.config import AlphaSpinConfig, ConfigError, load_config
+from alphaspin.console import format_metrics
+from alphaspin.dag import parse_force
+from alphaspin.runs import stored_config
+from alphaspin.stages import STAGE_NAMES
 
 logger = logging.getLogger("alphaspin")
-
-METRICS_SHOWN = (
-    ("train/loss", "DPO loss"),
-    ("train/reward_margin", "reward margin"),
-    ("train/reward_accuracy", "reward acc"),
-    ("heldout/reward_accuracy", "held-out reward acc"),
-    ("heldout/loglik_per_token", "held-out loglik/token"),
-)
-
-
-def format_metrics(t: int, metrics: dict[str, Any]) -> str:
-    parts = [f"iteration {t}:"]
-    for key, label in METRICS_SHOWN:
-        value = metrics.get(key)
-        if isinstance(value, int | float):
-            parts.append(f"{label} {value:.4f}")
-    base = metrics.get("heldout/base_loglik_per_token")
-    if isinstance(base, int | float):
-        parts.append(f"(base {base:.4f})")
-    return "  ".join(parts)
 
 
 def _print_iteration(t: int, metrics: dict[str, Any]) -> None:
@@ -52,31 +37,23 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _parse_force(items: list[str]) -> dict[int, set[str]]:
-    force: dict[int, set[str]] = {}
-    for item in items:
-        t, sep, stage = item.partition(":")
-        if not sep or not t.isdigit() or stage not in STAGES:
-            raise ConfigError(f"--force {item!r}: expected ITERATION:STAGE with STAGE one of {list(STAGES)}")
-        force.setdefault(int(t), set()).add(stage)
-    return force
-
-
 def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[int, set[str]]) -> list[dict]:
+    if getattr(args, "no_wait", False):
+        config.orchestration.wait_for_running_stage = False
     if args.no_prefect:
         from alphaspin.pipeline import run
 
         return run(config, force=force, fork_from=args.fork_from, on_iteration=_print_iteration)
-    from flows.alphaspin_run import alphaspin_run
+    from alphaspin.flows.alphaspin_run import alphaspin_run
 
     return alphaspin_run(config=config, force=[f"{t}:{s}" for t, ss in force.items() for s in sorted(ss)],
-                         fork_from=args.fork_from, print_progress=True)  # fmt: skip
+                         fork_from=args.fork_from)  # fmt: skip
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     logger.info("resolved config:\n%s", json.dumps(config.model_dump(mode="json"), indent=2))
-    results = _run_config(config, args, _parse_force(args.force))
+    results = _run_config(config, args, parse_force(args.force, config.method.iterations))
     print(
         json.dumps(
             {"run": config.run.run_id, "runs_root": config.run.runs_root, "iterations": results}, indent=2, default=str
@@ -85,18 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_config(run_id: str, runs_root: str) -> AlphaSpinConfig:
-    from alphaspin.storage import RunStorage
-
-    storage = RunStorage(runs_root, run_id)
-    path = storage.path("run.json")
-    if not storage.exists(path):
-        raise ConfigError(f"--run-id {run_id}: no run at {storage.url} (no run.json)")
-    return config_from_dict(storage.read_json(path)["config"], f"{storage.url}/run.json")
-
-
 def cmd_rerun(args: argparse.Namespace) -> int:
-    config = _stored_config(args.run_id, args.runs_root)
+    config = stored_config(args.run_id, args.runs_root)
     if args.iteration > config.method.iterations:
         raise ConfigError(f"--iteration {args.iteration}: the run has iterations 0..{config.method.iterations}")
     force = {args.iteration: set(args.stage)}
@@ -106,20 +73,42 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from alphaspin.context import Context
-    from alphaspin.storage import MANIFEST
+    from alphaspin.dag import iteration_nodes
+    from alphaspin.runs import Run
 
-    config = _stored_config(args.run_id, args.runs_root)
-    ctx = Context.create(config)
+    config = stored_config(args.run_id, args.runs_root)
+    run = Run(config)
     rows = []
     for t in range(config.method.iterations + 1):
-        for name in sorted(
-            {p.rsplit("/", 2)[-2] for p in ctx.storage.fs.glob(ctx.storage.path(f"iter-{t}", "*", MANIFEST))}
-        ):
-            record = ctx.storage.stage(t, name).verify(check_hashes=args.verify)
-            rows.append({"iteration": t, "stage": name, "done": record is not None,
+        for node in iteration_nodes(config, t):
+            record = run.dir(node).verify(check_hashes=args.verify)
+            rows.append({"iteration": t, "stage": node.folder, "done": record is not None,
                          "metrics": record.metrics if record else None})  # fmt: skip
     print(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from alphaspin.runner import plan
+    from alphaspin.runs import Run
+
+    config = load_config(args.config, args.overrides)
+    run = Run(config, args.fork_from)
+    if args.fork_from is not None and run.parent is not None and not run.parent.exists(run.parent.path("run.json")):
+        raise ConfigError(f"--fork-from {args.fork_from}: no run at {run.parent.url}")
+    rows = plan(run, parse_force(args.force, config.method.iterations))
+    if args.json:
+        print(json.dumps([{"iteration": r.node.iteration, "stage": r.node.folder, "status": r.status,
+                           "reason": r.reason} for r in rows], indent=2))  # fmt: skip
+        return 0
+    print(f"plan of run {config.run.run_id} at {run.storage.url}"
+          + (f" (fork of {args.fork_from})" if args.fork_from else ""))  # fmt: skip
+    width = max(len(r.node.label) for r in rows)
+    for row in rows:
+        why = "" if row.status == "cached" else f"  {row.reason}"
+        print(f"  {row.node.label:<{width}}  {row.status:<6}{why}")
+    counts = {s: sum(r.status == s for r in rows) for s in ("cached", "adopt", "run")}
+    print(f"{counts['run']} to run, {counts['adopt']} adopted from the fork parent, {counts['cached']} cached")
     return 0
 
 
@@ -127,7 +116,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from alphaspin.reporting import write_run_report
     from alphaspin.storage import RunStorage
 
-    _stored_config(args.run_id, args.runs_root)  # a clear error if there is no such run
+    stored_config(args.run_id, args.runs_root)  # a clear error if there is no such run
     result = write_run_report(RunStorage(args.runs_root, args.run_id))
     print(result["markdown"])
     print(f"report written to {result['url']}", file=sys.stderr)
@@ -138,7 +127,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from alphaspin.reporting import compare
 
     for run_id in args.runs:
-        _stored_config(run_id, args.runs_root)
+        stored_config(run_id, args.runs_root)
     result = compare(args.runs, args.runs_root, args.out, baseline=args.baseline)
     print((Path(args.out) / "comparison.md").read_text())
     print(f"charts written to {args.out}: {', '.join(sorted(result['files']))}", file=sys.stderr)
@@ -180,11 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _add_config_args(run)
     run.add_argument("--force", action="append", default=[], metavar="T:STAGE",
-                     help=f"re-run a stage even if done, e.g. --force 1:train; stages: {', '.join(STAGES)}")  # fmt: skip
+                     help=f"re-run a stage even if done, e.g. --force 1:train; stages: {', '.join(STAGE_NAMES)}")  # fmt: skip
     run.add_argument("--fork-from", metavar="RUN_ID",
                      help="record that this run (a new run.run_id) forks RUN_ID's recipe with changed knobs")  # fmt: skip
     run.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect")
+    run.add_argument("--no-wait", action="store_true",
+                     help="if another process is running a stage of this run, stop with an error naming it "
+                     "instead of waiting (orchestration.wait_for_running_stage=false)")  # fmt: skip
     run.set_defaults(func=cmd_run)
+
+    plan_ = sub.add_parser("plan", help="print what `run` would do to every stage, and why, without running anything",
+                           description="Every stage of every iteration: cached, adopted from the fork parent, or to "
+                           "run - and for each one that runs, why (a knob it reads changed, an input re-runs, its "
+                           "artifacts fail verification, ...).")  # fmt: skip
+    _add_config_args(plan_)
+    plan_.add_argument("--fork-from", metavar="RUN_ID", help="plan this run as a fork of RUN_ID")
+    plan_.add_argument("--force", action="append", default=[], metavar="T:STAGE", help="as for run")
+    plan_.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_.set_defaults(func=cmd_plan)
 
     rerun = sub.add_parser("rerun", help="force one stage of one iteration of an existing run, and what follows it",
                            description="Re-execute STAGE at ITERATION; downstream stages re-run because their cache "
@@ -192,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--run-id", required=True, help="the run (its config is read from run.json)")
     rerun.add_argument("--runs-root", default="./runs", help="fsspec URL holding the run (default ./runs)")
     rerun.add_argument("--iteration", "-t", type=int, required=True, help="iteration t")
-    rerun.add_argument("--stage", action="append", required=True, choices=STAGES, help="stage to force (repeatable)")
+    rerun.add_argument("--stage", action="append", required=True, choices=STAGE_NAMES, help="stage to force (repeatable)")
     rerun.add_argument("--no-prefect", action="store_true", help="run without Prefect")
+    rerun.add_argument("--no-wait", action="store_true", help="as for run")
     rerun.set_defaults(func=cmd_rerun, fork_from=None)
 
     status = sub.add_parser("status", help="list a run's stages, whether each verifies, and their metrics")
@@ -229,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)  # fmt: skip
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    from alphaspin.context import RunConflictError
     from alphaspin.data import DataError
+    from alphaspin.leases import LeaseHeldError
+    from alphaspin.runs import RunConflictError
     from alphaspin.storage import StorageError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunConflictError, StorageError, FileNotFoundError) as error:
+    except (ConfigError, DataError, RunConflictError, StorageError, LeaseHeldError, FileNotFoundError) as error:
         print(f"alphaspin: error: {error}", file=sys.stderr)
         return 2
 
