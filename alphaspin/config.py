@@ -180,6 +180,11 @@ class TrainingConfig(_Section):
         0, ge=0, description="Linear warm-up: a number of steps, or a fraction (< 1) of all steps (transformers 5)."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    disable_dropout: bool = Field(
+        False,
+        description="Dropout (LoRA's included) is active as configured unless this is true; TRL's default (true) "
+        "would silently set training.lora.lora_dropout to 0.",
+    )
     save_steps: int = Field(
         4, gt=0, description="Checkpoint into storage every N optimizer steps; a retried train stage resumes there."
     )
