@@ -147,6 +147,10 @@ class GenerationConfig(_Section):
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory.")
     max_lora_rank: int = Field(16, ge=1, description="vLLM: largest LoRA rank it must serve.")
 
+    def effective_seed(self, run_seed: int) -> int:
+        """The sampler seed: ``seed`` when set (0 included), else ``run_seed``."""
+        return self.seed if self.seed is not None else run_seed
+
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0, description="LoRA rank (paper: 16).")
