@@ -91,7 +91,10 @@ class DataConfig(_Section):
         "assistant turn y_w (UltraChat's `messages`).",
     )
     heldout_size: int = Field(
-        8, gt=0, description="SFT rows set aside (by run seed) for evaluation; training never samples them."
+        8,
+        gt=0,
+        description="SFT rows set aside (by run seed) for evaluation; training never samples them, nor any row "
+        "whose prompt or answer equals a held-out prompt or answer.",
     )
     max_rows: int | None = Field(None, gt=0, description="Read at most this many rows of the source (after dedup).")
 
