@@ -88,7 +88,10 @@ class DataConfig(_Section):
         "assistant turn y_w (UltraChat's `messages`).",
     )
     heldout_size: int = Field(
-        8, gt=0, description="SFT rows set aside (by run seed) for evaluation; training never samples them."
+        8,
+        gt=0,
+        description="SFT rows set aside (by run seed) for evaluation; training never samples them, nor any row "
+        "whose prompt or answer equals a held-out prompt or answer.",
     )
     max_rows: int | None = Field(None, gt=0, description="Read at most this many rows of the source (after dedup).")
 
@@ -144,6 +147,10 @@ class GenerationConfig(_Section):
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory.")
     max_lora_rank: int = Field(16, ge=1, description="vLLM: largest LoRA rank it must serve.")
 
+    def effective_seed(self, run_seed: int) -> int:
+        """The sampler seed: ``seed`` when set (0 included), else ``run_seed``."""
+        return self.seed if self.seed is not None else run_seed
+
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0, description="LoRA rank (paper: 16).")
@@ -177,6 +184,11 @@ class TrainingConfig(_Section):
         0, ge=0, description="Linear warm-up: a number of steps, or a fraction (< 1) of all steps (transformers 5)."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    disable_dropout: bool = Field(
+        False,
+        description="Dropout (LoRA's included) is active as configured unless this is true; TRL's default (true) "
+        "would silently set training.lora.lora_dropout to 0.",
+    )
     save_steps: int = Field(
         4, gt=0, description="Checkpoint into storage every N optimizer steps; a retried train stage resumes there."
     )

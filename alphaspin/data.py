@@ -119,11 +119,26 @@ def load_sft(config: DataConfig) -> pd.DataFrame:
 
 
 def split_heldout(frame: pd.DataFrame, heldout_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training pool, held-out rows): a seeded permutation of the rows; held-out never trains."""
+    """(training pool, held-out rows): a seeded permutation of the rows; held-out never trains.
+
+    No held-out text trains either: a pool row whose prompt or answer equals a held-out row's prompt
+    or answer is dropped (chatterbot's rows are consecutive turns, so one row's answer is the next
+    row's prompt). How many were dropped: ``pool.attrs["excluded_overlapping_heldout"]``.
+    """
     order = np.random.default_rng([seed, 0xE7A1]).permutation(len(frame))
     heldout = frame.iloc[np.sort(order[:heldout_size])].reset_index(drop=True)
-    pool = frame.iloc[np.sort(order[heldout_size:])].reset_index(drop=True)
+    pool = frame.iloc[np.sort(order[heldout_size:])]
+    texts = set(heldout["prompt"]) | set(heldout["answer"])
+    overlapping = pool["prompt"].isin(texts) | pool["answer"].isin(texts)
+    pool = pool[~overlapping].reset_index(drop=True)
+    pool.attrs["excluded_overlapping_heldout"] = int(overlapping.sum())
     return pool, heldout
+
+
+def heldout_permutation(n: int, seed: int, iteration: int) -> np.ndarray:
+    """The order in which the ``n`` held-out rows are shared among the opponent members at ``iteration``:
+    a permutation seeded by (run seed, t), so a member's share is not a block of the source's order."""
+    return np.random.default_rng([seed, iteration, 0x4E1D]).permutation(n)
 
 
 def sample_prompts(
@@ -132,23 +147,29 @@ def sample_prompts(
     """The prompts of one iteration with the opponent member that writes each loser.
 
     n_0 rows at t = 0 and n after, drawn without replacement from the training pool with a seed
-    that depends on (run seed, t); then all held-out rows (split "heldout"). Each split is divided
-    among the opponent members in proportion to their weights (`alphaspin.mixture`).
+    that depends on (run seed, t); then all held-out rows (split "heldout") in a seeded order
+    (`heldout_permutation`). Each split is divided among the opponent members in proportion to
+    their weights (`alphaspin.mixture`). ``attrs["excluded_overlapping_heldout"]``: pool rows left
+    out because they share a prompt or answer with a held-out row.
     """
     pool, heldout = split_heldout(frame, data.heldout_size, seed)
+    excluded = pool.attrs["excluded_overlapping_heldout"]
     n = method.pairs_at(iteration)
     if n > len(pool):
         field = "pairs_first_iteration" if iteration == 0 else "pairs_per_iteration"
         raise DataError(
             f"method.{field}: {n} pairs asked at t={iteration} but the training pool has only {len(pool)} rows "
-            f"({data.source} minus {data.heldout_size} held out)"
+            f"({data.source} minus {data.heldout_size} held out and {excluded} rows that share a prompt or answer "
+            "with the held-out rows)"
         )
     rng = np.random.default_rng([seed, iteration])
     train = pool.iloc[rng.permutation(len(pool))[:n]].reset_index(drop=True)
     members = opponent_members(iteration, method.history)
     train["opponent"] = assign_members(len(train), members)
     train["split"] = "train"
-    heldout = heldout.copy()
+    heldout = heldout.iloc[heldout_permutation(len(heldout), seed, iteration)].reset_index(drop=True)
     heldout["opponent"] = assign_members(len(heldout), members)
     heldout["split"] = "heldout"
-    return pd.concat([train, heldout], ignore_index=True)
+    result = pd.concat([train, heldout], ignore_index=True)
+    result.attrs = {"excluded_overlapping_heldout": excluded}
+    return result

@@ -58,6 +58,7 @@ def dpo_config(training: TrainingConfig, output_dir: str, seed: int, use_cpu: bo
         truncation_mode="keep_start",
         warmup_steps=training.warmup_steps,
         gradient_checkpointing=training.gradient_checkpointing,
+        disable_dropout=training.disable_dropout,
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=training.reference_batch_size,
         seed=seed,

@@ -111,17 +111,66 @@ CHAT_TEMPLATES = {
 }
 
 
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether plain encoding starts with BOS (gemma, llama): the model was trained to see it first."""
+    bos = tokenizer.bos_token_id
+    if tokenizer.bos_token is None or bos is None:
+        return False
+    ids = tokenizer("x")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _render_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    # As TRL and transformers 5 tokenize conversations: through the template, no special tokens added.
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def check_special_tokens(tokenizer: PreTrainedTokenizerBase, model_name: str, template_name: str) -> None:
+    """Refuse a chat template that does not start with exactly one BOS for a tokenizer that adds BOS.
+
+    Generation, reference log-probs and training all tokenize through the chat template without
+    adding special tokens, so the template alone decides whether the model sees its BOS.
+    """
+    if not adds_bos(tokenizer):
+        return
+    bos = tokenizer.bos_token_id
+    ids = _render_ids(tokenizer)
+    count = next((i for i, token in enumerate(ids) if token != bos), len(ids))
+    if count == 1:
+        return
+    found = "no BOS" if count == 0 else ("BOS twice" if count == 2 else f"BOS {count} times")
+    raise ValueError(
+        f"model.chat_template: the tokenizer of {model_name!r} adds {tokenizer.bos_token!r} (BOS) when it encodes "
+        f"text, but the chat template ({template_name}) renders {found} at the start of a conversation "
+        f"(first ids: {ids[:4]}); generation and training tokenize through the template without adding special "
+        "tokens, so it must write exactly one: start it with {{ bos_token }} once, or use a built-in template "
+        f"({', '.join(sorted(CHAT_TEMPLATES))}), which adds it for such tokenizers"
+    )
+
+
 def load_tokenizer(name_or_path: str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if chat_template is not None:
-        tokenizer.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
+    if chat_template is None:
+        template_name = "the tokenizer's own template"
+    elif chat_template in CHAT_TEMPLATES:
+        template_name = f"built-in {chat_template!r}"
+        tokenizer.chat_template = CHAT_TEMPLATES[chat_template]
+        # A built-in template writes BOS itself when the tokenizer adds one in plain encoding (and the
+        # template does not already start with that token).
+        if adds_bos(tokenizer) and _render_ids(tokenizer)[:1] != [tokenizer.bos_token_id]:
+            tokenizer.chat_template = "{{ bos_token }}" + CHAT_TEMPLATES[chat_template]
+    else:
+        template_name = "a custom template from model.chat_template"
+        tokenizer.chat_template = chat_template
     if tokenizer.chat_template is None:
         raise ValueError(
             f"model.name_or_path: the tokenizer of {name_or_path!r} has no chat template; "
             "alphaspin generates and trains with the same chat template (set model.chat_template)"
         )
+    check_special_tokens(tokenizer, name_or_path, template_name)
     return tokenizer
 
 
