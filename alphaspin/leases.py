@@ -117,6 +117,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# Holder ids of the leases this process holds right now: a record of this process's pid whose
+# holder is not among them is a leftover (a release that could not delete it while storage was
+# down), never a live holder to wait for.
+_ACTIVE: set[str] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
 class StageLease:
     """A lease on one stage of a run: at most one live process executes the stage at a time.
 
@@ -201,6 +208,8 @@ class StageLease:
                     self._discard_own()
                     raise
                 if taken:
+                    with _ACTIVE_LOCK:
+                        _ACTIVE.add(self.holder)
                     self._held = True
                     self._start_renewal()
                     logger.debug("lease %s taken by %s (pid %d)", self.url, self.holder, os.getpid())
@@ -242,6 +251,8 @@ class StageLease:
             thread.join()
         self._thread = None
         self._held = False
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(self.holder)
         try:
             raw, info = self._read()
             if raw is not None and info is not None and info.holder == self.holder:
@@ -295,6 +306,12 @@ class StageLease:
             return True
         if info.holder == self.holder:  # a leftover of ours (a release that could not delete it)
             return True
+        if info.host == self.host and info.pid == os.getpid():
+            with _ACTIVE_LOCK:
+                leftover = info.holder not in _ACTIVE
+            if leftover:
+                logger.info("lease %s: a leftover of this process (%s); taking it over", self.url, info.label)
+                return True
         now = time.time()
         if info.expires < now:
             logger.warning(

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an in
 
 from bench import common, cpu_stages, dpo_throughput, generation, reference_cache, resume  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]  # every benchmark at its smallest size (about a minute)
 
 
 @pytest.fixture(autouse=True, scope="module")

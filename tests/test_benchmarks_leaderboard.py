@@ -186,6 +186,7 @@ def base_run(base_model_path, tmp_path_factory) -> tuple[dict, object]:
 
 
 @needs_offline_data
+@pytest.mark.slow  # lm-eval on a real model
 def test_offline_arc_easy_on_base_model(base_run, base_model_path):
     result, out = base_run
 
@@ -214,6 +215,7 @@ def test_offline_arc_easy_on_base_model(base_run, base_model_path):
 
 
 @needs_offline_data
+@pytest.mark.slow  # lm-eval on a real model
 def test_offline_arc_easy_with_lora_adapter(base_run, base_model_path, lora_adapter, tmp_path):
     from alphaspin.benchmarks.leaderboard import run_lm_eval
 

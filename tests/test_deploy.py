@@ -340,6 +340,7 @@ def _tiny_overrides(runs_root: Path) -> list[str]:
 
 
 # -- the tests -------------------------------------------------------------------------------------
+@pytest.mark.slow  # real Prefect servers, workers and deployments (minutes)
 def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> None:
     from alphaspin.storage import MANIFEST
 

@@ -14,6 +14,8 @@ from alphaspin.reporting import iteration_metrics
 from alphaspin.runs import Run
 from alphaspin.stage_spec import Node
 
+pytestmark = pytest.mark.slow  # two runs with lm-eval and the judged chat (minutes)
+
 
 @pytest.fixture(scope="module")
 def benchmarked(tmp_path_factory, tiny_model):

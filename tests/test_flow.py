@@ -19,7 +19,7 @@ from alphaspin.stages import REGISTRY
 from alphaspin.storage import StorageError
 from alphaspin.testing.s3server import SeaweedS3
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]  # whole runs through a Prefect server (minutes on 2 cores)
 
 
 def task_states(flow_run_id) -> dict[str, str]:
@@ -149,4 +149,4 @@ def test_s3_outage_mid_run_fails_clearly_and_the_rerun_completes(make_config, mo
         wait_readable(Run(config).storage)
         state, found = run_flow(config)
         assert state.is_completed()
-        assert found["sample_prompts-iter-0"] == "Cached" and found["build_pairs-iter-0"] == "Completed"
+        assert found["iter-0/sample_prompts"] == "Cached" and found["iter-0/build_pairs"] == "Completed"

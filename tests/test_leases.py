@@ -195,6 +195,18 @@ def test_dead_pid_on_this_host_is_taken_over_at_once(storage: RunStorage) -> Non
         assert lease.current().holder == lease.holder
 
 
+def test_a_leftover_of_this_process_is_taken_over_at_once(storage: RunStorage) -> None:
+    # A release that could not delete its record (storage was down) leaves a live-looking record of
+    # this very pid: a rerun in the same process (a flow retried in its worker) must not wait for it.
+    write_record(storage, "iter-1-train", host=socket.gethostname(), pid=os.getpid(), expires=time.time() + 1000)
+    lease = StageLease(storage, "iter-1-train", wait=False, ttl=5, **FAST)
+    with lease:
+        assert lease.current().holder == lease.holder
+    holder = StageLease(storage, "iter-1-train", ttl=5, **FAST)
+    with holder, pytest.raises(LeaseHeldError):  # while a lease of this process is active, it is respected
+        StageLease(storage, "iter-1-train", wait=False, ttl=5, **FAST).acquire()
+
+
 def test_malformed_record_counts_as_expired(storage: RunStorage) -> None:
     storage.write_bytes(lease_path(storage, "iter-1-train"), b"{not json")
     lease = StageLease(storage, "iter-1-train", wait=False, ttl=5, **FAST)

@@ -140,7 +140,8 @@ def test_alpha_one_reproduces_the_reference_trl_computes_from_the_previous_itera
     assert (ours.ref_chosen_logps == ours.lp_prev_chosen).all()
     adapter = ctx.local_adapter(Artifact(previous, stored.dir(trained)))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter, is_trainable=True)
-    args = dpo_config(spin.training, str(tmp_path / "trl"), 0, use_cpu=True)
+    # TRL's own reference forward must see the model as ours does: without dropout.
+    args = dpo_config(spin.training.model_copy(update={"disable_dropout": True}), str(tmp_path / "trl"), 0, use_cpu=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs_to_dataset(ours), processing_class=ctx.tokenizer)
     trl_ref = pd.DataFrame({"id": trainer.train_dataset["id"], "c": trainer.train_dataset["ref_chosen_logps"],
                             "r": trainer.train_dataset["ref_rejected_logps"]}).set_index("id").loc[ours.id]  # fmt: skip
@@ -218,6 +219,33 @@ def tiny_overrides_of(config) -> list[str]:
     return tiny_overrides(config.model.name_or_path, config.run.runs_root)
 
 
+def test_adding_a_stage_is_one_module_and_one_registry_entry(finished_run, monkeypatch):
+    """A new stage declared as data (here: a count of each member's losers, reading build_pairs)
+    enters the DAG, plan, the runner and the run without touching any other module."""
+    from alphaspin.runner import plan
+    from alphaspin.stage_spec import Input, StageSpec
+    from alphaspin.stages import REGISTRY
+
+    def count_losers(job, pairs):
+        frame = pairs.read_table("pairs.parquet")
+        counts = frame.groupby("opponent").size()
+        job.out.write_json("counts.json", {k: int(v) for k, v in counts.items()})
+        return {"members": len(counts)}
+
+    spec = StageSpec(name="count_losers", function=count_losers, inputs=(Input("pairs", "build_pairs"),),
+                     reads=lambda config, t, member: {}, version=1, gpu=False, description="Count losers per member.")  # fmt: skip
+    monkeypatch.setitem(REGISTRY, "count_losers", spec)
+    config, _ = finished_run
+    rows = {row.node.label: row for row in plan(Run(config))}
+    assert rows["iter-1/count_losers"].status == "run" and rows["iter-1/count_losers"].reason == "not run yet"
+    assert {r.status for label, r in rows.items() if "count_losers" not in label} == {"cached"}
+    run(config)
+    stored = Run(config)
+    assert stored.dir(Node("count_losers", 1)).read_json("counts.json") == {"base": 5, "iter-0": 5}
+    assert stored.stored_record(Node("count_losers", 0)).metrics == {"members": 1}
+
+
+@pytest.mark.slow  # a whole forked run
 def test_a_fork_with_a_new_beta_reuses_exactly_the_stages_that_do_not_read_it(finished_run):
     config, _ = finished_run
     fork = config.model_copy(deep=True)
@@ -260,6 +288,7 @@ def test_too_many_pairs_for_the_data_names_the_field(make_config):
         run(config)
 
 
+@pytest.mark.slow  # a whole extra run with sampling for log Z
 def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config):
     """ipo does not cancel log Z(x); with normalized_reference the stored reference is
     α·lp_prev + (1−α)·lp_base − log Ẑ(x), Ẑ from samples of π_(t-1), the same for both answers."""

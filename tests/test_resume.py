@@ -17,6 +17,8 @@ from alphaspin.config import load_config
 from alphaspin.runs import Run
 from alphaspin.stage_spec import Node
 
+pytestmark = pytest.mark.slow  # kill -9 inside real runs, then resume (minutes)
+
 ROOT = Path(__file__).parents[1]
 ITERATION_0 = ["method.iterations=0"]
 

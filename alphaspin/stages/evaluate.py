@@ -36,7 +36,7 @@ SPEC = StageSpec(
     function=evaluate,
     inputs=(Input("trained", "train"), Input("reference", "reference_logps")),
     reads=reads,
-    version=1,
+    version=2,  # 2: chat templates write BOS for tokenizers that add one
     gpu=True,
     description="Evaluate θ_t on held-out pairs and the configured benchmarks.",
 )

@@ -49,7 +49,7 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str,
         adapter_path = ws.local_adapter(adapter) if adapter is not None else None
         backend = make_backend(config, ws.model_path, ws.tokenizer, ws.dtype, ws.device,
                                [adapter_path] if adapter_path else [])  # fmt: skip
-        seed = config.seed if config.seed is not None else job.config.run.seed
+        seed = config.effective_seed(job.config.run.seed)
         try:
             for done, index in enumerate(todo):
                 shard = rows.iloc[index * size : (index + 1) * size]
@@ -83,7 +83,7 @@ SPEC = StageSpec(
     function=generate,
     inputs=(Input("prompts", "sample_prompts"), Input("adapter", "train", at="member")),
     reads=reads,
-    version=1,
+    version=2,  # 2: chat templates write BOS for tokenizers that add one
     gpu=True,
     per_member=True,
     resumable=True,

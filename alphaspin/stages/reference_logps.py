@@ -128,7 +128,7 @@ def _log_partition(job: Job, model, frame: pd.DataFrame, previous: Artifact) -> 
     prompts = frame.drop_duplicates("prompt")[["id", "prompt"]]
     adapter_path = ws.local_adapter(previous)
     backend = make_backend(config.generation, ws.model_path, ws.tokenizer, ws.dtype, ws.device, [adapter_path])
-    seed = (config.generation.seed or config.run.seed) + 7919
+    seed = config.generation.effective_seed(config.run.seed) + 7919
     try:
         rows = [(f"{i}#{j}", p) for i, p in zip(prompts.id, prompts.prompt, strict=True) for j in range(k)]
         texts = backend.generate(build_requests(ws.tokenizer, rows, adapter_path, seed, job.iteration, "partition"))
@@ -155,7 +155,7 @@ SPEC = StageSpec(
     function=reference_logps,
     inputs=(Input("pairs", "build_pairs"), Input("previous", "train", at="previous")),
     reads=reads,
-    version=1,
+    version=2,  # 2: chat templates write BOS for tokenizers that add one
     gpu=True,
     description="Tokenize the pairs as TRL does and store lp_base, lp_prev and the geometric reference.",
 )

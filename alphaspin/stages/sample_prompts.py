@@ -27,6 +27,8 @@ def sample_prompts(job: Job) -> dict[str, Any]:
         "heldout": int((frame.split == "heldout").sum()),
         "members": [m.name for m in opponent_members(t, config.method.history)],
         "shares": {k: int(v) for k, v in train.groupby("opponent").size().items()},
+        # pool rows that repeat a held-out prompt or answer, never trained on
+        "excluded_overlapping_heldout": int(frame.attrs.get("excluded_overlapping_heldout", 0)),
     }
 
 
@@ -35,7 +37,7 @@ SPEC = StageSpec(
     function=sample_prompts,
     inputs=(),
     reads=reads,
-    version=1,
+    version=2,  # 2: held-out rows shuffled before assignment; held-out text kept out of training
     gpu=False,
     description="Sample the iteration's SFT rows and assign each to an opponent member.",
 )
