@@ -15,8 +15,14 @@ from alphaspin.config import GenerationConfig
 from alphaspin.generation import GenerationBackend, TransformersBackend
 
 
-def make_backend(config: GenerationConfig, model_path: str, tokenizer: PreTrainedTokenizerBase,
-                 dtype: torch.dtype, device: str, adapter_paths: Sequence[str] = ()) -> GenerationBackend:  # fmt: skip
+def make_backend(
+    config: GenerationConfig,
+    model_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    device: str,
+    adapter_paths: Sequence[str] = (),
+) -> GenerationBackend:
     if config.backend == "vllm":
         from alphaspin.vllm_backend import VllmBackend
 

@@ -22,9 +22,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 LOG_Z_CANCELS = ("sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot")
 OTHER_TRL_LOSSES = ("ipo", "nca_pair", "bco_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down", "sigmoid_norm")
 LossType = Literal[
-    "sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot",
-    "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down", "sigmoid_norm",
-]  # fmt: skip
+    "sigmoid",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "discopop",
+    "aot",
+    "ipo",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "sigmoid_norm",
+]
 
 
 class ConfigError(ValueError):

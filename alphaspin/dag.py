@@ -64,8 +64,12 @@ def bind_inputs(refs: dict[str, InputRef], lookup: Callable[[Node], R]) -> dict[
     return out
 
 
-def walk_iteration(config: AlphaSpinConfig, iteration: int, records: dict[Node, R],
-                   execute: Callable[[Node, dict[str, R | list[R] | None]], R]) -> dict[Node, R]:  # fmt: skip
+def walk_iteration(
+    config: AlphaSpinConfig,
+    iteration: int,
+    records: dict[Node, R],
+    execute: Callable[[Node, dict[str, R | list[R] | None]], R],
+) -> dict[Node, R]:
     """Execute the nodes of one iteration in order; ``records`` holds the records of earlier
     iterations' nodes it needs (at least their ``train`` nodes) and receives the new ones."""
     for node in iteration_nodes(config, iteration):
@@ -92,8 +96,9 @@ def parse_force(items: Iterable[str], iterations: int | None = None) -> dict[int
     return force
 
 
-def force_plan(iterations: int, items: Iterable[str] = (), stages: Iterable[str] = (),
-               only_iterations: Iterable[int] = ()) -> dict[int, set[str]]:  # fmt: skip
+def force_plan(
+    iterations: int, items: Iterable[str] = (), stages: Iterable[str] = (), only_iterations: Iterable[int] = ()
+) -> dict[int, set[str]]:
     """Forced stages per iteration from "T:STAGE" items plus ``stages`` in ``only_iterations``
     (every iteration when empty): the CLI's, the flows' and the deployments' one parser."""
     force = parse_force(items, iterations)

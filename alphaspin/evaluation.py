@@ -19,9 +19,13 @@ def heldout_metrics(policy: pd.DataFrame, heldout: pd.DataFrame, beta: float) ->
     """Mean log-likelihood per token of the held-out answers y_w (token-weighted), and the DPO
     reward accuracy/margin of θ_t on held-out pairs: margin = β[(lp_w − ref_w) − (lp_l − ref_l)]."""
     merged = heldout.merge(policy, on="id", suffixes=("", "_policy"))
-    margin = dpo_margin(torch.tensor(merged.chosen_logps.values), torch.tensor(merged.rejected_logps.values),
-                        torch.tensor(merged.ref_chosen_logps.values), torch.tensor(merged.ref_rejected_logps.values),
-                        beta).numpy()  # fmt: skip
+    margin = dpo_margin(
+        torch.tensor(merged.chosen_logps.values),
+        torch.tensor(merged.rejected_logps.values),
+        torch.tensor(merged.ref_chosen_logps.values),
+        torch.tensor(merged.ref_rejected_logps.values),
+        beta,
+    ).numpy()
     return {
         "heldout/loglik_per_token": float(merged.chosen_logps.sum() / max(1, merged.chosen_tokens_policy.sum())),
         "heldout/reward_accuracy": float(np.mean(margin > 0)) if len(margin) else float("nan"),
@@ -37,8 +41,14 @@ def evaluate_policy(ws: Workspace, t: int, model, heldout: pd.DataFrame, stage: 
     metrics: dict = {}
     if len(heldout) and (config.evaluation.heldout_likelihood or config.evaluation.heldout_pairs):
         tokenized = ws.tokenize_pairs(heldout)
-        policy = completion_logps(model, tokenized, ws.tokenizer.pad_token_id, config.training.max_length,
-                                  config.evaluation.batch_size, ws.device)  # fmt: skip
+        policy = completion_logps(
+            model,
+            tokenized,
+            ws.tokenizer.pad_token_id,
+            config.training.max_length,
+            config.evaluation.batch_size,
+            ws.device,
+        )
         found = heldout_metrics(policy, heldout, config.training.beta)
         if not config.evaluation.heldout_pairs:
             found = {k: v for k, v in found.items() if "reward" not in k}
@@ -59,11 +69,19 @@ def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: Stage
         from alphaspin.benchmarks.leaderboard import leaderboard_metrics, run_lm_eval
 
         ws.progress(0.1, "lm-eval")
-        result = run_lm_eval(ws.model_path, adapter_path, list(config.benchmarks), num_fewshot=config.benchmark_num_fewshot,
-                             limit=config.benchmark_limit, batch_size=config.batch_size, device=ws.device,
-                             dtype=ws.config.model.dtype, backend=config.benchmark_backend,
-                             output_dir=str(out / "lm_eval"),
-                             adapter_label=f"iter-{t}/train/adapter")  # fmt: skip
+        result = run_lm_eval(
+            ws.model_path,
+            adapter_path,
+            list(config.benchmarks),
+            num_fewshot=config.benchmark_num_fewshot,
+            limit=config.benchmark_limit,
+            batch_size=config.batch_size,
+            device=ws.device,
+            dtype=ws.config.model.dtype,
+            backend=config.benchmark_backend,
+            output_dir=str(out / "lm_eval"),
+            adapter_label=f"iter-{t}/train/adapter",
+        )
         metrics.update(leaderboard_metrics(result))
     if config.judge.enabled:
         ws.progress(0.5, "judged chat")
@@ -88,8 +106,15 @@ def _judged_chat(ws: Workspace, model, out) -> dict:
     extra = {"guided_choice": RATING_CHOICES} if settings.guided_choice else None
 
     def score(base_url: str, model_name: str) -> list:
-        with chat.JudgeClient(base_url, model_name, api_key_env=settings.api_key_env, temperature=settings.temperature,
-                              max_retries=settings.max_retries, max_tokens=settings.max_tokens, extra_body=extra) as client:  # fmt: skip
+        with chat.JudgeClient(
+            base_url,
+            model_name,
+            api_key_env=settings.api_key_env,
+            temperature=settings.temperature,
+            max_retries=settings.max_retries,
+            max_tokens=settings.max_tokens,
+            extra_body=extra,
+        ) as client:
             return chat.judge_answers(client, questions, answers, concurrency=1 if base_url == "local" else 4)
 
     if settings.base_url == "local":
@@ -109,13 +134,25 @@ def _generate_chat(ws: Workspace, model, chats: list[list[dict]], max_new_tokens
     tokenizer, replies = ws.tokenizer, []
     size = ws.config.evaluation.batch_size
     for start in range(0, len(chats), size):
-        prompts = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
-                   for c in chats[start : start + size]]  # fmt: skip
+        prompts = [
+            list(
+                tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, add_generation_prompt=True)[
+                    "input_ids"
+                ]
+            )
+            for c in chats[start : start + size]
+        ]
         width = max(map(len, prompts))
         pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=ws.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ws.device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         replies.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out)
     return replies

@@ -64,10 +64,14 @@ def build_requests(
 ) -> list[GenerationRequest]:
     """Requests for ``rows`` = [(id, prompt), ...] answered by one member."""
     return [
-        GenerationRequest(row_id, tuple(render_prompt_ids(tokenizer, prompt)), adapter_path,
-                          request_seed(base_seed, iteration, member, row_id))
+        GenerationRequest(
+            row_id,
+            tuple(render_prompt_ids(tokenizer, prompt)),
+            adapter_path,
+            request_seed(base_seed, iteration, member, row_id),
+        )
         for row_id, prompt in rows
-    ]  # fmt: skip
+    ]
 
 
 class GenerationBackend(Protocol):
@@ -81,8 +85,14 @@ class GenerationBackend(Protocol):
 class TransformersBackend:
     """Batched sampling with ``model.generate``; loads the base once and swaps adapters by name."""
 
-    def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu"):  # fmt: skip
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        config: GenerationConfig,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ):
         from transformers import AutoModelForCausalLM
 
         self.config = config

@@ -21,8 +21,12 @@ from alphaspin.workspace import Workspace
 logger = logging.getLogger(__name__)
 
 
-def run(config: AlphaSpinConfig, force: dict[int, set[str]] | None = None, fork_from: str | None = None,
-        on_iteration: Callable[[int, dict], None] | None = None) -> list[dict]:  # fmt: skip
+def run(
+    config: AlphaSpinConfig,
+    force: dict[int, set[str]] | None = None,
+    fork_from: str | None = None,
+    on_iteration: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
     """All iterations t = 0..T; returns each iteration's evaluation metrics."""
     from alphaspin.reporting import write_run_report
 
@@ -34,7 +38,12 @@ def run(config: AlphaSpinConfig, force: dict[int, set[str]] | None = None, fork_
         results = []
         for t in range(config.method.iterations + 1):
             forced = (force or {}).get(t, set())
-            walk_iteration(config, t, records, lambda node, inputs, forced=forced: runner.run_node(node, inputs, node.stage in forced))
+            walk_iteration(
+                config,
+                t,
+                records,
+                lambda node, inputs, forced=forced: runner.run_node(node, inputs, node.stage in forced),
+            )
             metrics = records[Node("evaluate", t)].metrics
             results.append({"iteration": t, **metrics})
             if on_iteration:

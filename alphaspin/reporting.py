@@ -29,9 +29,16 @@ def write_run_report(storage: RunStorage) -> dict[str, Any]:
     metrics = iteration_metrics(storage)
     run = storage.read_json(storage.path("run.json"))
     with tempfile.TemporaryDirectory() as tmp:
-        result = write_report(metrics, tmp, title=f"α-SPIN run {storage.run_id}",
-                              run_info={"run": storage.url, "alpha": run["config"]["method"]["alpha"],
-                                        "history": run["config"]["method"]["history"]})  # fmt: skip
+        result = write_report(
+            metrics,
+            tmp,
+            title=f"α-SPIN run {storage.run_id}",
+            run_info={
+                "run": storage.url,
+                "alpha": run["config"]["method"]["alpha"],
+                "history": run["config"]["method"]["history"],
+            },
+        )
         report = storage.stage(None, "report")
         report.put_dir(tmp, "")
         markdown = (Path(tmp) / "report.md").read_text()

@@ -130,8 +130,9 @@ class Runner:
             return Prepared(status="adopt", reason=reason, record=parent.record(found), **prepared)  # type: ignore[union-attr]
         return Prepared(status="run", reason=self._why(node, out, manifest, found, provenance, key), **prepared)
 
-    def _why(self, node: Node, out: StageDir, manifest: dict | None, parent: dict | None, provenance: dict,
-             key: str) -> str:  # fmt: skip
+    def _why(
+        self, node: Node, out: StageDir, manifest: dict | None, parent: dict | None, provenance: dict, key: str
+    ) -> str:
         """Why a node must run: never run, interrupted, corrupted, or which knob/input/version changed
         (against its own last manifest, or for a fork's new stage, against the parent's)."""
         if manifest is None:
@@ -171,8 +172,13 @@ class Runner:
         spec = REGISTRY[node.stage]
         out = self.run.dir(node)
         settings = self.config.orchestration
-        lease = StageLease(self.run.storage, f"iter-{node.iteration}-{node.folder}", label=node.label,
-                           ttl=settings.lease_seconds, wait=settings.wait_for_running_stage)  # fmt: skip
+        lease = StageLease(
+            self.run.storage,
+            f"iter-{node.iteration}-{node.folder}",
+            label=node.label,
+            ttl=settings.lease_seconds,
+            wait=settings.wait_for_running_stage,
+        )
         with lease:
             if lease.waited and not prepared.force:  # the holder may have done it meanwhile
                 record = out.verify(key)

@@ -16,8 +16,19 @@ from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dum
 from alphaspin.stage_spec import Node
 from alphaspin.storage import RunStorage, StageDir, StageRecord
 
-PACKAGES = ("alphaspin", "torch", "transformers", "peft", "trl", "datasets", "lm_eval", "prefect", "vllm", "fsspec",
-            "s3fs")  # fmt: skip
+PACKAGES = (
+    "alphaspin",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "lm_eval",
+    "prefect",
+    "vllm",
+    "fsspec",
+    "s3fs",
+)
 
 
 class RunConflictError(RuntimeError):

@@ -284,8 +284,9 @@ class StageDir:
             return None
         return manifest if isinstance(manifest, dict) and manifest.get("version") == MANIFEST_VERSION else None
 
-    def verify(self, expected_key: str | None = None, check_hashes: bool = True,
-               manifest: dict[str, Any] | None = None) -> StageRecord | None:  # fmt: skip
+    def verify(
+        self, expected_key: str | None = None, check_hashes: bool = True, manifest: dict[str, Any] | None = None
+    ) -> StageRecord | None:
         """The stage's record if its manifest verifies (and carries ``expected_key``), else None.
         ``manifest``: the manifest already read by the caller (it is read otherwise)."""
         manifest = manifest if manifest is not None else self.read_manifest()
@@ -330,8 +331,15 @@ class StageDir:
             metrics=manifest.get("metrics", {}),
         )
 
-    def commit(self, stage: str, iteration: int | None, key: str, metrics: dict[str, Any] | None = None,
-               attempt: str | None = None, provenance: dict[str, Any] | None = None) -> StageRecord:  # fmt: skip
+    def commit(
+        self,
+        stage: str,
+        iteration: int | None,
+        key: str,
+        metrics: dict[str, Any] | None = None,
+        attempt: str | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> StageRecord:
         """Hash every file of the stage (scratch excluded) and write the manifest, last.
 
         ``attempt`` is given only when adopting another run's identical stage (same files, same
@@ -370,8 +378,14 @@ class StageDir:
         for name in manifest["files"]:
             self.write_bytes(name, source.read_bytes(name))
         metrics = {**manifest.get("metrics", {}), "adopted_from": source.url}
-        return self.commit(manifest["stage"], manifest.get("iteration"), key, metrics, attempt=manifest.get("attempt"),
-                           provenance=manifest.get("provenance"))  # fmt: skip
+        return self.commit(
+            manifest["stage"],
+            manifest.get("iteration"),
+            key,
+            metrics,
+            attempt=manifest.get("attempt"),
+            provenance=manifest.get("provenance"),
+        )
 
     def reset(self, keep_scratch: bool = True) -> None:
         """Make the stage not-done: remove the manifest first, then its old files."""

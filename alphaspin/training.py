@@ -104,15 +104,21 @@ def run_training(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> di
     lora = config.training.lora
     peft_config = None
     if previous is None:
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
         model = base
     else:  # θ_t starts from θ_(t-1)
         model = PeftModel.from_pretrained(base, ws.local_adapter(previous), is_trainable=True)
     args = ws.dpo_args(output_dir=str(output_dir))
     dataset = pairs_to_dataset(pairs, REFERENCE_COLUMNS)
-    trainer = GeometricReferenceDPOTrainer(model=model, args=args, train_dataset=dataset,
-                                           processing_class=ws.tokenizer, peft_config=peft_config)  # fmt: skip
+    trainer = GeometricReferenceDPOTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=ws.tokenizer, peft_config=peft_config
+    )
     total = trainer.get_train_dataloader().__len__()
     total_steps = max(
         1, int(round(total * config.training.num_train_epochs / config.training.gradient_accumulation_steps))

@@ -92,12 +92,14 @@ def build_vllm_inputs(
         lora = lora_spec(request.adapter_path)
         if lora is not None and seen.setdefault(lora["id"], lora["path"]) != lora["path"]:
             raise ValueError(f"adapters {seen[lora['id']]} and {lora['path']} hash to the same LoRA id")
-        inputs.append({
-            "id": request.id,
-            "prompt_token_ids": [int(t) for t in request.prompt_ids],
-            "lora": lora,
-            "sampling": sampling_kwargs(config, request.seed, stop_token_ids),
-        })  # fmt: skip
+        inputs.append(
+            {
+                "id": request.id,
+                "prompt_token_ids": [int(t) for t in request.prompt_ids],
+                "lora": lora,
+                "sampling": sampling_kwargs(config, request.seed, stop_token_ids),
+            }
+        )
     return inputs
 
 
@@ -129,8 +131,9 @@ def serving_lora_rank(config: GenerationConfig, adapter_paths: Sequence[str]) ->
     return served
 
 
-def engine_kwargs(model_path: str, config: GenerationConfig, dtype: torch.dtype | str,
-                  adapter_paths: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+def engine_kwargs(
+    model_path: str, config: GenerationConfig, dtype: torch.dtype | str, adapter_paths: Sequence[str]
+) -> dict[str, Any]:
     """Keyword arguments of the one ``vllm.LLM`` engine that serves the base and every adapter."""
     kwargs: dict[str, Any] = {
         "model": model_path,
@@ -175,8 +178,14 @@ class VllmBackend:
     """`alphaspin.generation.GenerationBackend` on one vLLM engine serving the base policy and the
     LoRA adapters of ``adapter_paths`` (every opponent member the engine will be asked for)."""
 
-    def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig,
-                 dtype: torch.dtype | str = torch.bfloat16, adapter_paths: Sequence[str] = ()):  # fmt: skip
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        config: GenerationConfig,
+        dtype: torch.dtype | str = torch.bfloat16,
+        adapter_paths: Sequence[str] = (),
+    ):
         try:
             from vllm import LLM
         except ImportError as error:
@@ -216,8 +225,9 @@ class VllmBackend:
             raise ValueError(f"adapters not served by this engine (pass them as adapter_paths): {sorted(unknown)}")
         prompts = [TokensPrompt(prompt_token_ids=i["prompt_token_ids"]) for i in inputs]
         params = [SamplingParams(**i["sampling"]) for i in inputs]
-        loras = [LoRARequest(i["lora"]["name"], i["lora"]["id"], i["lora"]["path"]) if i["lora"] else None
-                 for i in inputs]  # fmt: skip
+        loras = [
+            LoRARequest(i["lora"]["name"], i["lora"]["id"], i["lora"]["path"]) if i["lora"] else None for i in inputs
+        ]
         lora_request = loras if any(lora is not None for lora in loras) else None
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
         if len(outputs) != len(requests):

@@ -121,8 +121,14 @@ def versions() -> dict[str, str]:
     return package_versions()
 
 
-def result(name: str, config: dict[str, Any], measured: dict[str, Any], summary: dict[str, Any],
-           notes: Sequence[str] = (), machine_info: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def result(
+    name: str,
+    config: dict[str, Any],
+    measured: dict[str, Any],
+    summary: dict[str, Any],
+    notes: Sequence[str] = (),
+    machine_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The JSON every benchmark prints."""
     return {
         "benchmark": name,
@@ -260,8 +266,13 @@ def lora_adapter(model_path: str, folder: Path, seed: int, r: int = 16, scale: f
     from alphaspin.models import load_base_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = get_peft_model(load_base_model(model_path), config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

@@ -23,10 +23,17 @@ from bench import common
 NAME = "cpu_stages"
 
 
-def run(recipe: str = "configs/quickstart.yaml", model: str | None = None, iterations: int | None = None,
-        pairs: int | None = None, max_new_tokens: int | None = None, max_length: int | None = None,
-        heldout: int | None = None, light_evaluation: bool = False,
-        overrides: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    recipe: str = "configs/quickstart.yaml",
+    model: str | None = None,
+    iterations: int | None = None,
+    pairs: int | None = None,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    heldout: int | None = None,
+    light_evaluation: bool = False,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     from alphaspin.config import dump_config, load_config
     from alphaspin.pipeline import run as run_pipeline
 
@@ -69,11 +76,18 @@ def run(recipe: str = "configs/quickstart.yaml", model: str | None = None, itera
         "final_metrics": results[-1] if results else None,
     }
     resolved = dump_config(config)
-    config_out = {"recipe": recipe, "overrides": scaled, "model": model and common.model_label(model) or
-                  resolved["model"]["name_or_path"], "iterations": f"0..{config.method.iterations}",
-                  "pairs": [config.method.pairs_first_iteration, config.method.pairs_per_iteration],
-                  "heldout": config.data.heldout_size, "max_new_tokens": config.generation.max_new_tokens,
-                  "max_length": config.training.max_length, "device": "cpu", "resolved": resolved}  # fmt: skip
+    config_out = {
+        "recipe": recipe,
+        "overrides": scaled,
+        "model": model and common.model_label(model) or resolved["model"]["name_or_path"],
+        "iterations": f"0..{config.method.iterations}",
+        "pairs": [config.method.pairs_first_iteration, config.method.pairs_per_iteration],
+        "heldout": config.data.heldout_size,
+        "max_new_tokens": config.generation.max_new_tokens,
+        "max_length": config.training.max_length,
+        "device": "cpu",
+        "resolved": resolved,
+    }
     calls = [{"label": common.stage_label(e), **e} for e in log]
     notes = ["scaled down from the recipe by " + ", ".join(scaled)] if scaled else ["the recipe as shipped"]
     notes.append(
@@ -87,14 +101,18 @@ def table(data: dict[str, Any]) -> str:
     iterations = sorted({c["iteration"] for c in calls})
     labels = list(dict.fromkeys(c["label"] for c in calls))
     seconds = {(c["label"], c["iteration"]): c["seconds"] for c in calls}
-    rows = [[label, *(seconds.get((label, t)) for t in iterations),
-             sum(seconds.get((label, t)) or 0.0 for t in iterations)] for label in labels]  # fmt: skip
+    rows = [
+        [label, *(seconds.get((label, t)) for t in iterations), sum(seconds.get((label, t)) or 0.0 for t in iterations)]
+        for label in labels
+    ]
     s = data["summary"]
-    rows.append(["total", *(sum(v for (_, t), v in seconds.items() if t == it) for it in iterations),
-                 s["stage_seconds_total"]])  # fmt: skip
-    title = (f"CPU run per stage ({data['config']['model']}, t = {data['config']['iterations']}, pairs "
-             f"{data['config']['pairs']}): wall {s['wall_seconds']:.1f} s"
-             + (" [scaled down]" if s["scaled_down"] else ""))  # fmt: skip
+    rows.append(
+        ["total", *(sum(v for (_, t), v in seconds.items() if t == it) for it in iterations), s["stage_seconds_total"]]
+    )
+    title = (
+        f"CPU run per stage ({data['config']['model']}, t = {data['config']['iterations']}, pairs "
+        f"{data['config']['pairs']}): wall {s['wall_seconds']:.1f} s" + (" [scaled down]" if s["scaled_down"] else "")
+    )
     return common.format_table(["stage", *(f"t={t} s" for t in iterations), "all s"], rows, title)
 
 
@@ -108,15 +126,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, help="generation.max_new_tokens (default: the recipe's)")
     parser.add_argument("--max-length", type=int, help="training.max_length (default: the recipe's)")
     parser.add_argument("--heldout", type=int, help="data.heldout_size (default: the recipe's)")
-    parser.add_argument("--light-evaluation", action="store_true",
-                        help="evaluate with the held-out metrics only (no lm-eval, no judged chat)")  # fmt: skip
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other config override, as alphaspin run --set")  # fmt: skip
+    parser.add_argument(
+        "--light-evaluation",
+        action="store_true",
+        help="evaluate with the held-out metrics only (no lm-eval, no judged chat)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other config override, as alphaspin run --set",
+    )
     args = parser.parse_args(argv)
     with common.stdout_to_stderr():
-        data = run(recipe=args.recipe, model=args.model, iterations=args.iterations, pairs=args.pairs,
-                   max_new_tokens=args.max_new_tokens, max_length=args.max_length, heldout=args.heldout,
-                   light_evaluation=args.light_evaluation, overrides=args.overrides)  # fmt: skip
+        data = run(
+            recipe=args.recipe,
+            model=args.model,
+            iterations=args.iterations,
+            pairs=args.pairs,
+            max_new_tokens=args.max_new_tokens,
+            max_length=args.max_length,
+            heldout=args.heldout,
+            light_evaluation=args.light_evaluation,
+            overrides=args.overrides,
+        )
     common.emit(data, table(data), common.out_path(args, NAME))
     return 0
 

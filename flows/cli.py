@@ -32,9 +32,14 @@ def _print_iteration(t: int, metrics: dict[str, Any]) -> None:
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML recipe (configs/*.yaml); default: built-in defaults")
     parser.add_argument(
-        "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a field, e.g. --set method.alpha=1.0 --set method.history=inf (repeatable)",
-    )  # fmt: skip
+    )
 
 
 def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[int, set[str]]) -> list[dict]:
@@ -46,8 +51,9 @@ def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[i
         return run(config, force=force, fork_from=args.fork_from, on_iteration=_print_iteration)
     from alphaspin.flows.alphaspin_run import alphaspin_run
 
-    return alphaspin_run(config=config, force=[f"{t}:{s}" for t, ss in force.items() for s in sorted(ss)],
-                         fork_from=args.fork_from)  # fmt: skip
+    return alphaspin_run(
+        config=config, force=[f"{t}:{s}" for t, ss in force.items() for s in sorted(ss)], fork_from=args.fork_from
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -82,8 +88,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     for t in range(config.method.iterations + 1):
         for node in iteration_nodes(config, t):
             record = run.dir(node).verify(check_hashes=args.verify)
-            rows.append({"iteration": t, "stage": node.folder, "done": record is not None,
-                         "metrics": record.metrics if record else None})  # fmt: skip
+            rows.append(
+                {
+                    "iteration": t,
+                    "stage": node.folder,
+                    "done": record is not None,
+                    "metrics": record.metrics if record else None,
+                }
+            )
     print(json.dumps(rows, indent=2, default=str))
     return 0
 
@@ -98,11 +110,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--fork-from {args.fork_from}: no run at {run.parent.url}")
     rows = plan(run, parse_force(args.force, config.method.iterations))
     if args.json:
-        print(json.dumps([{"iteration": r.node.iteration, "stage": r.node.folder, "status": r.status,
-                           "reason": r.reason} for r in rows], indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                [
+                    {"iteration": r.node.iteration, "stage": r.node.folder, "status": r.status, "reason": r.reason}
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
         return 0
-    print(f"plan of run {config.run.run_id} at {run.storage.url}"
-          + (f" (fork of {args.fork_from})" if args.fork_from else ""))  # fmt: skip
+    print(
+        f"plan of run {config.run.run_id} at {run.storage.url}"
+        + (f" (fork of {args.fork_from})" if args.fork_from else "")
+    )
     width = max(len(r.node.label) for r in rows)
     for row in rows:
         why = "" if row.status == "cached" else f"  {row.reason}"
@@ -163,38 +184,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run α-SPIN iterations t = 0..T (skips stages already done)",
-                         description="Run a recipe. Completed stages (valid manifest, same cache key) are skipped, "
-                         "so the same command resumes an interrupted run.", epilog=_knobs_epilog(),
-                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    run = sub.add_parser(
+        "run",
+        help="run α-SPIN iterations t = 0..T (skips stages already done)",
+        description="Run a recipe. Completed stages (valid manifest, same cache key) are skipped, "
+        "so the same command resumes an interrupted run.",
+        epilog=_knobs_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_args(run)
-    run.add_argument("--force", action="append", default=[], metavar="T:STAGE",
-                     help=f"re-run a stage even if done, e.g. --force 1:train; stages: {', '.join(STAGE_NAMES)}")  # fmt: skip
-    run.add_argument("--fork-from", metavar="RUN_ID",
-                     help="record that this run (a new run.run_id) forks RUN_ID's recipe with changed knobs")  # fmt: skip
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="T:STAGE",
+        help=f"re-run a stage even if done, e.g. --force 1:train; stages: {', '.join(STAGE_NAMES)}",
+    )
+    run.add_argument(
+        "--fork-from",
+        metavar="RUN_ID",
+        help="record that this run (a new run.run_id) forks RUN_ID's recipe with changed knobs",
+    )
     run.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect")
-    run.add_argument("--no-wait", action="store_true",
-                     help="if another process is running a stage of this run, stop with an error naming it "
-                     "instead of waiting (orchestration.wait_for_running_stage=false)")  # fmt: skip
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="if another process is running a stage of this run, stop with an error naming it "
+        "instead of waiting (orchestration.wait_for_running_stage=false)",
+    )
     run.set_defaults(func=cmd_run)
 
-    plan_ = sub.add_parser("plan", help="print what `run` would do to every stage, and why, without running anything",
-                           description="Every stage of every iteration: cached, adopted from the fork parent, or to "
-                           "run - and for each one that runs, why (a knob it reads changed, an input re-runs, its "
-                           "artifacts fail verification, ...).")  # fmt: skip
+    plan_ = sub.add_parser(
+        "plan",
+        help="print what `run` would do to every stage, and why, without running anything",
+        description="Every stage of every iteration: cached, adopted from the fork parent, or to "
+        "run - and for each one that runs, why (a knob it reads changed, an input re-runs, its "
+        "artifacts fail verification, ...).",
+    )
     _add_config_args(plan_)
     plan_.add_argument("--fork-from", metavar="RUN_ID", help="plan this run as a fork of RUN_ID")
     plan_.add_argument("--force", action="append", default=[], metavar="T:STAGE", help="as for run")
     plan_.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan_.set_defaults(func=cmd_plan)
 
-    rerun = sub.add_parser("rerun", help="force one stage of one iteration of an existing run, and what follows it",
-                           description="Re-execute STAGE at ITERATION; downstream stages re-run because their cache "
-                           "keys include upstream manifests; upstream stages stay cached.")  # fmt: skip
+    rerun = sub.add_parser(
+        "rerun",
+        help="force one stage of one iteration of an existing run, and what follows it",
+        description="Re-execute STAGE at ITERATION; downstream stages re-run because their cache "
+        "keys include upstream manifests; upstream stages stay cached.",
+    )
     rerun.add_argument("--run-id", required=True, help="the run (its config is read from run.json)")
     rerun.add_argument("--runs-root", default="./runs", help="fsspec URL holding the run (default ./runs)")
     rerun.add_argument("--iteration", "-t", type=int, required=True, help="iteration t")
-    rerun.add_argument("--stage", action="append", required=True, choices=STAGE_NAMES, help="stage to force (repeatable)")
+    rerun.add_argument(
+        "--stage", action="append", required=True, choices=STAGE_NAMES, help="stage to force (repeatable)"
+    )
     rerun.add_argument("--no-prefect", action="store_true", help="run without Prefect")
     rerun.add_argument("--no-wait", action="store_true", help="as for run")
     rerun.set_defaults(func=cmd_rerun, fork_from=None)
@@ -229,8 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     from alphaspin.data import DataError
     from alphaspin.leases import LeaseHeldError

@@ -121,8 +121,9 @@ def finished_iterations(config: AlphaSpinConfig) -> list[int]:
 def _recipe_run_name() -> str:
     parameters = current_flow_run.parameters
     try:
-        config = resolve_config(parameters.get("recipe", "quickstart"), parameters.get("overrides"),
-                                parameters.get("config"))  # fmt: skip
+        config = resolve_config(
+            parameters.get("recipe", "quickstart"), parameters.get("overrides"), parameters.get("config")
+        )
         return config.run.run_id
     except Exception:  # the flow itself reports a bad config; the name just falls back
         return str(parameters.get("recipe", "alphaspin"))
@@ -153,16 +154,27 @@ def alphaspin_recipe(
     in this flow run.
     """
     resolved = resolve_config(recipe, overrides, config)
-    print(f"run {resolved.run.run_id} at {resolved.run.runs_root}: iterations 0..{resolved.method.iterations}, "
-          f"alpha={resolved.method.alpha}, history={resolved.method.history}")  # fmt: skip
+    print(
+        f"run {resolved.run.run_id} at {resolved.run.runs_root}: iterations 0..{resolved.method.iterations}, "
+        f"alpha={resolved.method.alpha}, history={resolved.method.history}"
+    )
     if not iteration_deployment:
-        return alphaspin_run.fn(config=resolved, force_stages=list(force_stages) or None,
-                                force_iterations=list(force_iterations) or None, fork_from=fork_from)  # fmt: skip
+        return alphaspin_run.fn(
+            config=resolved,
+            force_stages=list(force_stages) or None,
+            force_iterations=list(force_iterations) or None,
+            fork_from=fork_from,
+        )
     return _run_iterations_on(iteration_deployment, resolved, list(force_stages), list(force_iterations), fork_from)
 
 
-def _run_iterations_on(deployment: str, config: AlphaSpinConfig, force_stages: list[str], force_iterations: list[int],
-                       fork_from: str | None) -> list[dict[str, Any]]:  # fmt: skip
+def _run_iterations_on(
+    deployment: str,
+    config: AlphaSpinConfig,
+    force_stages: list[str],
+    force_iterations: list[int],
+    fork_from: str | None,
+) -> list[dict[str, Any]]:
     """Each iteration as a child run of ``deployment`` (on its pool), one after the other."""
     from alphaspin.tasks import ensure_run, publish_report
 
@@ -179,7 +191,7 @@ def _run_iterations_on(deployment: str, config: AlphaSpinConfig, force_stages: l
                 "runs_root": config.run.runs_root,
                 "iteration": t,
                 "force_stages": forced[t],
-            },  # fmt: skip
+            },
             flow_run_name=f"{config.run.run_id}-iter-{t}",
             timeout=None,  # wait as long as the iteration takes (it may queue behind the GPU limit)
         )

@@ -92,8 +92,9 @@ def run_stage(config: AlphaSpinConfig, node: Node, inputs: Inputs, force: bool =
     if config.orchestration.result_storage:
         options["result_storage"] = config.orchestration.result_storage
     if REGISTRY[node.stage].gpu:
-        options.update(retries=config.orchestration.retries,
-                       retry_delay_seconds=config.orchestration.retry_delay_seconds)  # fmt: skip
+        options.update(
+            retries=config.orchestration.retries, retry_delay_seconds=config.orchestration.retry_delay_seconds
+        )
     state = STAGE_TASKS[node.stage].with_options(**options)(config=config, prepared=prepared, return_state=True)
     record = state.result()  # raises the stage's error when it failed
     _check_result_written(node.label, prefect_cache_key(config, prepared), options.get("result_storage"))
@@ -147,8 +148,11 @@ def _slug(run_id: str) -> str:
 def publish_metrics(config: AlphaSpinConfig, iteration: int, metrics: dict[str, Any]) -> None:
     """The iteration's metrics as a table artifact."""
     rows = [{"metric": k, "value": v} for k, v in sorted(metrics.items()) if isinstance(v, int | float)]
-    create_table_artifact(table=rows, key=f"{_slug(config.run.run_id)}-iter-{iteration}-metrics",
-                          description=f"{config.run.run_id} iteration {iteration} metrics")  # fmt: skip
+    create_table_artifact(
+        table=rows,
+        key=f"{_slug(config.run.run_id)}-iter-{iteration}-metrics",
+        description=f"{config.run.run_id} iteration {iteration} metrics",
+    )
 
 
 @task(name="publish_report", persist_result=False)
@@ -157,7 +161,9 @@ def publish_report(config: AlphaSpinConfig) -> str:
     from alphaspin.reporting import write_run_report
 
     report = write_run_report(Run(config).storage)
-    create_markdown_artifact(markdown=report["markdown"] + f"\n\nCharts: `{report['url']}`",
-                             key=f"{_slug(config.run.run_id)}-report",
-                             description=f"α-SPIN report of {config.run.run_id}")  # fmt: skip
+    create_markdown_artifact(
+        markdown=report["markdown"] + f"\n\nCharts: `{report['url']}`",
+        key=f"{_slug(config.run.run_id)}-report",
+        description=f"α-SPIN report of {config.run.run_id}",
+    )
     return report["url"]

@@ -88,7 +88,10 @@ def fingerprint(name: str, data: bytes) -> dict[str, Any]:
         content = _round_json(json.loads(data))
         text = json.dumps(content, sort_keys=True)
         exact = json.dumps(_strip_commit(json.loads(data)), sort_keys=True)
-        return {"sha256": hashlib.sha256(exact.encode()).hexdigest(), "values": hashlib.sha256(text.encode()).hexdigest()[:16]}
+        return {
+            "sha256": hashlib.sha256(exact.encode()).hexdigest(),
+            "values": hashlib.sha256(text.encode()).hexdigest()[:16],
+        }
     return {"sha256": hashlib.sha256(data).hexdigest(), "values": hashlib.sha256(data).hexdigest()[:16]}
 
 

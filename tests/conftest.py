@@ -40,8 +40,13 @@ def tiny_overrides(model: str, runs_root) -> list[str]:
     """The quickstart recipe on the tiny model, in ``runs_root``. The judged chat keeps running (its
     whole path: answers, the in-process judge server, the ratings) but with the tiny model as judge:
     the quickstart's 135M judge alone takes ~40 s per iteration on 2 cores."""
-    return [f"model.name_or_path={model}", f"run.runs_root={runs_root}", *TINY_OVERRIDES,
-            f"evaluation.judge.model={model}", "evaluation.judge.answer_max_new_tokens=8"]  # fmt: skip
+    return [
+        f"model.name_or_path={model}",
+        f"run.runs_root={runs_root}",
+        *TINY_OVERRIDES,
+        f"evaluation.judge.model={model}",
+        "evaluation.judge.answer_max_new_tokens=8",
+    ]
 
 
 @pytest.fixture(scope="session")

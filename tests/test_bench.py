@@ -19,7 +19,10 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an in
 
 from bench import common, cpu_stages, dpo_throughput, generation, reference_cache, resume  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]  # every benchmark at its smallest size (about a minute)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore"),
+]  # every benchmark at its smallest size (about a minute)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,8 +63,9 @@ def test_dpo_throughput_smoke():
 
 
 def test_reference_cache_smoke():
-    data = reference_cache.run(model="tiny", pairs=3, heldout=2, max_length=48, max_new_tokens=4,
-                               reference_batch_size=4, repeats=1)  # fmt: skip
+    data = reference_cache.run(
+        model="tiny", pairs=3, heldout=2, max_length=48, max_new_tokens=4, reference_batch_size=4, repeats=1
+    )
     _check_common(data, "reference_cache")
     s = data["summary"]
     assert all(_finite(s[k]) for k in ("ratio_stage_wall", "ratio_forward_only", "forward_work_bound"))
@@ -81,8 +85,11 @@ def test_resume_smoke():
     assert _finite(s["ratio_upstream_rerun_over_first"])
     assert s["upstream_all_skipped_in_rerun"] and s["upstream_stages"] == 4  # sample, generate, pairs, reference
     assert [r["stage"] for r in data["results"]["upstream"]] == [
-        "sample_prompts", "generate-base", "build_pairs", "reference_logps",
-    ]  # fmt: skip
+        "sample_prompts",
+        "generate-base",
+        "build_pairs",
+        "reference_logps",
+    ]
 
 
 def test_generation_smoke():
@@ -99,9 +106,30 @@ def test_script_prints_json_table_and_saves(tmp_path):
     (a subprocess: the script's process-wide settings stay out of this test session)."""
     out = tmp_path / "generation.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "bench.generation", "--model", "tiny", "--prompts", "2",
-                           "--max-new-tokens", "2", "--members", "1", "--rows", "cpu-transformers",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.generation",
+            "--model",
+            "tiny",
+            "--prompts",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--members",
+            "1",
+            "--rows",
+            "cpu-transformers",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     printed = json.loads(done.stdout)
     assert printed == json.loads(out.read_text())
@@ -110,12 +138,19 @@ def test_script_prints_json_table_and_saves(tmp_path):
 
 
 def test_cpu_stages_smoke():
-    data = cpu_stages.run(model="tiny", iterations=0, pairs=3, max_new_tokens=4, max_length=48, heldout=2,
-                          light_evaluation=True)  # fmt: skip
+    data = cpu_stages.run(
+        model="tiny", iterations=0, pairs=3, max_new_tokens=4, max_length=48, heldout=2, light_evaluation=True
+    )
     _check_common(data, "cpu_stages")
     s = data["summary"]
-    assert set(s["seconds_per_stage"]) == {"sample_prompts", "generate", "build_pairs", "reference_logps", "train",
-                                           "evaluate"}  # fmt: skip
+    assert set(s["seconds_per_stage"]) == {
+        "sample_prompts",
+        "generate",
+        "build_pairs",
+        "reference_logps",
+        "train",
+        "evaluate",
+    }
     assert all(_finite(v) and v >= 0 for v in s["seconds_per_stage"].values()) and s["scaled_down"]
     assert _finite(s["wall_seconds"]) and s["wall_seconds"] >= s["stage_seconds_total"]
 

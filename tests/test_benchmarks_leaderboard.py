@@ -220,9 +220,14 @@ def test_offline_arc_easy_with_lora_adapter(base_run, base_model_path, lora_adap
     from alphaspin.benchmarks.leaderboard import run_lm_eval
 
     result = run_lm_eval(
-        base_model_path, lora_adapter, ["alphaspin_arc_easy"], limit=8, output_dir=str(tmp_path), log_samples=True,
+        base_model_path,
+        lora_adapter,
+        ["alphaspin_arc_easy"],
+        limit=8,
+        output_dir=str(tmp_path),
+        log_samples=True,
         adapter_label="iter-0/train/adapter",
-    )  # fmt: skip
+    )
 
     # The record names the adapter by its label, never by the local (temporary) folder it was read from,
     # and what changes from run to run lies in the timing file, not in the results file.

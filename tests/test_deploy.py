@@ -145,11 +145,32 @@ class Postgres:
         subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=timeout, cwd=self.dir)
 
     def start(self) -> Postgres:
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "prefect", "--auth=trust",
-                  "--no-sync", "-E", "UTF8", "--no-instructions")  # fmt: skip
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "prefect",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-w",
-                  "-t", "90", "-o", options, "start")  # fmt: skip
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "postgres.log"),
+            "-w",
+            "-t",
+            "90",
+            "-o",
+            options,
+            "start",
+        )
         return self
 
     def stop(self) -> None:
@@ -191,34 +212,41 @@ class Stack:
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "ALPHASPIN_HOME"}
-        self.env.update({
-            "PREFECT_HOME": str(workdir / "prefect-home"),
-            "PREFECT_API_URL": self.api_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_UI_ENABLED": "false",  # the API is what is tested; the UI costs startup time
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_CLI_WRAP_LINES": "false",
-            "DO_NOT_TRACK": "1",
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "COLUMNS": "200",
-        })  # fmt: skip
+        self.env.update(
+            {
+                "PREFECT_HOME": str(workdir / "prefect-home"),
+                "PREFECT_API_URL": self.api_url,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_UI_ENABLED": "false",  # the API is what is tested; the UI costs startup time
+                "PREFECT_WORKER_QUERY_SECONDS": "1",
+                "PREFECT_CLI_WRAP_LINES": "false",
+                "DO_NOT_TRACK": "1",
+                "HF_HUB_OFFLINE": "1",
+                "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "COLUMNS": "200",
+            }
+        )
         if database_url:
             self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
         self.processes: list[tuple[subprocess.Popen, int, float]] = []
 
     def spawn(self, name: str, args: list[str], interrupts: int, grace: float) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")
-        process = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         self.processes.append((process, interrupts, grace))
         return process
 
     def start_server(self, timeout: float = 180) -> None:
-        server = self.spawn("server", [_prefect_exe(), "server", "start", "--host", "127.0.0.1", "--port",
-                                       str(self.port)], interrupts=1, grace=20)  # fmt: skip
+        server = self.spawn(
+            "server",
+            [_prefect_exe(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            interrupts=1,
+            grace=20,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if server.poll() is not None:
@@ -233,8 +261,7 @@ class Stack:
         raise AssertionError(f"prefect server not up after {timeout} s:\n{_tail(self.log('server'))}")
 
     def start_worker(self, pool: str) -> subprocess.Popen:
-        return self.spawn(f"worker-{pool}", [_prefect_exe(), "worker", "start", "--pool", pool],
-                          interrupts=2, grace=10)  # fmt: skip
+        return self.spawn(f"worker-{pool}", [_prefect_exe(), "worker", "start", "--pool", pool], interrupts=2, grace=10)
 
     def log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
@@ -249,8 +276,9 @@ class Stack:
         return output
 
     def cli_args(self, args: list[str], timeout: float = 180) -> str:
-        done = subprocess.run([_prefect_exe(), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)  # fmt: skip
+        done = subprocess.run(
+            [_prefect_exe(), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         output = done.stdout + done.stderr
         assert done.returncode == 0, f"`prefect {' '.join(args)}` failed ({done.returncode}):\n{output[-4000:]}"
         return output
@@ -385,7 +413,9 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
             [(child_state, stages)] = _iteration_runs(client, run_id)
             assert child_state == "Failed"
             assert {s: st.name for s, st in stages.items()} == {
-                **dict.fromkeys(STAGE_TASKS[:-1], "Completed"), "evaluate": "Failed"}  # fmt: skip
+                **dict.fromkeys(STAGE_TASKS[:-1], "Completed"),
+                "evaluate": "Failed",
+            }
             assert "Not a directory" in (stages["evaluate"].message or ""), stages["evaluate"].message
 
             # 2. Fix the cause, retry the flow run as the UI's Retry button does.
@@ -398,7 +428,9 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
             runs = _iteration_runs(client, run_id)
             assert [state for state, _ in runs] == ["Failed", "Completed"]
             assert {s: st.name for s, st in runs[-1][1].items()} == {
-                **dict.fromkeys(STAGE_TASKS[:-1], "Cached"), "evaluate": "Completed"}  # fmt: skip
+                **dict.fromkeys(STAGE_TASKS[:-1], "Cached"),
+                "evaluate": "Completed",
+            }
             metrics = json.loads((runs_root / RUN_ID / "iter-0" / "evaluate" / MANIFEST).read_text())["metrics"]
             assert "heldout/loglik_per_token" in metrics
 
@@ -413,8 +445,10 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
                 tasks = _task_states(client, evaluation_id)
                 assert tasks.get("evaluate") == "Completed", tasks
     except BaseException:
-        print(f"timings so far: {timings}\n--- server log:\n{_tail(stack.log('server'))}"
-              f"\n--- worker log:\n{_tail(stack.log('worker-cpu'), 120)}")  # fmt: skip
+        print(
+            f"timings so far: {timings}\n--- server log:\n{_tail(stack.log('server'))}"
+            f"\n--- worker log:\n{_tail(stack.log('worker-cpu'), 120)}"
+        )
         raise
     finally:
         stack.stop()

@@ -24,9 +24,13 @@ def benchmarked(tmp_path_factory, tiny_model):
     from alphaspin.config import load_config
 
     root = tmp_path_factory.mktemp("runs")
-    overrides = [*tiny_overrides(tiny_model, root), "evaluation.benchmark_limit=4", "evaluation.judge.per_category=1",
-                 "evaluation.judge.answer_max_new_tokens=6",
-                 "evaluation.judge.categories=[writing, math, stem]"]  # fmt: skip
+    overrides = [
+        *tiny_overrides(tiny_model, root),
+        "evaluation.benchmark_limit=4",
+        "evaluation.judge.per_category=1",
+        "evaluation.judge.answer_max_new_tokens=6",
+        "evaluation.judge.categories=[writing, math, stem]",
+    ]
     config = load_config("configs/quickstart.yaml", overrides)
     spin = load_config("configs/quickstart.yaml", [*overrides, "method.alpha=1.0", "run.run_id=spin"])
     return config, run(config), run(spin), root

@@ -28,8 +28,13 @@ def _build_trainer(tiny_model: str, tmp_path, training: TrainingConfig):
     tokenizer = load_tokenizer(tiny_model)
     model = load_base_model(tiny_model)
     lora = training.lora
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     pairs = pd.DataFrame(
         {
             "id": ["a", "b"],

@@ -19,7 +19,10 @@ from alphaspin.stages import REGISTRY
 from alphaspin.storage import StorageError
 from alphaspin.testing.s3server import SeaweedS3
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]  # whole runs through a Prefect server (minutes on 2 cores)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("prefect_server"),
+]  # whole runs through a Prefect server (minutes on 2 cores)
 
 
 def task_states(flow_run_id) -> dict[str, str]:
@@ -51,10 +54,23 @@ def patch_stage(monkeypatch: pytest.MonkeyPatch, name: str, function) -> None:
     monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], function=function))
 
 
-ITERATION_0 = ["iter-0/sample_prompts", "iter-0/generate-base", "iter-0/build_pairs", "iter-0/reference_logps",
-               "iter-0/train", "iter-0/evaluate"]  # fmt: skip
-ITERATION_1 = ["iter-1/sample_prompts", "iter-1/generate-base", "iter-1/generate-iter-0", "iter-1/build_pairs",
-               "iter-1/reference_logps", "iter-1/train", "iter-1/evaluate"]  # fmt: skip
+ITERATION_0 = [
+    "iter-0/sample_prompts",
+    "iter-0/generate-base",
+    "iter-0/build_pairs",
+    "iter-0/reference_logps",
+    "iter-0/train",
+    "iter-0/evaluate",
+]
+ITERATION_1 = [
+    "iter-1/sample_prompts",
+    "iter-1/generate-base",
+    "iter-1/generate-iter-0",
+    "iter-1/build_pairs",
+    "iter-1/reference_logps",
+    "iter-1/train",
+    "iter-1/evaluate",
+]
 
 
 def run_flow(config, **kwargs):

@@ -99,13 +99,17 @@ def test_stored_reference_logps_equal_hand_computation(finished_run, tiny_model)
     table = stored.dir(Node("reference_logps", 1)).read_table("reference.parquet").head(3)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tokenizer = ctx.tokenizer
-    expected_base = [[_logps_by_hand(base, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
-                     for r in table.itertuples()]  # fmt: skip
+    expected_base = [
+        [_logps_by_hand(base, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
+        for r in table.itertuples()
+    ]
     trained = Node("train", 0)
     adapter_dir = ctx.local_adapter(Artifact(stored.stored_record(trained), stored.dir(trained)))
     prev = PeftModel.from_pretrained(base, adapter_dir).eval()
-    expected_prev = [[_logps_by_hand(prev, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
-                     for r in table.itertuples()]  # fmt: skip
+    expected_prev = [
+        [_logps_by_hand(prev, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
+        for r in table.itertuples()
+    ]
     for i, row in enumerate(table.itertuples()):
         assert row.lp_base_chosen == pytest.approx(expected_base[i][0], abs=2e-4)
         assert row.lp_base_rejected == pytest.approx(expected_base[i][1], abs=2e-4)
@@ -141,10 +145,21 @@ def test_alpha_one_reproduces_the_reference_trl_computes_from_the_previous_itera
     adapter = ctx.local_adapter(Artifact(previous, stored.dir(trained)))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter, is_trainable=True)
     # TRL's own reference forward must see the model as ours does: without dropout.
-    args = dpo_config(spin.training.model_copy(update={"disable_dropout": True}), str(tmp_path / "trl"), 0, use_cpu=True)
+    args = dpo_config(
+        spin.training.model_copy(update={"disable_dropout": True}), str(tmp_path / "trl"), 0, use_cpu=True
+    )
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs_to_dataset(ours), processing_class=ctx.tokenizer)
-    trl_ref = pd.DataFrame({"id": trainer.train_dataset["id"], "c": trainer.train_dataset["ref_chosen_logps"],
-                            "r": trainer.train_dataset["ref_rejected_logps"]}).set_index("id").loc[ours.id]  # fmt: skip
+    trl_ref = (
+        pd.DataFrame(
+            {
+                "id": trainer.train_dataset["id"],
+                "c": trainer.train_dataset["ref_chosen_logps"],
+                "r": trainer.train_dataset["ref_rejected_logps"],
+            }
+        )
+        .set_index("id")
+        .loc[ours.id]
+    )
     assert ours.ref_chosen_logps.to_numpy() == pytest.approx(trl_ref.c.to_numpy(), abs=2e-4)
     assert ours.ref_rejected_logps.to_numpy() == pytest.approx(trl_ref.r.to_numpy(), abs=2e-4)
     ctx.close()
@@ -183,9 +198,20 @@ def test_plan_says_what_would_run_and_why_without_writing(finished_run, capsys):
     assert rows["iter-0/train"].reason == "differs from the fork parent's: training.beta changed (0.1 → 0.3)"
     assert not Run(fork).storage.exists(Run(fork).run_json)  # planning writes nothing
     # Through the CLI, as a person reads it.
-    code = main(["plan", "-c", "configs/quickstart.yaml",
-                 *[arg for item in tiny_overrides_of(config) for arg in ("--set", item)],
-                 "--set", "training.beta=0.3", "--set", "run.run_id=planned-fork", "--fork-from", config.run.run_id])  # fmt: skip
+    code = main(
+        [
+            "plan",
+            "-c",
+            "configs/quickstart.yaml",
+            *[arg for item in tiny_overrides_of(config) for arg in ("--set", item)],
+            "--set",
+            "training.beta=0.3",
+            "--set",
+            "run.run_id=planned-fork",
+            "--fork-from",
+            config.run.run_id,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "iter-0/train" in out and "training.beta changed (0.1 → 0.3)" in out
     assert "to run," in out and "adopted from the fork parent" in out
@@ -232,8 +258,15 @@ def test_adding_a_stage_is_one_module_and_one_registry_entry(finished_run, monke
         job.out.write_json("counts.json", {k: int(v) for k, v in counts.items()})
         return {"members": len(counts)}
 
-    spec = StageSpec(name="count_losers", function=count_losers, inputs=(Input("pairs", "build_pairs"),),
-                     reads=lambda config, t, member: {}, version=1, gpu=False, description="Count losers per member.")  # fmt: skip
+    spec = StageSpec(
+        name="count_losers",
+        function=count_losers,
+        inputs=(Input("pairs", "build_pairs"),),
+        reads=lambda config, t, member: {},
+        version=1,
+        gpu=False,
+        description="Count losers per member.",
+    )
     monkeypatch.setitem(REGISTRY, "count_losers", spec)
     config, _ = finished_run
     rows = {row.node.label: row for row in plan(Run(config))}
@@ -253,14 +286,26 @@ def test_a_fork_with_a_new_beta_reuses_exactly_the_stages_that_do_not_read_it(fi
     fork.run.run_id = "forked-beta"
     run(fork, fork_from=config.run.run_id)
     ctx = Run(fork)
-    adopted = {(t, name): "adopted_from" in ctx.storage.stage(t, name).verify().metrics
-               for t, names in STAGE_DIRS.items() for name in names}  # fmt: skip
+    adopted = {
+        (t, name): "adopted_from" in ctx.storage.stage(t, name).verify().metrics
+        for t, names in STAGE_DIRS.items()
+        for name in names
+    }
     assert adopted == {
-        (0, "sample_prompts"): True, (0, "generate-base"): True, (0, "build_pairs"): True,
-        (0, "reference_logps"): True, (0, "train"): False, (0, "evaluate"): False,
-        (1, "sample_prompts"): True, (1, "generate-base"): True, (1, "generate-iter-0"): False,
-        (1, "build_pairs"): False, (1, "reference_logps"): False, (1, "train"): False, (1, "evaluate"): False,
-    }  # fmt: skip
+        (0, "sample_prompts"): True,
+        (0, "generate-base"): True,
+        (0, "build_pairs"): True,
+        (0, "reference_logps"): True,
+        (0, "train"): False,
+        (0, "evaluate"): False,
+        (1, "sample_prompts"): True,
+        (1, "generate-base"): True,
+        (1, "generate-iter-0"): False,
+        (1, "build_pairs"): False,
+        (1, "reference_logps"): False,
+        (1, "train"): False,
+        (1, "evaluate"): False,
+    }
 
 
 def test_missing_dataset_column_is_a_clear_error_and_writes_nothing(make_config, tmp_path, capsys):
@@ -270,8 +315,18 @@ def test_missing_dataset_column_is_a_clear_error_and_writes_nothing(make_config,
     with pytest.raises(DataError, match=r"data\.prompt_column: .*sft\.jsonl has no column 'prompt'"):
         run(config)
     assert not (tmp_path / "runs").exists()
-    code = main(["run", "--no-prefect", "-c", "configs/quickstart.yaml", "--set", f"data.source={data}",
-                 "--set", f"run.runs_root={tmp_path / 'runs'}"])  # fmt: skip
+    code = main(
+        [
+            "run",
+            "--no-prefect",
+            "-c",
+            "configs/quickstart.yaml",
+            "--set",
+            f"data.source={data}",
+            "--set",
+            f"run.runs_root={tmp_path / 'runs'}",
+        ]
+    )
     assert code == 2 and "data.prompt_column" in capsys.readouterr().err
 
 
@@ -292,8 +347,12 @@ def test_too_many_pairs_for_the_data_names_the_field(make_config):
 def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config):
     """ipo does not cancel log Z(x); with normalized_reference the stored reference is
     α·lp_prev + (1−α)·lp_base − log Ẑ(x), Ẑ from samples of π_(t-1), the same for both answers."""
-    config = make_config("training.loss_type=ipo", "training.normalized_reference=true",
-                         "training.partition_samples=2", "method.alpha=0.5")  # fmt: skip
+    config = make_config(
+        "training.loss_type=ipo",
+        "training.normalized_reference=true",
+        "training.partition_samples=2",
+        "method.alpha=0.5",
+    )
     results = run(config)
     assert all(math.isfinite(r["train/loss"]) for r in results)
     ctx = Run(config)
@@ -301,4 +360,6 @@ def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config)
     assert (table.log_partition != 0).all() and table.log_partition.map(math.isfinite).all()
     expected = 0.5 * table.lp_prev_chosen + 0.5 * table.lp_base_chosen - table.log_partition
     assert table.ref_chosen_logps.to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-9)
-    assert (ctx.dir(Node("reference_logps", 0)).read_table("reference.parquet").log_partition == 0).all()  # Z = 1 at t = 0
+    assert (
+        ctx.dir(Node("reference_logps", 0)).read_table("reference.parquet").log_partition == 0
+    ).all()  # Z = 1 at t = 0

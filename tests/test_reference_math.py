@@ -23,9 +23,11 @@ ALPHA, BETA = 0.95, 0.1
 
 def test_stored_reference_is_alpha_mixture_of_log_probs_by_hand():
     ref = geometric_reference_logps(PREV.log(), BASE.log(), ALPHA)
-    by_hand = [0.95 * math.log(0.5) + 0.05 * math.log(0.2),
-               0.95 * math.log(0.3) + 0.05 * math.log(0.2),
-               0.95 * math.log(0.2) + 0.05 * math.log(0.6)]  # fmt: skip
+    by_hand = [
+        0.95 * math.log(0.5) + 0.05 * math.log(0.2),
+        0.95 * math.log(0.3) + 0.05 * math.log(0.2),
+        0.95 * math.log(0.2) + 0.05 * math.log(0.6),
+    ]
     assert ref.tolist() == pytest.approx(by_hand, abs=1e-15)
     assert ref[0].item() == pytest.approx(-0.7389617, abs=1e-7)  # -0.6584890 - 0.0804719
 

@@ -44,8 +44,9 @@ def _mixture_requests(tokenizer, adapters: dict[str, str | None]):
     members = ["base", "iter-0", "iter-1", "base"]
     requests = []
     for (row_id, prompt), member in zip(PROMPTS, members, strict=True):
-        requests += build_requests(tokenizer, [(row_id, prompt)], adapters[member], base_seed=7, iteration=2,
-                                   member=member)  # fmt: skip
+        requests += build_requests(
+            tokenizer, [(row_id, prompt)], adapters[member], base_seed=7, iteration=2, member=member
+        )
     return members, requests
 
 
@@ -76,9 +77,13 @@ def test_mixed_batch_keeps_each_request_adapter_seed_and_template(tokenizer, tmp
         assert item["prompt_token_ids"] == render_prompt_ids(tokenizer, prompt)
         assert item["prompt_token_ids"][-3:] == tokenizer("<|im_start|>assistant\n")["input_ids"][-3:]
         assert item["sampling"] == {
-            "n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 24,
-            "seed": request_seed(7, 2, member, row_id), "stop_token_ids": [tokenizer.eos_token_id],
-        }  # fmt: skip
+            "n": 1,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "max_tokens": 24,
+            "seed": request_seed(7, 2, member, row_id),
+            "stop_token_ids": [tokenizer.eos_token_id],
+        }
         if adapters[member] is None:
             assert item["lora"] is None
         else:
@@ -103,18 +108,29 @@ def test_greedy_and_sampling_params_follow_the_config(tokenizer):
     greedy = GenerationConfig(backend="vllm", temperature=0.0, top_p=1.0, max_new_tokens=5)
     request = build_requests(tokenizer, PROMPTS[:1], None, 0, 0, "base")
     assert build_vllm_inputs(request, greedy)[0]["sampling"] | {"seed": 0} == {
-        "n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 5, "seed": 0,
-    }  # fmt: skip
+        "n": 1,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_tokens": 5,
+        "seed": 0,
+    }
 
 
 def test_engine_serves_every_adapter_in_one_engine(tmp_path):
     adapters = [_adapter(tmp_path / "a0"), _adapter(tmp_path / "a1", rank=8)]
     kwargs = engine_kwargs("/models/m", CONFIG.model_copy(update={"tensor_parallel_size": 2}), torch.bfloat16, adapters)
     assert kwargs == {
-        "model": "/models/m", "tokenizer": "/models/m", "dtype": "bfloat16", "tensor_parallel_size": 2,
-        "gpu_memory_utilization": 0.85, "generation_config": "vllm", "enable_lora": True,
-        "max_lora_rank": 16, "max_loras": 2, "max_cpu_loras": 2,
-    }  # fmt: skip
+        "model": "/models/m",
+        "tokenizer": "/models/m",
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.85,
+        "generation_config": "vllm",
+        "enable_lora": True,
+        "max_lora_rank": 16,
+        "max_loras": 2,
+        "max_cpu_loras": 2,
+    }
     base_only = engine_kwargs("/models/m", CONFIG, "float32", [])
     assert base_only["enable_lora"] is False and "max_loras" not in base_only and base_only["dtype"] == "float32"
 
@@ -153,8 +169,10 @@ def _fake_vllm(monkeypatch) -> dict:
         def generate(self, prompts, params, use_tqdm=True, lora_request=None):
             seen.update(prompts=prompts, params=params, lora_request=lora_request)
             eos = seen["eos"]
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[p["prompt_token_ids"][-2], eos])])
-                    for p in prompts]  # fmt: skip
+            return [
+                types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[p["prompt_token_ids"][-2], eos])])
+                for p in prompts
+            ]
 
     def cleanup():
         seen["cleanup"] += 1
@@ -169,8 +187,14 @@ def _fake_vllm(monkeypatch) -> dict:
     distributed = types.ModuleType("vllm.distributed")
     parallel_state = types.ModuleType("vllm.distributed.parallel_state")
     parallel_state.cleanup_dist_env_and_memory = cleanup
-    modules = {"vllm": vllm, "vllm.inputs": inputs, "vllm.lora": lora, "vllm.lora.request": lora_request,
-               "vllm.distributed": distributed, "vllm.distributed.parallel_state": parallel_state}  # fmt: skip
+    modules = {
+        "vllm": vllm,
+        "vllm.inputs": inputs,
+        "vllm.lora": lora,
+        "vllm.lora.request": lora_request,
+        "vllm.distributed": distributed,
+        "vllm.distributed.parallel_state": parallel_state,
+    }
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     return seen
@@ -180,8 +204,14 @@ def test_backend_sends_each_request_with_its_lora_request_and_seed(tokenizer, tm
     seen = _fake_vllm(monkeypatch)
     seen["eos"] = tokenizer.eos_token_id
     adapters = {"base": None, "iter-0": _adapter(tmp_path / "a0"), "iter-1": _adapter(tmp_path / "a1")}
-    backend = make_backend(CONFIG, "/models/m", tokenizer, torch.bfloat16, "cuda",
-                           [adapters["iter-0"], adapters["iter-1"], adapters["iter-0"]])  # fmt: skip
+    backend = make_backend(
+        CONFIG,
+        "/models/m",
+        tokenizer,
+        torch.bfloat16,
+        "cuda",
+        [adapters["iter-0"], adapters["iter-1"], adapters["iter-0"]],
+    )
     assert isinstance(backend, VllmBackend)
     assert seen["engine"]["enable_lora"] and seen["engine"]["max_loras"] == 2 and seen["engine"]["dtype"] == "bfloat16"
     members, requests = _mixture_requests(tokenizer, adapters)
@@ -235,8 +265,13 @@ def test_vllm_generates_a_multi_lora_mixture_on_gpu(tokenizer, tmp_path):
         peft_model.save_pretrained(tmp_path / f"a{k}")
         adapters[f"iter-{k}"] = str(tmp_path / f"a{k}")
     free_before, _ = torch.cuda.mem_get_info()
-    backend = VllmBackend(model_path, tokenizer, CONFIG.model_copy(update={"gpu_memory_utilization": 0.3}),
-                          dtype=torch.bfloat16, adapter_paths=[adapters["iter-0"], adapters["iter-1"]])  # fmt: skip
+    backend = VllmBackend(
+        model_path,
+        tokenizer,
+        CONFIG.model_copy(update={"gpu_memory_utilization": 0.3}),
+        dtype=torch.bfloat16,
+        adapter_paths=[adapters["iter-0"], adapters["iter-1"]],
+    )
     try:
         members, requests = _mixture_requests(tokenizer, adapters)
         texts = backend.generate(requests)

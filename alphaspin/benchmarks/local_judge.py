@@ -49,9 +49,16 @@ class LocalJudgeServer:
                 except (KeyError, ValueError, TypeError) as error:
                     self._send(400, {"error": {"message": f"bad request: {error}"}})
                     return
-                self._send(200, {"object": "chat.completion", "model": body.get("model", "local"),
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": text}}]})  # fmt: skip
+                self._send(
+                    200,
+                    {
+                        "object": "chat.completion",
+                        "model": body.get("model", "local"),
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                        ],
+                    },
+                )
 
             def _send(self, code: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -94,8 +101,9 @@ class LocalJudgeServer:
             if choices:
                 return choices[int(torch.argmax(self._choice_logps(prompt, choices)))]
             ids = torch.tensor([prompt], device=self.device)
-            out = self.model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+            out = self.model.generate(
+                ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            )
             return self.tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
 
     @torch.no_grad()
@@ -111,8 +119,13 @@ class LocalJudgeServer:
             total = first[tokens[0]]
             if len(tokens) > 1:
                 cache = copy.deepcopy(out.past_key_values)
-                rest = self.model(input_ids=torch.tensor([tokens[:-1]], device=self.device), past_key_values=cache,
-                                  use_cache=True).logits[0].float()  # fmt: skip
+                rest = (
+                    self.model(
+                        input_ids=torch.tensor([tokens[:-1]], device=self.device), past_key_values=cache, use_cache=True
+                    )
+                    .logits[0]
+                    .float()
+                )
                 logp = torch.log_softmax(rest, dim=-1)
                 total = total + logp[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].sum()
             scores.append(total)

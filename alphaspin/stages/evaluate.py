@@ -11,8 +11,15 @@ from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
-    return pick(config, "model.name_or_path", "model.dtype", "model.chat_template", "evaluation", "training.beta",
-                "training.max_length")  # fmt: skip
+    return pick(
+        config,
+        "model.name_or_path",
+        "model.dtype",
+        "model.chat_template",
+        "evaluation",
+        "training.beta",
+        "training.max_length",
+    )
 
 
 def evaluate(job: Job, trained: Artifact, reference: Artifact) -> dict[str, Any]:

@@ -27,8 +27,15 @@ EXECUTION_ONLY = ("generation.shard_size", "generation.gpu_memory_utilization")
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
-    fields = pick(config, "model.name_or_path", "model.dtype", "model.chat_template", "generation", "run.seed",
-                  exclude=EXECUTION_ONLY)  # fmt: skip
+    fields = pick(
+        config,
+        "model.name_or_path",
+        "model.dtype",
+        "model.chat_template",
+        "generation",
+        "run.seed",
+        exclude=EXECUTION_ONLY,
+    )
     return fields
 
 
@@ -47,14 +54,16 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str,
     tokens = 0
     if todo and len(rows):
         adapter_path = ws.local_adapter(adapter) if adapter is not None else None
-        backend = make_backend(config, ws.model_path, ws.tokenizer, ws.dtype, ws.device,
-                               [adapter_path] if adapter_path else [])  # fmt: skip
+        backend = make_backend(
+            config, ws.model_path, ws.tokenizer, ws.dtype, ws.device, [adapter_path] if adapter_path else []
+        )
         seed = config.effective_seed(job.config.run.seed)
         try:
             for done, index in enumerate(todo):
                 shard = rows.iloc[index * size : (index + 1) * size]
-                requests = build_requests(ws.tokenizer, list(zip(shard.id, shard.prompt, strict=True)),
-                                          adapter_path, seed, t, member)  # fmt: skip
+                requests = build_requests(
+                    ws.tokenizer, list(zip(shard.id, shard.prompt, strict=True)), adapter_path, seed, t, member
+                )
                 texts = backend.generate(requests)
                 tokens += sum(len(ws.tokenizer(text)["input_ids"]) for text in texts)
                 out = pd.DataFrame({"id": shard.id.values, "rejected": texts, "opponent": member})

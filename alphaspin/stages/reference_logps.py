@@ -26,8 +26,15 @@ BASE_CACHE = "cache/base-chosen-logps"
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
-    fields = pick(config, "model.name_or_path", "model.dtype", "model.chat_template", "method.alpha",
-                  "training.max_length", "training.normalized_reference")  # fmt: skip
+    fields = pick(
+        config,
+        "model.name_or_path",
+        "model.dtype",
+        "model.chat_template",
+        "method.alpha",
+        "training.max_length",
+        "training.normalized_reference",
+    )
     if config.training.normalized_reference:  # the Monte-Carlo log Z(x) samples π_(t-1)
         fields.update(pick(config, "training.partition_samples", "generation", "run.seed"))
     return fields
@@ -134,19 +141,28 @@ def _log_partition(job: Job, model, frame: pd.DataFrame, previous: Artifact) -> 
         texts = backend.generate(build_requests(ws.tokenizer, rows, adapter_path, seed, job.iteration, "partition"))
     finally:
         backend.close()
-    samples = pd.DataFrame({"id": [r[0] for r in rows], "prompt": [r[1] for r in rows], "chosen": texts,
-                            "rejected": texts})  # fmt: skip
+    samples = pd.DataFrame(
+        {"id": [r[0] for r in rows], "prompt": [r[1] for r in rows], "chosen": texts, "rejected": texts}
+    )
     tokenized = ws.tokenize_pairs(samples)
     pad, size = ws.tokenizer.pad_token_id, training.reference_batch_size
     prev = completion_logps(model, tokenized, pad, training.max_length, size, ws.device, ("chosen",))
     with model.disable_adapter():
         base = completion_logps(model, tokenized, pad, training.max_length, size, ws.device, ("chosen",))
-    table = pd.DataFrame({"prompt": samples.set_index("id").loc[list(tokenized["id"]), "prompt"].values,
-                          "prev": prev.chosen_logps.values, "base": base.chosen_logps.values})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "prompt": samples.set_index("id").loc[list(tokenized["id"]), "prompt"].values,
+            "prev": prev.chosen_logps.values,
+            "base": base.chosen_logps.values,
+        }
+    )
     log_z = {}
     for prompt, group in table.groupby("prompt"):
-        log_z[prompt] = float(log_partition_monte_carlo(
-            torch.tensor(group.prev.values)[None], torch.tensor(group.base.values)[None], config.method.alpha)[0])  # fmt: skip
+        log_z[prompt] = float(
+            log_partition_monte_carlo(
+                torch.tensor(group.prev.values)[None], torch.tensor(group.base.values)[None], config.method.alpha
+            )[0]
+        )
     return frame.prompt.map(log_z).fillna(0.0).to_numpy()
 
 

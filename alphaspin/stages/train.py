@@ -14,8 +14,15 @@ EXECUTION_ONLY = ("training.reference_batch_size", "training.save_steps")
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
-    return pick(config, "model.name_or_path", "model.dtype", "model.chat_template", "training", "run.seed",
-                exclude=EXECUTION_ONLY)  # fmt: skip
+    return pick(
+        config,
+        "model.name_or_path",
+        "model.dtype",
+        "model.chat_template",
+        "training",
+        "run.seed",
+        exclude=EXECUTION_ONLY,
+    )
 
 
 def train(job: Job, reference: Artifact, previous: Artifact | None) -> dict[str, Any]:

@@ -217,8 +217,10 @@ class SeaweedS3:
         attempts = 1 if self.ports else 3  # fresh ports: retry if another process took one first
         for attempt in range(attempts):
             if attempt or not self.ports:
-                self.ports = _pick_ports(["s3", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc",
-                                          "filer", "filer_grpc", "admin"], set())  # fmt: skip
+                self.ports = _pick_ports(
+                    ["s3", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "admin"],
+                    set(),
+                )
             self._spawn()
             try:
                 self._wait_ready()
@@ -233,23 +235,32 @@ class SeaweedS3:
     def _command(self) -> list[str]:
         p = self.ports
         command = [
-            self.weed, "mini",
+            self.weed,
+            "mini",
             f"-dir={self.data_dir}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
             "-master.telemetry=false",
-            "-webdav=false", "-admin.ui=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
-            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
-            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
-            f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin'] + GRPC_OFFSET}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3_grpc']}",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master_grpc']}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume_grpc']}",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer_grpc']}",
+            f"-admin.port={p['admin']}",
+            f"-admin.port.grpc={p['admin'] + GRPC_OFFSET}",
             # small volumes: every bucket is a collection with its own volumes, and the volume
             # count is derived from free disk / volume size; 1 GiB volumes run out after a few
             # dozen buckets, 64 MiB ones do not.
             "-master.volumeSizeLimitMB=64",
             "-volume.preStopSeconds=0",  # no grace period for peers on stop: there are none (saves 1 s)
-        ]  # fmt: skip
+        ]
         # Unix sockets default to /tmp/seaweedfs-*-<port>.sock and are left behind; keep them in
         # the data dir when the path fits the ~100-byte socket path limit.
         for component in ("s3", "filer"):
