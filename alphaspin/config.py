@@ -122,6 +122,16 @@ class MethodConfig(_Section):
         description="Opponent history h: losers come from the uniform mixture of the last h iterates "
         "(π_θk = π_base for k < 0); 'inf' is fictitious play over all past iterates.",
     )
+    opponent: Literal["arithmetic", "sir", "token_geometric"] = Field(
+        "arithmetic",
+        description="Who writes the losers: arithmetic = the uniform mixture of the last h iterates (the paper, §4.1); "
+        "or a sampler of the geometric mixture π_(t-1)^α·π_base^(1-α) itself (§3, Appendix A; history is then unused): "
+        "sir = self-normalised importance resampling of method.sir_proposals samples of π_(t-1) (exact as k → ∞), "
+        "token_geometric = per-token logits α·ℓ_(t-1) + (1-α)·ℓ_base (cheap; biased at the sequence level).",
+    )
+    sir_proposals: int = Field(
+        8, ge=2, description="sir: proposals from π_(t-1) per prompt, of which one is resampled by its weight."
+    )
     iterations: int = Field(2, ge=0, description="T: iterations t = 0..T are run (T + 1 in all).")
     pairs_first_iteration: int = Field(24, gt=0, description="n_0: pairs sampled at t = 0 (paper: 50k).")
     pairs_per_iteration: int = Field(24, gt=0, description="n: pairs sampled at each t ≥ 1 (paper: 100k).")

@@ -22,9 +22,11 @@ InputRef = Node | list[Node] | None
 
 def iteration_nodes(config: AlphaSpinConfig, iteration: int) -> list[Node]:
     """The nodes of iteration ``iteration`` in a topological order."""
-    members = [m.name for m in opponent_members(iteration, config.method.history)]
+    members = [m.name for m in opponent_members(iteration, config.method.history, config.method.opponent)]
     nodes: list[Node] = []
     for spec in REGISTRY.values():
+        if not spec.enabled(config, iteration):
+            continue
         if spec.per_member:
             nodes.extend(Node(spec.name, iteration, member) for member in members)
         else:
@@ -33,6 +35,13 @@ def iteration_nodes(config: AlphaSpinConfig, iteration: int) -> list[Node]:
 
 
 def _resolve(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
+    ref = _position(config, node, item)
+    if isinstance(ref, Node) and not REGISTRY[ref.stage].enabled(config, ref.iteration):
+        return None  # the upstream stage does not run in this configuration (e.g. no sampler to train)
+    return ref
+
+
+def _position(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
     t = node.iteration
     if item.at == "same":
         return Node(item.stage, t)
@@ -42,7 +51,8 @@ def _resolve(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
         k = member_iteration(node.member) if node.member is not None else None
         return Node(item.stage, k) if k is not None else None
     if item.at == "members":
-        return [Node(item.stage, t, m.name) for m in opponent_members(t, config.method.history)]
+        members = opponent_members(t, config.method.history, config.method.opponent)
+        return [Node(item.stage, t, m.name) for m in members]
     raise ValueError(f"{node.stage}: unknown input position {item.at!r}")
 
 

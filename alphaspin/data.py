@@ -164,7 +164,7 @@ def sample_prompts(
         )
     rng = np.random.default_rng([seed, iteration])
     train = pool.iloc[rng.permutation(len(pool))[:n]].reset_index(drop=True)
-    members = opponent_members(iteration, method.history)
+    members = opponent_members(iteration, method.history, method.opponent)
     train["opponent"] = assign_members(len(train), members)
     train["split"] = "train"
     heldout = heldout.iloc[heldout_permutation(len(heldout), seed, iteration)].reset_index(drop=True)

@@ -24,8 +24,15 @@ def member_name(iteration: int) -> str:
 
 
 def member_iteration(name: str) -> int | None:
-    """Inverse of `member_name`: the iteration whose adapter a member uses, None for the base."""
-    return None if name == BASE else int(name.removeprefix("iter-"))
+    """Inverse of `member_name`: the iteration whose adapter a member uses, None for the base
+    (``iter-k`` and a geometric-mixture sampler's ``<sampler>-iter-k`` both use θ_k)."""
+    return None if name == BASE else int(name.rsplit("iter-", 1)[1])
+
+
+def member_sampler(name: str) -> str | None:
+    """The geometric-mixture sampler of a member (``sir-iter-0`` → ``sir``), None for a plain policy."""
+    prefix, _, _ = name.rpartition("-iter-")
+    return prefix or None
 
 
 @dataclass(frozen=True)
@@ -34,13 +41,19 @@ class Member:
     weight: Fraction  # mixture weight; the weights of a mixture sum to 1
 
 
-def opponent_members(iteration: int, history: int | Literal["inf"]) -> list[Member]:
+def opponent_members(iteration: int, history: int | Literal["inf"], opponent: str = "arithmetic") -> list[Member]:
     """The members of the opponent mixture at ``iteration`` with their exact weights.
 
-    Ordered base first, then by iteration, so shares are assigned deterministically.
+    Ordered base first, then by iteration, so shares are assigned deterministically. With a sampler
+    of the geometric mixture itself (``opponent`` sir, token_geometric, gflownet: the opponent is
+    π_(t-1)^α·π_base^(1-α), paper §3 and Appendix A), there is one member, ``<opponent>-iter-(t-1)``,
+    at t ≥ 1 (the history h plays no part), and the base at t = 0, where the mixture is π_base.
     """
     if iteration < 0:
         raise ValueError(f"iteration must be ≥ 0, got {iteration}")
+    if opponent != "arithmetic":
+        name = BASE if iteration == 0 else f"{opponent}-iter-{iteration - 1}"
+        return [Member(name, Fraction(1))]
     if history == "inf":
         slots = [-1] if iteration == 0 else list(range(iteration))
     else:

@@ -58,6 +58,9 @@ class StageSpec:
     description: str
     per_member: bool = False  # one node per opponent member (generate)
     resumable: bool = False  # an interrupted attempt keeps its partial work (shards, checkpoints)
+    # Whether the stage runs at all at (config, iteration), e.g. a sampler that only one opponent
+    # needs; inputs that point at a disabled stage are None.
+    enabled: Callable[[AlphaSpinConfig, int], bool] = lambda config, iteration: True
 
 
 @dataclass(frozen=True, order=True)

@@ -1,6 +1,7 @@
 """Stage ``generate``: the losers y_l of one opponent member's share of the prompts, in shards.
 
-One node per member of the opponent mixture (``generate-base``, ``generate-iter-k``): each is
+One node per member of the opponent mixture (``generate-base``, ``generate-iter-k``; with a sampler
+of the geometric mixture, ``generate-sir-iter-k`` / ``generate-token_geometric-iter-k``): each is
 cached, retried and resumed on its own. An interrupted generation resumes by finished shards, and
 per-request seeds make the resumed losers equal those of an uninterrupted run.
 """
@@ -13,10 +14,13 @@ import time
 from typing import Any
 
 import pandas as pd
+import torch
 
 from alphaspin.backends import make_backend
-from alphaspin.config import AlphaSpinConfig
-from alphaspin.generation import build_requests
+from alphaspin.config import AlphaSpinConfig, GenerationConfig
+from alphaspin.generation import build_requests, render_prompt_ids, request_seed
+from alphaspin.mixture import member_sampler
+from alphaspin.opponent import sir_resample
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
 
 logger = logging.getLogger(__name__)
@@ -36,11 +40,137 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "run.seed",
         exclude=EXECUTION_ONLY,
     )
+    sampler = member_sampler(member) if member is not None else None
+    if sampler is not None:  # a sampler of the geometric mixture π_(t-1)^α·π_base^(1-α)
+        fields.update(pick(config, "method.alpha"))
+        if sampler == "sir":
+            fields.update(pick(config, "method.sir_proposals", "training.max_length"))
     return fields
 
 
+class PlainSampler:
+    """One policy (the base, or θ_k as a LoRA adapter) through the generation backend."""
+
+    def __init__(self, job: Job, adapter: Artifact | None, config: GenerationConfig | None = None):
+        ws = job.workspace
+        self.job, self.config = job, config or job.config.generation
+        self.adapter_path = ws.local_adapter(adapter) if adapter is not None else None
+        paths = [self.adapter_path] if self.adapter_path else []
+        self.backend = make_backend(self.config, ws.model_path, ws.tokenizer, ws.dtype, ws.device, paths)
+        self.seed = self.config.effective_seed(job.config.run.seed)
+
+    def texts(self, rows: list[tuple[str, str]], member: str) -> list[str]:
+        requests = build_requests(
+            self.job.workspace.tokenizer, rows, self.adapter_path, self.seed, self.job.iteration, member
+        )
+        return self.backend.generate(requests)
+
+    def __call__(self, shard: pd.DataFrame) -> dict[str, list]:
+        return {"rejected": self.texts(list(zip(shard.id, shard.prompt, strict=True)), str(self.job.node.member))}
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class SirSampler:
+    """Self-normalised importance resampling toward π_(t-1)^α·π_base^(1-α) (`alphaspin.opponent`):
+    k proposals per prompt from π_(t-1) itself (temperature 1, top-p 1), scored under π_(t-1) and
+    π_base on the ids TRL trains on, one resampled by weight with a per-row seed."""
+
+    def __init__(self, job: Job, adapter: Artifact):
+        exact = job.config.generation.model_copy(update={"temperature": 1.0, "top_p": 1.0})
+        self.job, self.k = job, job.config.method.sir_proposals
+        self.proposals = PlainSampler(job, adapter, exact)
+        self.adapter = adapter
+        self.ess: list[float] = []
+
+    def __call__(self, shard: pd.DataFrame) -> dict[str, list]:
+        from alphaspin.dpo import completion_logps
+
+        ws, job = self.job.workspace, self.job
+        rows = [(f"{i}#{j}", p) for i, p in zip(shard.id, shard.prompt, strict=True) for j in range(self.k)]
+        texts = self.proposals.texts(rows, f"{job.node.member}-proposals")
+        frame = pd.DataFrame({"id": [r[0] for r in rows], "prompt": [r[1] for r in rows], "chosen": texts})
+        frame["rejected"] = frame.chosen
+        tokenized = ws.tokenize_pairs(frame)
+        if len(tokenized) != len(frame):
+            raise ValueError(f"{job.node.label}: a prompt fills training.max_length; its proposals cannot be scored")
+        model = ws.load_policy(self.adapter)
+        training, pad = job.config.training, ws.tokenizer.pad_token_id
+
+        def score(policy) -> torch.Tensor:
+            found = completion_logps(
+                policy, tokenized, pad, training.max_length, training.reference_batch_size, ws.device, ("chosen",)
+            )
+            return torch.tensor(found.chosen_logps.to_numpy()).view(len(shard), self.k)
+
+        lp_prev = score(model)
+        with model.disable_adapter():
+            lp_base = score(model)
+        chosen, ess = [], []
+        for row, row_id in enumerate(shard.id):
+            generator = torch.Generator().manual_seed(
+                request_seed(self.proposals.seed, job.iteration, str(job.node.member), str(row_id))
+            )
+            index, row_ess = sir_resample(
+                lp_prev[row : row + 1], lp_base[row : row + 1], job.config.method.alpha, generator
+            )
+            chosen.append(texts[row * self.k + int(index[0])])
+            ess.append(float(row_ess[0]))
+        self.ess.extend(ess)
+        return {"rejected": chosen, "sir_ess": ess}
+
+    def metrics(self) -> dict[str, Any]:
+        mean = sum(self.ess) / len(self.ess) if self.ess else None
+        return {"sir/mean_ess": mean, "sir/mean_ess_fraction": mean / self.k if mean is not None else None}
+
+    def close(self) -> None:
+        self.proposals.close()
+
+
+class TokenGeometricSampler:
+    """Per-token geometric mixture of θ_(t-1) and the base (`alphaspin.opponent.TokenGeometricSampler`)."""
+
+    def __init__(self, job: Job, adapter: Artifact):
+        from alphaspin.opponent import TokenGeometricSampler as Sampler
+
+        ws, config = job.workspace, job.config
+        self.job, self.model = job, ws.load_policy(adapter)
+        self.seed = config.generation.effective_seed(config.run.seed)
+        self.sampler = Sampler(
+            self.model,
+            ws.tokenizer,
+            config.method.alpha,
+            config.generation.max_new_tokens,
+            ws.device,
+            config.generation.batch_size,
+        )
+
+    def __call__(self, shard: pd.DataFrame) -> dict[str, list]:
+        ws, job, member = self.job.workspace, self.job, str(self.job.node.member)
+        prompts = [render_prompt_ids(ws.tokenizer, p) for p in shard.prompt]
+        seeds = [request_seed(self.seed, job.iteration, member, str(i)) for i in shard.id]
+        return {"rejected": [text for text, _ in self.sampler.generate(prompts, seeds)]}
+
+    def close(self) -> None:
+        del self.model
+
+
+def _sampler(job: Job, adapter: Artifact | None):
+    sampler = member_sampler(str(job.node.member))
+    if sampler is None:
+        return PlainSampler(job, adapter)
+    if adapter is None:
+        raise ValueError(f"{job.node.label}: the {sampler} sampler needs θ_(t-1)")
+    if sampler == "sir":
+        return SirSampler(job, adapter)
+    if sampler == "token_geometric":
+        return TokenGeometricSampler(job, adapter)
+    raise ValueError(f"{job.node.label}: unknown opponent sampler {sampler!r} (method.opponent)")
+
+
 def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str, Any]:
-    member, t, ws = job.node.member, job.iteration, job.workspace
+    member, ws = job.node.member, job.workspace
     frame = prompts.read_table("prompts.parquet")
     rows = frame[frame.opponent == member].reset_index(drop=True)
     config = job.config.generation
@@ -52,25 +182,20 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str,
         logger.info("%s: %d of %d shards already done", job.node.label, n_shards - len(todo), n_shards)
     started = time.monotonic()
     tokens = 0
+    extra: dict[str, Any] = {}
     if todo and len(rows):
-        adapter_path = ws.local_adapter(adapter) if adapter is not None else None
-        backend = make_backend(
-            config, ws.model_path, ws.tokenizer, ws.dtype, ws.device, [adapter_path] if adapter_path else []
-        )
-        seed = config.effective_seed(job.config.run.seed)
+        draw = _sampler(job, adapter)
         try:
             for done, index in enumerate(todo):
                 shard = rows.iloc[index * size : (index + 1) * size]
-                requests = build_requests(
-                    ws.tokenizer, list(zip(shard.id, shard.prompt, strict=True)), adapter_path, seed, t, member
-                )
-                texts = backend.generate(requests)
-                tokens += sum(len(ws.tokenizer(text)["input_ids"]) for text in texts)
-                out = pd.DataFrame({"id": shard.id.values, "rejected": texts, "opponent": member})
+                columns = draw(shard)
+                tokens += sum(len(ws.tokenizer(text)["input_ids"]) for text in columns["rejected"])
+                out = pd.DataFrame({"id": shard.id.values, **columns, "opponent": member})
                 job.out.write_table(SHARD.format(index=index), out)
                 ws.progress((done + 1) / len(todo), f"{job.node.folder}: shard {index + 1}/{n_shards}")
+            extra = draw.metrics() if hasattr(draw, "metrics") else {}
         finally:
-            backend.close()
+            draw.close()
     elapsed = time.monotonic() - started
     return {
         "rows": len(rows),
@@ -78,6 +203,8 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str,
         "new_tokens": tokens,
         "tokens_per_second": tokens / elapsed if tokens and elapsed > 0 else None,
         "backend": config.backend,
+        "sampler": member_sampler(str(member)) or "policy",
+        **extra,
     }
 
 

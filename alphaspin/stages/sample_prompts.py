@@ -13,7 +13,9 @@ from alphaspin.stage_spec import Job, StageSpec, pick
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
     pairs = "method.pairs_first_iteration" if iteration == 0 else "method.pairs_per_iteration"
-    members = [(m.name, str(m.weight)) for m in opponent_members(iteration, config.method.history)]
+    members = [
+        (m.name, str(m.weight)) for m in opponent_members(iteration, config.method.history, config.method.opponent)
+    ]
     return {**pick(config, "data", "run.seed", pairs), "opponent": members}
 
 
@@ -25,7 +27,7 @@ def sample_prompts(job: Job) -> dict[str, Any]:
     return {
         "pairs": len(train),
         "heldout": int((frame.split == "heldout").sum()),
-        "members": [m.name for m in opponent_members(t, config.method.history)],
+        "members": [m.name for m in opponent_members(t, config.method.history, config.method.opponent)],
         "shares": {k: int(v) for k, v in train.groupby("opponent").size().items()},
         # pool rows that repeat a held-out prompt or answer, never trained on
         "excluded_overlapping_heldout": int(frame.attrs.get("excluded_overlapping_heldout", 0)),
