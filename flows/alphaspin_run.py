@@ -1,5 +1,9 @@
 """α-SPIN as Prefect flows (Algorithm 2 of arXiv 2404.04291).
 
+The flows log through Prefect's run logger and do not capture ``print`` (``log_prints=False``):
+libraries print their own progress (TRL's per-step dicts, a bytecode dump while `datasets`
+fingerprints a function), which belongs in the terminal's full output, not in the UI's run log.
+
 for t = 0..T:                                         (alphaspin.dag.walk_iteration)
     prompts      = sample_prompts(t)
     losers_k     = generate(t, k, θ_k)               for each member k of the opponent mixture
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.console import format_metrics
@@ -24,7 +28,7 @@ from alphaspin.storage import StageRecord
 from alphaspin.tasks import ensure_run, publish_metrics, publish_report, run_stage, stored_inputs, stored_records
 
 
-@flow(name="alphaspin-iteration", flow_run_name="{config.run.run_id}-iter-{iteration}", log_prints=True)
+@flow(name="alphaspin-iteration", flow_run_name="{config.run.run_id}-iter-{iteration}", log_prints=False)
 def alphaspin_iteration(
     config: AlphaSpinConfig,
     iteration: int,
@@ -43,11 +47,11 @@ def alphaspin_iteration(
     )
     metrics = records[Node("evaluate", iteration)].metrics
     publish_metrics(config, iteration, metrics)
-    print(format_metrics(iteration, metrics))
+    get_run_logger().info(format_metrics(iteration, metrics))
     return {"trained": records[Node("train", iteration)], "metrics": metrics}
 
 
-@flow(name="alphaspin-run", flow_run_name="{config.run.run_id}", log_prints=True)
+@flow(name="alphaspin-run", flow_run_name="{config.run.run_id}", log_prints=False)
 def alphaspin_run(
     config: AlphaSpinConfig,
     force_stages: list[StageName] | None = None,
@@ -70,7 +74,7 @@ def alphaspin_run(
     return results
 
 
-@flow(name="alphaspin-stage", flow_run_name="{config.run.run_id}-iter-{iteration}-{stage}", log_prints=True)
+@flow(name="alphaspin-stage", flow_run_name="{config.run.run_id}-iter-{iteration}-{stage}", log_prints=False)
 def alphaspin_stage(
     config: AlphaSpinConfig, iteration: int, stage: StageName, member: str | None = None, force: bool = True
 ) -> dict[str, Any]:
@@ -82,11 +86,11 @@ def alphaspin_stage(
         raise ValueError(f"stage {stage} runs once per opponent member: name the member (base, iter-0, ...)")
     node = Node(stage, iteration, member if spec(stage).per_member else None)
     record = run_stage(config, node, stored_inputs(config, node), force=force)
-    print(f"{node.label}: {record.metrics}")
+    get_run_logger().info("%s: %s", node.label, record.metrics)
     return {"record": record}
 
 
-@flow(name="alphaspin-evaluate", flow_run_name="{config.run.run_id}-evaluate", log_prints=True)
+@flow(name="alphaspin-evaluate", flow_run_name="{config.run.run_id}-evaluate", log_prints=False)
 def alphaspin_evaluate(
     config: AlphaSpinConfig, iterations: list[int] | None = None, force: bool = True
 ) -> list[dict[str, Any]]:
@@ -97,6 +101,6 @@ def alphaspin_evaluate(
         node = Node("evaluate", t)
         record = run_stage(config, node, stored_inputs(config, node), force=force)
         publish_metrics(config, t, record.metrics)
-        print(format_metrics(t, record.metrics))
+        get_run_logger().info(format_metrics(t, record.metrics))
         results.append({"iteration": t, **record.metrics})
     return results

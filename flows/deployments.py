@@ -134,7 +134,7 @@ def _evaluate_run_name() -> str:
 
 
 # -- entrypoints -------------------------------------------------------------------------------
-@flow(name="alphaspin-recipe", flow_run_name=_recipe_run_name, log_prints=True)
+@flow(name="alphaspin-recipe", flow_run_name=_recipe_run_name, log_prints=False)
 def alphaspin_recipe(
     recipe: Recipe = "quickstart",
     overrides: list[str] = [],  # noqa: B006 (never mutated; a list default renders as a list in the UI)
@@ -154,7 +154,7 @@ def alphaspin_recipe(
     in this flow run.
     """
     resolved = resolve_config(recipe, overrides, config)
-    print(
+    get_run_logger().info(
         f"run {resolved.run.run_id} at {resolved.run.runs_root}: iterations 0..{resolved.method.iterations}, "
         f"alpha={resolved.method.alpha}, history={resolved.method.history}"
     )
@@ -204,7 +204,7 @@ def _run_iterations_on(
     return results
 
 
-@flow(name="alphaspin-run-iteration", flow_run_name="{run_id}-iter-{iteration}", log_prints=True, persist_result=True)
+@flow(name="alphaspin-run-iteration", flow_run_name="{run_id}-iter-{iteration}", log_prints=False, persist_result=True)
 def alphaspin_run_iteration(
     run_id: str,
     runs_root: str | None = None,
@@ -220,7 +220,7 @@ def alphaspin_run_iteration(
     return {"iteration": iteration, **out["metrics"]}
 
 
-@flow(name="alphaspin-rerun-stage", flow_run_name="{run_id}-iter-{iteration}-{stage}", log_prints=True)
+@flow(name="alphaspin-rerun-stage", flow_run_name="{run_id}-iter-{iteration}-{stage}", log_prints=False)
 def alphaspin_rerun_stage(
     run_id: str,
     runs_root: str | None = None,
@@ -239,7 +239,7 @@ def alphaspin_rerun_stage(
     return {"stage": record.stage, "iteration": record.iteration, "url": record.url, "metrics": record.metrics}
 
 
-@flow(name="alphaspin-evaluate-run", flow_run_name=_evaluate_run_name, log_prints=True)
+@flow(name="alphaspin-evaluate-run", flow_run_name=_evaluate_run_name, log_prints=False)
 def alphaspin_evaluate_run(
     run_id: str | None = None,
     runs_root: str | None = None,
