@@ -203,19 +203,32 @@ def test_loss_type_reaches_trl_and_the_train_cache_key(tmp_path):
 
 @pytest.mark.slow  # two iterations of the tiny run per loss
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "first_loss"),
     [
-        ("training.loss_type=ipo_pairwise",),
-        ("training.loss_type=slic",),
-        ("training.loss_type=sppo_hard", "training.normalized_reference=true", "training.partition_samples=2"),
+        (("training.loss_type=ipo_pairwise",), (0 - 1 / (2 * 0.1)) ** 2),  # (m − 1/(2β))², m = 0: 25
+        (("training.loss_type=slic",), None),  # reads the raw log-probs: no closed form at step 1
+        (
+            ("training.loss_type=sppo_hard", "training.normalized_reference=true", "training.partition_samples=2"),
+            2 * (1 / (2 * 0.1)) ** 2,  # (0 − 1/(2β))² + (0 + 1/(2β))²: 50
+        ),
     ],
     ids=["ipo_pairwise", "slic", "sppo_hard-normalized"],
 )
-def test_tiny_run_trains_with_each_paper_loss(make_config, overrides):
+def test_tiny_run_trains_with_each_paper_loss(make_config, overrides, first_loss):
+    """At t = 0 the fresh LoRA (B = 0) is the base model and the reference is the base model too,
+    so every h = 0 at the first step and the first logged loss is the loss's value at m = 0."""
     from alphaspin.pipeline import run
+    from alphaspin.runs import Run
+    from alphaspin.stage_spec import Node
 
     config = make_config(*overrides, "method.alpha=0.5")
+    assert config.training.beta == 0.1
     results = run(config)
-    assert len(results) == 2
-    for result in results:
-        assert math.isfinite(result["train/loss"]) and math.isfinite(result["train/first_loss"])
+    assert len(results) == 2 and all(math.isfinite(r["train/loss"]) for r in results)
+    stored = Run(config)
+    for t in (0, 1):
+        losses = [h["loss"] for h in stored.dir(Node("train", t)).read_json("train_log.json") if "loss" in h]
+        assert losses and all(math.isfinite(v) for v in losses)
+    if first_loss is not None:
+        log = stored.dir(Node("train", 0)).read_json("train_log.json")
+        assert next(h["loss"] for h in log if "loss" in h) == pytest.approx(first_loss, rel=1e-3)
