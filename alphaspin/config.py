@@ -18,8 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # log Z(x) of the geometric reference cancels only in losses of (chosen log-ratio − rejected
 # log-ratio) for the same prompt (see docs of `alphaspin.reference`). TRL's ipo (length-normalised
 # per side), sppo_hard, nca_pair, bco_pair, apo_* and the rest see log Z and need a normalised
-# reference.
-LOG_Z_CANCELS = ("sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot")
+# reference. The paper's own loss forms that TRL lacks are implemented in `alphaspin.dpo`
+# (PAPER_LOSSES): ipo_pairwise (IPO of paper §2.3, summed log-ratios: log Z cancels) and slic
+# (SLiC of paper §2.3: no reference at all, so log Z cannot enter it).
+PAPER_LOSSES = ("ipo_pairwise", "slic")
+LOG_Z_CANCELS = ("sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot", *PAPER_LOSSES)
 OTHER_TRL_LOSSES = ("ipo", "nca_pair", "bco_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down", "sigmoid_norm")
 LossType = Literal[
     "sigmoid",
@@ -28,6 +31,8 @@ LossType = Literal[
     "exo_pair",
     "discopop",
     "aot",
+    "ipo_pairwise",
+    "slic",
     "ipo",
     "nca_pair",
     "bco_pair",
@@ -187,11 +192,21 @@ class LoraConfig(_Section):
 
 class TrainingConfig(_Section):
     beta: float = Field(0.1, gt=0.0, description="DPO β (inverse temperature of the implicit reward).")
-    loss_type: LossType = Field("sigmoid", description="TRL DPO loss; sigmoid is the DPO/SPIN loss.")
+    loss_type: LossType = Field(
+        "sigmoid",
+        description="Pairwise loss, with h = log π_θ(y|x) − log π_ref(y|x) summed over answer tokens: sigmoid = "
+        "DPO/SPIN −log σ(β(h_w − h_l)) (paper eq. 6); ipo_pairwise = the paper's IPO ((h_w − h_l) − 1/(2β))², "
+        "β in the role of τ (TRL's ipo averages h per token, so log Z does not cancel); hinge = TRL's SLiC-style "
+        "max(0, 1 − β(h_w − h_l)) against the reference; slic = the paper's SLiC max(0, 1/β − (log π_θ(y_w|x) − "
+        "log π_θ(y_l|x))), reference-free (δ = 1/β, λ = 0); sppo_hard = SPPO with hard win probabilities "
+        "(h_w − 1/(2β))² + (h_l + 1/(2β))², which needs training.normalized_reference when method.alpha < 1. "
+        "Other names are TRL's DPO losses.",
+    )
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="For robust/exo_pair/aot losses.")
     normalized_reference: bool = Field(
         False,
-        description="Opt into losses where log Z(x) of the geometric reference does not cancel (ipo, bco_pair, ...): "
+        description="Opt into losses where log Z(x) of the geometric reference does not cancel (sppo_hard, ipo, "
+        "bco_pair, ...): "
         "log Z(x) is then estimated by Monte Carlo from samples of π_(t-1) and subtracted.",
     )
     partition_samples: int = Field(
@@ -298,8 +313,9 @@ class AlphaSpinConfig(_Section):
         loss, alpha = self.training.loss_type, self.method.alpha
         if alpha < 1.0 and loss not in LOG_Z_CANCELS and not self.training.normalized_reference:
             raise ValueError(
-                f"training.loss_type: {loss!r} does not cancel log Z(x) of the geometric reference (α={alpha} < 1); "
-                f"use one of {list(LOG_Z_CANCELS)} or set training.normalized_reference: true"
+                f"training.loss_type: {loss!r} does not cancel log Z(x) of the geometric reference (method.alpha="
+                f"{alpha} < 1): set training.normalized_reference: true (log Z(x) estimated by Monte Carlo and "
+                f"subtracted), or use one of {list(LOG_Z_CANCELS)}"
             )
         return self
 

@@ -5,6 +5,13 @@ TRL (≥ 0.29) uses dataset columns ``ref_chosen_logps``/``ref_rejected_logps`` 
 ``precompute_ref_log_probs=True``, and then computes them itself from the model. α-SPIN's
 reference is a geometric mixture of two policies that TRL cannot compute, so
 `GeometricReferenceDPOTrainer` overrides the precompute step to keep the supplied columns.
+
+It also computes the paper's loss forms that TRL lacks (``config.PAPER_LOSSES``: ``ipo_pairwise``,
+``slic``; formulas in `alphaspin.reference`). TRL 1.16 has no per-pair loss method to override: its
+``_compute_loss`` does the forward, the loss dispatch and the metrics in one body. So for those
+names the trainer runs TRL's ``_compute_loss`` with the name replaced by ``sigmoid`` at weight 0
+(TRL still does the forward, its other losses and every metric), takes the policy log-probs from
+that same forward, and adds the paper's loss (`GeometricReferenceDPOTrainer.paper_pair_losses`).
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-from alphaspin.config import TrainingConfig
+from alphaspin.config import PAPER_LOSSES, TrainingConfig
 from alphaspin.generation import chat_prompt
+from alphaspin.reference import ipo_pairwise_loss, slic_loss
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +157,27 @@ def completion_logps(
 
 class GeometricReferenceDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer trained against reference log-probs supplied as dataset columns
-    (α-SPIN's geometric mixture, computed by the reference_logps stage) instead of computing them."""
+    (α-SPIN's geometric mixture, computed by the reference_logps stage) instead of computing them,
+    with the paper's losses TRL lacks (``ipo_pairwise``, ``slic``) added to TRL's loss dispatch.
+
+    ``slic_delta`` / ``slic_lambda`` are SLiC's margin δ (default 1/β, the margin TRL's hinge
+    puts on log-ratios: max(0, 1 − β·m) = β·max(0, 1/β − m)) and SFT weight λ (default 0)."""
+
+    def __init__(self, *args: Any, slic_delta: float | None = None, slic_lambda: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.slic_delta = 1.0 / self.beta if slic_delta is None else float(slic_delta)
+        self.slic_lambda = float(slic_lambda)
+        ours = [t for t in self.loss_types if t in PAPER_LOSSES]
+        if ours and (
+            self.ld_alpha is not None
+            or self.f_divergence_type != "reverse_kl"
+            or self.use_weighting
+            or not self.precompute_ref_logps
+        ):
+            raise ValueError(
+                f"loss_type {ours} is computed from summed log-probs and the supplied reference columns: it needs "
+                "precompute_ref_log_probs=True and no ld_alpha, f_divergence_type or use_weighting"
+            )
 
     def _precompute_ref_logps(self, dataset: datasets.Dataset, name: str, batch_size: int) -> datasets.Dataset:
         missing = [c for c in REFERENCE_COLUMNS if c not in dataset.column_names]
@@ -158,3 +186,50 @@ class GeometricReferenceDPOTrainer(DPOTrainer):
                 f"{name} dataset has no {missing} columns: α-SPIN trains against a supplied geometric reference"
             )
         return dataset
+
+    def paper_pair_losses(
+        self,
+        loss_type: str,
+        chosen_logps: torch.Tensor,
+        rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-pair loss of one of the paper's losses TRL lacks, from summed sequence log-probs. Shapes: (batch,)."""
+        if loss_type == "ipo_pairwise":
+            return ipo_pairwise_loss(chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps, self.beta)
+        if loss_type == "slic":
+            return slic_loss(chosen_logps, rejected_logps, self.slic_delta, self.slic_lambda)
+        raise ValueError(f"not one of the paper's losses {list(PAPER_LOSSES)}: {loss_type!r}")
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        ours = [(t, w) for t, w in zip(self.loss_types, self.loss_weights, strict=True) if t in PAPER_LOSSES]
+        if not ours:
+            return super()._compute_loss(model, inputs, return_outputs)
+        policy_outputs: list[Any] = []
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            outputs = model(*args, **kwargs)
+            if not policy_outputs:  # TRL's first call is the policy forward (the reference is precomputed)
+                policy_outputs.append(outputs)
+            return outputs
+
+        loss_types, loss_weights = self.loss_types, self.loss_weights
+        self.loss_types = ["sigmoid" if t in PAPER_LOSSES else t for t in loss_types]
+        self.loss_weights = [0.0 if t in PAPER_LOSSES else w for t, w in zip(loss_types, loss_weights, strict=True)]
+        try:
+            result = super()._compute_loss(forward, inputs, return_outputs)
+        finally:
+            self.loss_types, self.loss_weights = loss_types, loss_weights
+        loss, outputs = result if return_outputs else (result, None)
+
+        # the policy's sequence log-probs exactly as TRL sums them (ld_alpha is refused in __init__)
+        seq_len = inputs["completion_mask"].size(1) - 1
+        logps = policy_outputs[0].log_probs[:, -seq_len:].sum(dim=1)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        for loss_type, weight in ours:
+            per_pair = self.paper_pair_losses(
+                loss_type, chosen_logps, rejected_logps, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            )
+            loss = loss + per_pair.mean() * weight
+        return (loss, outputs) if return_outputs else loss
