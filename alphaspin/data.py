@@ -50,26 +50,106 @@ def _chatterbot_rows() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line; a bad line is named by its number (pandas would only say "Expected object")."""
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"data.source: {path} line {number}: not valid JSON ({error.msg} at column {error.colno}); "
+                    "expected one JSON object per line"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"data.source: {path} line {number}: expected a JSON object, got {type(record).__name__}"
+                )
+            records.append(record)
+    if not records:
+        raise DataError(f"data.source: {path} is empty; expected one JSON object per line")
+    return pd.DataFrame.from_records(records)
+
+
+def _read_json(path: Path) -> pd.DataFrame:
+    """A JSON array of objects (or an object of equal-length columns)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"data.source: {path} line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})"
+        ) from None
+    if isinstance(document, list):
+        bad = next((i for i, record in enumerate(document) if not isinstance(record, dict)), None)
+        if bad is not None:
+            raise DataError(
+                f"data.source: {path} item {bad}: expected a JSON object, got {type(document[bad]).__name__}"
+            )
+        frame = pd.DataFrame.from_records(document)
+    elif isinstance(document, dict) and all(isinstance(v, list) for v in document.values()):
+        try:
+            frame = pd.DataFrame(document)
+        except ValueError as error:
+            raise DataError(f"data.source: {path}: columns of different lengths ({error})") from None
+    else:
+        raise DataError(
+            f"data.source: {path}: expected a JSON array of objects or an object of columns, "
+            f"got {type(document).__name__}"
+        )
+    if frame.empty:
+        raise DataError(f"data.source: {path} holds no rows")
+    return frame
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".parquet", ".csv"):
+        raise DataError(f"data.source: {path}: unsupported file type {suffix!r} (jsonl, json, parquet, csv)")
+    if path.stat().st_size == 0:
+        raise DataError(f"data.source: {path} is empty")
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        import pyarrow
+
+        try:
+            return pd.read_parquet(path)
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DataError(f"data.source: {path}: not a valid parquet file ({str(error).splitlines()[0]})") from None
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"data.source: {path} is empty; expected a header row and data rows") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise DataError(f"data.source: {path}: not valid CSV ({str(error).strip().splitlines()[-1]})") from None
+    if frame.empty:
+        raise DataError(f"data.source: {path} has a header but no data rows")
+    return frame
+
+
 def _read_table(source: str, config: DataConfig) -> pd.DataFrame:
     path = Path(source).expanduser()
     if path.is_dir():
         import datasets
 
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise DataError(
+                f"data.source: {path} is a folder but not a dataset saved by datasets' save_to_disk"
+            ) from None
         if isinstance(loaded, datasets.DatasetDict):
             if config.split not in loaded:
                 raise DataError(f"data.split: {source} has splits {sorted(loaded)}, not {config.split!r}")
             loaded = loaded[config.split]
         return loaded.to_pandas()
     if path.exists():
-        suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=suffix == ".jsonl")
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-        if suffix == ".csv":
-            return pd.read_csv(path)
-        raise DataError(f"data.source: {source}: unsupported file type {suffix!r} (jsonl, json, parquet, csv)")
+        return _read_file(path)
     if source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".json", ".parquet", ".csv")):
         raise DataError(f"data.source: no file or folder at {source}")
     import datasets  # a hub dataset id; needs the network
@@ -77,11 +157,37 @@ def _read_table(source: str, config: DataConfig) -> pd.DataFrame:
     return datasets.load_dataset(source, split=config.split).to_pandas()
 
 
-def _first_turns(messages: object) -> tuple[str, str] | None:
-    if not isinstance(messages, list | tuple | np.ndarray):
+def _where(source: str, index: int) -> str:
+    """How a person finds row ``index`` (0-based, in file order) of the source."""
+    return f"line {index + 1}" if source.endswith(".jsonl") else f"row {index}"
+
+
+def _check_text(frame: pd.DataFrame, column: str, field: str, source: str) -> None:
+    """Every value of a text column is a string (or missing): a number or a list is a wrong type."""
+    bad = frame[column].map(lambda v: not (isinstance(v, str) or v is None or (isinstance(v, float) and np.isnan(v))))
+    if bad.any():
+        index = int(np.flatnonzero(bad.to_numpy())[0])
+        value = frame[column].iloc[index]
+        raise DataError(
+            f"data.{field}: {source} {_where(source, index)}: column {column!r} holds {type(value).__name__} "
+            f"{str(value)[:40]!r}; expected text"
+        )
+
+
+def _first_turns(messages: object, source: str, index: int, column: str) -> tuple[str, str] | None:
+    if messages is None:
         return None
-    user = next((m["content"] for m in messages if m.get("role") == "user"), None)
-    answer = next((m["content"] for m in messages if m.get("role") == "assistant"), None)
+    if not isinstance(messages, list | tuple | np.ndarray) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+    ):
+        raise DataError(
+            f"data.messages_column: {source} {_where(source, index)}: column {column!r} must be a list of "
+            "{role, content} messages"
+        )
+    user = next((m.get("content") for m in messages if m["role"] == "user"), None)
+    answer = next((m.get("content") for m in messages if m["role"] == "assistant"), None)
+    if (user is not None and not isinstance(user, str)) or (answer is not None and not isinstance(answer, str)):
+        raise DataError(f"data.messages_column: {source} {_where(source, index)}: a message's content is not text")
     return (user, answer) if user and answer else None
 
 
@@ -95,7 +201,8 @@ def load_sft(config: DataConfig) -> pd.DataFrame:
                 f"data.messages_column: {source} has no column {config.messages_column!r} "
                 f"(columns: {sorted(map(str, frame.columns))})"
             )
-        pairs = [_first_turns(m) for m in frame[config.messages_column]]
+        column = config.messages_column
+        pairs = [_first_turns(m, source, i, column) for i, m in enumerate(frame[column])]
         frame = pd.DataFrame([p for p in pairs if p is not None], columns=["prompt", "answer"])
     elif source != BUILTIN_CHATTERBOT:
         for field, column in (("prompt_column", config.prompt_column), ("answer_column", config.answer_column)):
@@ -103,6 +210,8 @@ def load_sft(config: DataConfig) -> pd.DataFrame:
                 raise DataError(
                     f"data.{field}: {source} has no column {column!r} (columns: {sorted(map(str, frame.columns))})"
                 )
+        _check_text(frame, config.prompt_column, "prompt_column", source)
+        _check_text(frame, config.answer_column, "answer_column", source)
         frame = frame[[config.prompt_column, config.answer_column]].set_axis(["prompt", "answer"], axis=1)
     frame = frame.dropna()
     frame = frame[(frame["prompt"].astype(str).str.strip() != "") & (frame["answer"].astype(str).str.strip() != "")]

@@ -50,6 +50,10 @@ def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[i
 
         return run(config, force=force, fork_from=args.fork_from, on_iteration=_print_iteration)
     from alphaspin.flows.alphaspin_run import alphaspin_run
+    from alphaspin.workspace import Workspace
+
+    with Workspace(config) as workspace:  # a bad model or data file: one line here, not a flow-run traceback
+        workspace.check_inputs()
 
     return alphaspin_run(
         config=config, force=[f"{t}:{s}" for t, ss in force.items() for s in sorted(ss)], fork_from=args.fork_from
