@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 SHARD = "shards/shard-{index:05d}.parquet"
 # Knobs that change how generation is executed, not what it writes.
 EXECUTION_ONLY = ("generation.shard_size", "generation.gpu_memory_utilization")
+# Knobs of what later stages do with the losers, not of sampling them.
+DOWNSTREAM_ONLY = ("generation.truncated_losers",)
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
@@ -34,7 +36,7 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "model.chat_template",
         "generation",
         "run.seed",
-        exclude=EXECUTION_ONLY,
+        exclude=EXECUTION_ONLY + DOWNSTREAM_ONLY,
     )
     return fields
 
@@ -64,16 +66,26 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str,
                 requests = build_requests(
                     ws.tokenizer, list(zip(shard.id, shard.prompt, strict=True)), adapter_path, seed, t, member
                 )
-                texts = backend.generate(requests)
+                completions = backend.complete(requests)
+                texts = [c.text for c in completions]
                 tokens += sum(len(ws.tokenizer(text)["input_ids"]) for text in texts)
-                out = pd.DataFrame({"id": shard.id.values, "rejected": texts, "opponent": member})
+                out = pd.DataFrame(
+                    {
+                        "id": shard.id.values,
+                        "rejected": texts,
+                        "opponent": member,
+                        "truncated": [c.truncated for c in completions],
+                    }
+                )
                 job.out.write_table(SHARD.format(index=index), out)
                 ws.progress((done + 1) / len(todo), f"{job.node.folder}: shard {index + 1}/{n_shards}")
         finally:
             backend.close()
     elapsed = time.monotonic() - started
+    shards = [job.out.read_table(SHARD.format(index=i)) for i in range(n_shards) if len(rows)]
     return {
         "rows": len(rows),
+        "truncated": int(sum(int(shard.truncated.sum()) for shard in shards)),  # cut off by max_new_tokens
         "shards": n_shards,
         "new_tokens": tokens,
         "tokens_per_second": tokens / elapsed if tokens and elapsed > 0 else None,
@@ -82,9 +94,11 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str,
 
 
 def read_generations(generation: Artifact) -> pd.DataFrame:
-    """The losers of one member's generate stage: (id, rejected, opponent)."""
+    """The losers of one member's generate stage: (id, rejected, opponent, truncated)."""
     frames = [generation.read_table(name) for name in generation.files("shards/")]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "rejected", "opponent"])
+    if not frames:
+        return pd.DataFrame(columns=["id", "rejected", "opponent", "truncated"])
+    return pd.concat(frames, ignore_index=True)
 
 
 SPEC = StageSpec(
@@ -92,7 +106,7 @@ SPEC = StageSpec(
     function=generate,
     inputs=(Input("prompts", "sample_prompts"), Input("adapter", "train", at="member")),
     reads=reads,
-    version=2,  # 2: chat templates write BOS for tokenizers that add one
+    version=3,  # 2: chat templates write BOS for tokenizers that add one; 3: the `truncated` column
     gpu=True,
     per_member=True,
     resumable=True,
