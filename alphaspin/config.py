@@ -165,6 +165,15 @@ class GenerationConfig(_Section):
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(48, gt=0, description="Longest generated loser, in tokens.")
+    truncated_losers: Literal["no_eos", "drop", "keep"] = Field(
+        "no_eos",
+        description="Losers cut off by max_new_tokens (`truncated` in the generations, `rejected_truncated` in the "
+        "pairs): no_eos scores and trains them as the prefix the policy wrote, without the chat template's "
+        "end-of-turn tokens (reference log-probs, training and held-out evaluation alike); drop leaves their pairs "
+        "out of training (held-out pairs are kept, so every iteration evaluates the same rows); keep scores them as "
+        "if the turn had ended there (cut text + end-of-turn), which teaches DPO that ending abruptly is bad from an "
+        "artifact of the cap. Default no_eos: every sample kept, each scored as exactly what was generated.",
+    )
     batch_size: int = Field(8, gt=0, description="Prompts per generate call (transformers backend).")
     shard_size: int = Field(
         16, gt=0, description="Prompts per stored shard; an interrupted generation resumes by finished shards."
@@ -173,6 +182,11 @@ class GenerationConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism.")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory.")
     max_lora_rank: int = Field(16, ge=1, description="vLLM: largest LoRA rank it must serve.")
+
+    @property
+    def losers_as_prefixes(self) -> bool:
+        """Whether a cut-off loser is scored and trained without the end-of-turn tokens (``no_eos``)."""
+        return self.truncated_losers == "no_eos"
 
     def effective_seed(self, run_seed: int) -> int:
         """The sampler seed: ``seed`` when set (0 included), else ``run_seed``."""

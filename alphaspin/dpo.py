@@ -35,10 +35,19 @@ from alphaspin.reference import ipo_pairwise_loss, slic_loss
 logger = logging.getLogger(__name__)
 
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+# Dataset column: True where the rejected answer is a prefix cut off by generation.max_new_tokens,
+# to be tokenized without the chat template's end-of-turn tokens (`end_rejected_prefixes`).
+PREFIX_COLUMN = "rejected_is_prefix"
 
 
-def pairs_to_dataset(pairs: pd.DataFrame, extra_columns: tuple[str, ...] = ()) -> datasets.Dataset:
-    """Conversational preference rows: prompt = [user x], chosen = [assistant y_w], rejected = [assistant y_l]."""
+def pairs_to_dataset(
+    pairs: pd.DataFrame, extra_columns: tuple[str, ...] = (), losers_as_prefixes: bool = False
+) -> datasets.Dataset:
+    """Conversational preference rows: prompt = [user x], chosen = [assistant y_w], rejected = [assistant y_l].
+
+    ``losers_as_prefixes`` (``generation.truncated_losers: no_eos``): rows whose ``rejected_truncated``
+    is true get ``rejected_is_prefix``, so that `prepare_like_trl` ends their rejected ids where
+    generation stopped."""
     records: dict[str, list[Any]] = {
         "id": list(pairs["id"]),
         "prompt": [chat_prompt(p) for p in pairs["prompt"]],
@@ -47,6 +56,10 @@ def pairs_to_dataset(pairs: pd.DataFrame, extra_columns: tuple[str, ...] = ()) -
     }
     for column in extra_columns:
         records[column] = [float(v) for v in pairs[column]]
+    if losers_as_prefixes:
+        if "rejected_truncated" not in pairs.columns:
+            raise ValueError("generation.truncated_losers: no_eos needs the pairs' rejected_truncated column")
+        records[PREFIX_COLUMN] = [bool(v) for v in pairs["rejected_truncated"]]
     return datasets.Dataset.from_dict(records)
 
 
@@ -87,14 +100,65 @@ def dpo_config(training: TrainingConfig, output_dir: str, seed: int, use_cpu: bo
     return DPOConfig(**values)
 
 
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The ids the chat template writes after an assistant message's content, closing the turn
+    (chatml: ``<|im_end|>`` and a newline; zephyr: EOS and a newline)."""
+    sentinel = "ALPHASPIN-END-OF-CONTENT"
+    text = tokenizer.apply_chat_template(
+        [*chat_prompt("x"), {"role": "assistant", "content": sentinel}], tokenize=False
+    )
+    if text.count(sentinel) != 1:
+        raise ValueError("model.chat_template: cannot locate the assistant content in the rendered chat")
+    closing = text.split(sentinel, 1)[1]
+    return list(tokenizer(closing, add_special_tokens=False)["input_ids"]) if closing else []
+
+
+def end_rejected_prefixes(dataset: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+    """Remove the end-of-turn ids (`end_of_turn_ids`) from ``rejected_ids`` of the rows marked
+    ``rejected_is_prefix``: a loser cut off by ``generation.max_new_tokens`` is then scored and
+    trained as the prefix the policy wrote, not as an answer the policy chose to end there.
+
+    Why this is the default (``generation.truncated_losers: no_eos``): TRL renders every answer
+    through the chat template, which closes the turn after it. A cut-off loser would then read
+    "cut text + end-of-turn", and DPO would learn that ending abruptly is bad, from a signal that
+    is an artifact of the cap (the policy never ended there). Dropping those pairs instead loses
+    data and biases the losers toward short answers; scoring the prefix keeps every sample and
+    scores exactly what was generated. A no-op on datasets without the column."""
+    if PREFIX_COLUMN not in dataset.column_names:
+        return dataset
+    closing = end_of_turn_ids(tokenizer)
+    if not closing:
+        return dataset
+
+    def strip(example: dict[str, Any]) -> dict[str, Any]:
+        ids = list(example["rejected_ids"])
+        if not example[PREFIX_COLUMN]:
+            return {"rejected_ids": ids}
+        if ids[-len(closing) :] != closing:
+            raise ValueError(
+                f"generation.truncated_losers: no_eos: the rejected ids of row {example.get('id')!r} do not end "
+                f"with the chat template's end-of-turn ids {closing}; use truncated_losers keep or drop"
+            )
+        return {"rejected_ids": ids[: -len(closing)]}
+
+    return dataset.map(strip, desc="Ending cut-off losers where generation stopped")
+
+
+def prepare_like_trl(trainer: Any, dataset: datasets.Dataset, tokenizer: Any, args: DPOConfig, name: str):
+    """TRL's ``DPOTrainer._prepare_dataset``, then `end_rejected_prefixes`: the one tokenization of
+    both the reference stage (`tokenize_like_trl`) and the trainer (`GeometricReferenceDPOTrainer`)."""
+    return end_rejected_prefixes(DPOTrainer._prepare_dataset(trainer, dataset, tokenizer, args, name), tokenizer)
+
+
 def tokenize_like_trl(dataset: datasets.Dataset, tokenizer: Any, args: DPOConfig) -> datasets.Dataset:
     """Tokenize preference rows with TRL's own ``DPOTrainer._prepare_dataset`` (prompt_ids,
-    chosen_ids, rejected_ids; rows whose prompt fills max_length dropped), so our reference
-    log-probs are computed on exactly the ids the trainer will see. For conversational rows that
-    method only reads ``self._tokenizer`` when adding EOS to plain-text rows; a namespace stands in.
+    chosen_ids, rejected_ids; rows whose prompt fills max_length dropped) and end cut-off losers
+    as `GeometricReferenceDPOTrainer` does (`prepare_like_trl`), so our reference log-probs are
+    computed on exactly the ids the trainer will see. For conversational rows that method only
+    reads ``self._tokenizer`` when adding EOS to plain-text rows; a namespace stands in.
     """
     shim = types.SimpleNamespace(_tokenizer=tokenizer)
-    return DPOTrainer._prepare_dataset(shim, dataset, tokenizer, args, "pairs")
+    return prepare_like_trl(shim, dataset, tokenizer, args, "pairs")
 
 
 def prepare_for_logps(model: torch.nn.Module) -> torch.nn.Module:
@@ -158,7 +222,8 @@ def completion_logps(
 class GeometricReferenceDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer trained against reference log-probs supplied as dataset columns
     (α-SPIN's geometric mixture, computed by the reference_logps stage) instead of computing them,
-    with the paper's losses TRL lacks (``ipo_pairwise``, ``slic``) added to TRL's loss dispatch.
+    on the ids of `prepare_like_trl` (the reference stage's tokenization), with the paper's losses
+    TRL lacks (``ipo_pairwise``, ``slic``) added to TRL's loss dispatch.
 
     ``slic_delta`` / ``slic_lambda`` are SLiC's margin δ (default 1/β, the margin TRL's hinge
     puts on log-ratios: max(0, 1 − β·m) = β·max(0, 1/β − m)) and SFT weight λ (default 0)."""
@@ -178,6 +243,9 @@ class GeometricReferenceDPOTrainer(DPOTrainer):
                 f"loss_type {ours} is computed from summed log-probs and the supplied reference columns: it needs "
                 "precompute_ref_log_probs=True and no ld_alpha, f_divergence_type or use_weighting"
             )
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return prepare_like_trl(self, dataset, processing_class, args, dataset_name)
 
     def _precompute_ref_logps(self, dataset: datasets.Dataset, name: str, batch_size: int) -> datasets.Dataset:
         missing = [c for c in REFERENCE_COLUMNS if c not in dataset.column_names]

@@ -8,7 +8,9 @@ uclaml/SPIN#33), the member's adapter (None for the base) and a per-request seed
 - ``VllmBackend`` (``alphaspin.vllm_backend``): one vLLM engine serving the base and every
   member's LoRA adapter.
 
-`alphaspin.backends.make_backend` picks one from ``generation.backend``.
+`alphaspin.backends.make_backend` picks one from ``generation.backend``. ``complete`` returns each
+request's text and whether ``generation.max_new_tokens`` cut it off (`Completion`); ``generate``
+only the texts.
 """
 
 from __future__ import annotations
@@ -74,9 +76,22 @@ def build_requests(
     ]
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One request's answer: the decoded text, and whether ``generation.max_new_tokens`` cut it off
+    (the sampler stopped at the cap, not at an end-of-sequence token)."""
+
+    text: str
+    truncated: bool
+
+
 class GenerationBackend(Protocol):
+    def complete(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """The completion of each request (text and whether it was cut off), in order."""
+        ...
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
-        """The decoded completion of each request, in order."""
+        """The decoded completion of each request, in order (``complete`` without the truncation flags)."""
         ...
 
     def close(self) -> None: ...
@@ -117,11 +132,16 @@ class TransformersBackend:
         self.model.set_adapter(self._adapters[adapter_path])
         return _null()
 
-    @torch.no_grad()
     def generate(
         self, requests: Sequence[GenerationRequest], on_batch: Callable[[int], None] | None = None
     ) -> list[str]:
-        outputs: list[str] = []
+        return [c.text for c in self.complete(requests, on_batch)]
+
+    @torch.no_grad()
+    def complete(
+        self, requests: Sequence[GenerationRequest], on_batch: Callable[[int], None] | None = None
+    ) -> list[Completion]:
+        outputs: list[Completion] = []
         size = self.config.batch_size
         for start in range(0, len(requests), size):
             batch = requests[start : start + size]
@@ -134,7 +154,7 @@ class TransformersBackend:
                 on_batch(len(batch))
         return outputs
 
-    def _generate_batch(self, batch: Sequence[GenerationRequest]) -> list[str]:
+    def _generate_batch(self, batch: Sequence[GenerationRequest]) -> list[Completion]:
         pad = self.tokenizer.pad_token_id
         width = max(len(r.prompt_ids) for r in batch)
         # Left padding: generation continues from the last prompt token of every row.
@@ -156,7 +176,12 @@ class TransformersBackend:
             eos_token_id=self.tokenizer.eos_token_id,
         )
         completions = generated[:, width:]
-        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
+        # generate stops a row at EOS (then pads it) or at max_new_tokens: a row without EOS was cut off.
+        ended = (completions == self.tokenizer.eos_token_id).any(dim=1).tolist()
+        return [
+            Completion(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), not stopped)
+            for ids, stopped in zip(completions, ended, strict=True)
+        ]
 
     def close(self) -> None:
         del self.model, self.base

@@ -115,7 +115,8 @@ def run_training(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> di
     else:  # θ_t starts from θ_(t-1)
         model = PeftModel.from_pretrained(base, ws.local_adapter(previous), is_trainable=True)
     args = ws.dpo_args(output_dir=str(output_dir))
-    dataset = pairs_to_dataset(pairs, REFERENCE_COLUMNS)
+    # The trainer tokenizes it with `alphaspin.dpo.prepare_like_trl`, as the reference stage did.
+    dataset = pairs_to_dataset(pairs, REFERENCE_COLUMNS, losers_as_prefixes=config.generation.losers_as_prefixes)
     trainer = GeometricReferenceDPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=ws.tokenizer, peft_config=peft_config
     )

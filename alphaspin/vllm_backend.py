@@ -11,7 +11,8 @@ What is sent is exactly what the transformers backend uses:
   (`alphaspin.generation.render_prompt_ids`), never a text prompt that vLLM would re-template;
 - a per-request seed (`alphaspin.generation.request_seed`): a row's text depends on its seed
   only, not on which other rows share its batch, so a regenerated shard gives the same text;
-- the tokenizer's EOS as a stop token; the text is decoded with our tokenizer.
+- the tokenizer's EOS as a stop token; the text is decoded with our tokenizer, and a row whose
+  ``finish_reason`` is ``"length"`` (stopped by ``max_new_tokens``) is reported as truncated.
 
 The pure half, `build_vllm_inputs` and `engine_kwargs`, builds plain dicts and is tested
 without vLLM or a GPU; `VllmBackend` turns them into vLLM objects.
@@ -37,7 +38,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alphaspin.config import GenerationConfig
-from alphaspin.generation import GenerationRequest
+from alphaspin.generation import Completion, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +212,14 @@ class VllmBackend:
     def generate(
         self, requests: Sequence[GenerationRequest], on_batch: Callable[[int], None] | None = None
     ) -> list[str]:
-        """The decoded completion of each request, in order; requests of different members (base
-        and adapters) may be mixed in one call."""
+        """The decoded completion of each request, in order (`complete` without the truncation flags)."""
+        return [c.text for c in self.complete(requests, on_batch)]
+
+    def complete(
+        self, requests: Sequence[GenerationRequest], on_batch: Callable[[int], None] | None = None
+    ) -> list[Completion]:
+        """The completion of each request, in order; requests of different members (base and
+        adapters) may be mixed in one call."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
@@ -232,10 +239,17 @@ class VllmBackend:
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
         if len(outputs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
-        texts = [self.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True).strip() for out in outputs]
+        # finish_reason "length": stopped by max_tokens (generation.max_new_tokens), not by the EOS stop token.
+        completions = [
+            Completion(
+                self.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True).strip(),
+                out.outputs[0].finish_reason == "length",
+            )
+            for out in outputs
+        ]
         if on_batch:
             on_batch(len(requests))
-        return texts
+        return completions
 
     def close(self) -> None:
         """Shut the engine down and free its GPU memory before the next GPU stage starts."""

@@ -107,10 +107,12 @@ class Workspace:
         return dpo_config(self.config.training, output_dir, self.config.run.seed, use_cpu=self.device == "cpu")
 
     def tokenize_pairs(self, frame: pd.DataFrame) -> datasets.Dataset:
-        """Pairs (id, prompt, chosen, rejected) tokenized exactly as TRL's DPOTrainer tokenizes them."""
+        """Pairs (id, prompt, chosen, rejected[, rejected_truncated]) tokenized exactly as the trainer
+        tokenizes them (TRL's tokenization; cut-off losers ended as ``generation.truncated_losers`` says)."""
         from alphaspin.dpo import pairs_to_dataset, tokenize_like_trl
 
-        return tokenize_like_trl(pairs_to_dataset(frame), self.tokenizer, self.dpo_args())
+        dataset = pairs_to_dataset(frame, losers_as_prefixes=self.config.generation.losers_as_prefixes)
+        return tokenize_like_trl(dataset, self.tokenizer, self.dpo_args())
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -75,13 +75,18 @@ def test_prompts_shares_and_heldout_isolation(finished_run):
     assert len(heldout_ids) == 4  # the same held-out rows every iteration
 
 
-def _logps_by_hand(model, tokenizer, prompt: str, answer: str) -> float:
-    """Σ log π(answer tokens | chat-template prompt), from full logits (not TRL's code)."""
+def _logps_by_hand(model, tokenizer, prompt: str, answer: str, prefix: bool = False) -> float:
+    """Σ log π(answer tokens | chat-template prompt), from full logits (not TRL's code). ``prefix``: an
+    answer cut off by max_new_tokens, scored without the template's closing ``<|im_end|>\\n``."""
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     full = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     )
     prompt_ids, full = list(getattr(prompt_ids, "input_ids", prompt_ids)), list(getattr(full, "input_ids", full))
+    if prefix:
+        closing = list(tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"])
+        assert full[-len(closing) :] == closing
+        full = full[: -len(closing)]
     assert full[: len(prompt_ids)] == prompt_ids
     ids = torch.tensor([full[:96]])
     with torch.no_grad():
@@ -99,17 +104,17 @@ def test_stored_reference_logps_equal_hand_computation(finished_run, tiny_model)
     table = stored.dir(Node("reference_logps", 1)).read_table("reference.parquet").head(3)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tokenizer = ctx.tokenizer
-    expected_base = [
-        [_logps_by_hand(base, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
-        for r in table.itertuples()
-    ]
+    # generation.truncated_losers: no_eos (the default): a cut-off loser is scored as the prefix it is
+    assert config.generation.truncated_losers == "no_eos" and table.rejected_truncated.any()
+
+    def by_hand(model, r, side):
+        return _logps_by_hand(model, tokenizer, r.prompt, getattr(r, side), side == "rejected" and r.rejected_truncated)
+
+    expected_base = [[by_hand(base, r, side) for side in ("chosen", "rejected")] for r in table.itertuples()]
     trained = Node("train", 0)
     adapter_dir = ctx.local_adapter(Artifact(stored.stored_record(trained), stored.dir(trained)))
     prev = PeftModel.from_pretrained(base, adapter_dir).eval()
-    expected_prev = [
-        [_logps_by_hand(prev, tokenizer, r.prompt, getattr(r, side)) for side in ("chosen", "rejected")]
-        for r in table.itertuples()
-    ]
+    expected_prev = [[by_hand(prev, r, side) for side in ("chosen", "rejected")] for r in table.itertuples()]
     for i, row in enumerate(table.itertuples()):
         assert row.lp_base_chosen == pytest.approx(expected_base[i][0], abs=2e-4)
         assert row.lp_base_rejected == pytest.approx(expected_base[i][1], abs=2e-4)
@@ -123,11 +128,16 @@ def test_stored_reference_logps_equal_hand_computation(finished_run, tiny_model)
 
 
 def test_alpha_one_reproduces_the_reference_trl_computes_from_the_previous_iterate(finished_run, tiny_model, tmp_path):
-    """With α = 1, our stored reference equals what TRL's own precompute gives for π_θ0."""
+    """With α = 1, our stored reference equals what TRL's own precompute gives for π_θ0 (on the ids
+    the trainer trains on: cut-off losers without end-of-turn, generation.truncated_losers: no_eos)."""
     from peft import PeftModel
     from trl import DPOTrainer
 
-    from alphaspin.dpo import dpo_config, pairs_to_dataset
+    from alphaspin.dpo import dpo_config, pairs_to_dataset, prepare_like_trl
+
+    class PrecomputingDPOTrainer(DPOTrainer):  # TRL's precompute, our tokenization
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return prepare_like_trl(self, dataset, processing_class, args, dataset_name)
 
     config, _ = finished_run
     spin = config.model_copy(deep=True)
@@ -148,7 +158,8 @@ def test_alpha_one_reproduces_the_reference_trl_computes_from_the_previous_itera
     args = dpo_config(
         spin.training.model_copy(update={"disable_dropout": True}), str(tmp_path / "trl"), 0, use_cpu=True
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs_to_dataset(ours), processing_class=ctx.tokenizer)
+    dataset = pairs_to_dataset(ours, losers_as_prefixes=spin.generation.losers_as_prefixes)
+    trainer = PrecomputingDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=ctx.tokenizer)
     trl_ref = (
         pd.DataFrame(
             {

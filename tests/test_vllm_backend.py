@@ -150,7 +150,8 @@ class _Recorder:
 
 def _fake_vllm(monkeypatch) -> dict:
     """Install a minimal `vllm` whose LLM records its calls and answers each prompt with its own
-    last prompt token then EOS; returns the record."""
+    last prompt token then EOS (finish_reason "stop"), or, when max_tokens is 1, with that token
+    alone (finish_reason "length", as vLLM reports a row cut off by max_tokens); returns the record."""
     seen: dict = {"shutdown": 0, "cleanup": 0}
 
     class LoRARequest:
@@ -169,10 +170,13 @@ def _fake_vllm(monkeypatch) -> dict:
         def generate(self, prompts, params, use_tqdm=True, lora_request=None):
             seen.update(prompts=prompts, params=params, lora_request=lora_request)
             eos = seen["eos"]
-            return [
-                types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[p["prompt_token_ids"][-2], eos])])
-                for p in prompts
-            ]
+            outputs = []
+            for p, param in zip(prompts, params, strict=True):
+                cut = param.kwargs["max_tokens"] < 2
+                ids = [p["prompt_token_ids"][-2]] + ([] if cut else [eos])
+                completion = types.SimpleNamespace(token_ids=ids, finish_reason="length" if cut else "stop")
+                outputs.append(types.SimpleNamespace(outputs=[completion]))
+            return outputs
 
     def cleanup():
         seen["cleanup"] += 1
@@ -241,6 +245,21 @@ def test_base_only_engine_sends_no_lora_requests(tokenizer, monkeypatch):
     backend.close()
 
 
+def test_finish_reason_length_is_reported_as_truncated(tokenizer, monkeypatch):
+    seen = _fake_vllm(monkeypatch)
+    seen["eos"] = tokenizer.eos_token_id
+    requests = build_requests(tokenizer, PROMPTS, None, 0, 0, "base")
+    backend = VllmBackend("/models/m", tokenizer, CONFIG, dtype=torch.float16)
+    ended = backend.complete(requests)
+    assert [c.truncated for c in ended] == [False] * len(PROMPTS)  # stopped at EOS
+    backend.config = CONFIG.model_copy(update={"max_new_tokens": 1})
+    cut = backend.complete(requests)
+    assert [p.kwargs["max_tokens"] for p in seen["params"]] == [1] * len(PROMPTS)
+    assert [c.truncated for c in cut] == [True] * len(PROMPTS)  # finish_reason "length"
+    assert [c.text for c in cut] == [c.text for c in ended] == backend.generate(requests)
+    backend.close()
+
+
 def test_missing_vllm_is_a_clear_error(tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ImportError, match="generation.backend: vllm"):
@@ -276,6 +295,10 @@ def test_vllm_generates_a_multi_lora_mixture_on_gpu(tokenizer, tmp_path):
         members, requests = _mixture_requests(tokenizer, adapters)
         texts = backend.generate(requests)
         assert len(texts) == len(requests) and all(isinstance(t, str) for t in texts)
+        one_token = CONFIG.model_copy(update={"gpu_memory_utilization": 0.3, "max_new_tokens": 1})
+        backend.config, config = one_token, backend.config
+        assert all(c.truncated for c in backend.complete(requests))  # finish_reason "length" from the engine
+        backend.config = config
         assert backend.generate(requests) == texts  # per-request seeds: the same text every time
         assert backend.generate(requests[2:3]) == texts[2:3]  # and whatever else shares the batch
         greedy = GenerationConfig(backend="vllm", temperature=0.0, max_new_tokens=16)

@@ -11,7 +11,7 @@ from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
-    return pick(
+    fields = pick(
         config,
         "model.name_or_path",
         "model.dtype",
@@ -20,6 +20,9 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "training.beta",
         "training.max_length",
     )
+    if config.generation.losers_as_prefixes:  # held-out pairs are tokenized as the reference stage did
+        fields.update(pick(config, "generation.truncated_losers"))
+    return fields
 
 
 def evaluate(job: Job, trained: Artifact, reference: Artifact) -> dict[str, Any]:

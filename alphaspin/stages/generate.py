@@ -18,7 +18,7 @@ import torch
 
 from alphaspin.backends import make_backend
 from alphaspin.config import AlphaSpinConfig, GenerationConfig
-from alphaspin.generation import build_requests, render_prompt_ids, request_seed
+from alphaspin.generation import Completion, build_requests, render_prompt_ids, request_seed
 from alphaspin.mixture import member_sampler
 from alphaspin.opponent import sir_resample
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 SHARD = "shards/shard-{index:05d}.parquet"
 # Knobs that change how generation is executed, not what it writes.
 EXECUTION_ONLY = ("generation.shard_size", "generation.gpu_memory_utilization")
+# Knobs of what later stages do with the losers, not of sampling them.
+DOWNSTREAM_ONLY = ("generation.truncated_losers",)
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
@@ -38,7 +40,7 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "model.chat_template",
         "generation",
         "run.seed",
-        exclude=EXECUTION_ONLY,
+        exclude=EXECUTION_ONLY + DOWNSTREAM_ONLY,
     )
     sampler = member_sampler(member) if member is not None else None
     if sampler is not None:  # a sampler of the geometric mixture π_(t-1)^α·π_base^(1-α)
@@ -59,14 +61,15 @@ class PlainSampler:
         self.backend = make_backend(self.config, ws.model_path, ws.tokenizer, ws.dtype, ws.device, paths)
         self.seed = self.config.effective_seed(job.config.run.seed)
 
-    def texts(self, rows: list[tuple[str, str]], member: str) -> list[str]:
+    def complete(self, rows: list[tuple[str, str]], member: str) -> list[Completion]:
         requests = build_requests(
             self.job.workspace.tokenizer, rows, self.adapter_path, self.seed, self.job.iteration, member
         )
-        return self.backend.generate(requests)
+        return self.backend.complete(requests)
 
     def __call__(self, shard: pd.DataFrame) -> dict[str, list]:
-        return {"rejected": self.texts(list(zip(shard.id, shard.prompt, strict=True)), str(self.job.node.member))}
+        completions = self.complete(list(zip(shard.id, shard.prompt, strict=True)), str(self.job.node.member))
+        return {"rejected": [c.text for c in completions], "truncated": [c.truncated for c in completions]}
 
     def close(self) -> None:
         self.backend.close()
@@ -89,7 +92,8 @@ class SirSampler:
 
         ws, job = self.job.workspace, self.job
         rows = [(f"{i}#{j}", p) for i, p in zip(shard.id, shard.prompt, strict=True) for j in range(self.k)]
-        texts = self.proposals.texts(rows, f"{job.node.member}-proposals")
+        completions = self.proposals.complete(rows, f"{job.node.member}-proposals")
+        texts = [c.text for c in completions]
         frame = pd.DataFrame({"id": [r[0] for r in rows], "prompt": [r[1] for r in rows], "chosen": texts})
         frame["rejected"] = frame.chosen
         tokenized = ws.tokenize_pairs(frame)
@@ -107,7 +111,7 @@ class SirSampler:
         lp_prev = score(model)
         with model.disable_adapter():
             lp_base = score(model)
-        chosen, ess = [], []
+        chosen, truncated, ess = [], [], []
         for row, row_id in enumerate(shard.id):
             generator = torch.Generator().manual_seed(
                 request_seed(self.proposals.seed, job.iteration, str(job.node.member), str(row_id))
@@ -116,9 +120,10 @@ class SirSampler:
                 lp_prev[row : row + 1], lp_base[row : row + 1], job.config.method.alpha, generator
             )
             chosen.append(texts[row * self.k + int(index[0])])
+            truncated.append(completions[row * self.k + int(index[0])].truncated)
             ess.append(float(row_ess[0]))
         self.ess.extend(ess)
-        return {"rejected": chosen, "sir_ess": ess}
+        return {"rejected": chosen, "truncated": truncated, "sir_ess": ess}
 
     def metrics(self) -> dict[str, Any]:
         mean = sum(self.ess) / len(self.ess) if self.ess else None
@@ -150,7 +155,8 @@ class TokenGeometricSampler:
         ws, job, member = self.job.workspace, self.job, str(self.job.node.member)
         prompts = [render_prompt_ids(ws.tokenizer, p) for p in shard.prompt]
         seeds = [request_seed(self.seed, job.iteration, member, str(i)) for i in shard.id]
-        return {"rejected": [text for text, _ in self.sampler.generate(prompts, seeds)]}
+        drawn = self.sampler.generate(prompts, seeds)
+        return {"rejected": [text for text, _ in drawn], "truncated": [cut for _, cut in drawn]}
 
     def close(self) -> None:
         del self.model
@@ -189,16 +195,22 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str,
             for done, index in enumerate(todo):
                 shard = rows.iloc[index * size : (index + 1) * size]
                 columns = draw(shard)
-                tokens += sum(len(ws.tokenizer(text)["input_ids"]) for text in columns["rejected"])
-                out = pd.DataFrame({"id": shard.id.values, **columns, "opponent": member})
+                texts = columns.pop("rejected")
+                tokens += sum(len(ws.tokenizer(text)["input_ids"]) for text in texts)
+                truncated = columns.pop("truncated")
+                out = pd.DataFrame(
+                    {"id": shard.id.values, "rejected": texts, "opponent": member, "truncated": truncated, **columns}
+                )
                 job.out.write_table(SHARD.format(index=index), out)
                 ws.progress((done + 1) / len(todo), f"{job.node.folder}: shard {index + 1}/{n_shards}")
             extra = draw.metrics() if hasattr(draw, "metrics") else {}
         finally:
             draw.close()
     elapsed = time.monotonic() - started
+    shards = [job.out.read_table(SHARD.format(index=i)) for i in range(n_shards) if len(rows)]
     return {
         "rows": len(rows),
+        "truncated": int(sum(int(shard.truncated.sum()) for shard in shards)),  # cut off by max_new_tokens
         "shards": n_shards,
         "new_tokens": tokens,
         "tokens_per_second": tokens / elapsed if tokens and elapsed > 0 else None,
@@ -209,9 +221,11 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str,
 
 
 def read_generations(generation: Artifact) -> pd.DataFrame:
-    """The losers of one member's generate stage: (id, rejected, opponent)."""
+    """The losers of one member's generate stage: (id, rejected, opponent, truncated)."""
     frames = [generation.read_table(name) for name in generation.files("shards/")]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "rejected", "opponent"])
+    if not frames:
+        return pd.DataFrame(columns=["id", "rejected", "opponent", "truncated"])
+    return pd.concat(frames, ignore_index=True)
 
 
 SPEC = StageSpec(
@@ -219,7 +233,7 @@ SPEC = StageSpec(
     function=generate,
     inputs=(Input("prompts", "sample_prompts"), Input("adapter", "train", at="member")),
     reads=reads,
-    version=2,  # 2: chat templates write BOS for tokenizers that add one
+    version=3,  # 2: chat templates write BOS for tokenizers that add one; 3: the `truncated` column
     gpu=True,
     per_member=True,
     resumable=True,

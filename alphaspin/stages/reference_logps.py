@@ -35,6 +35,8 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "training.max_length",
         "training.normalized_reference",
     )
+    if config.generation.losers_as_prefixes:  # cut-off losers are scored without the end-of-turn tokens
+        fields.update(pick(config, "generation.truncated_losers"))
     if config.training.normalized_reference:  # the Monte-Carlo log Z(x) samples π_(t-1)
         fields.update(pick(config, "training.partition_samples", "generation", "run.seed"))
     return fields
@@ -138,22 +140,32 @@ def _log_partition(job: Job, model, frame: pd.DataFrame, previous: Artifact) -> 
     seed = config.generation.effective_seed(config.run.seed) + 7919
     try:
         rows = [(f"{i}#{j}", p) for i, p in zip(prompts.id, prompts.prompt, strict=True) for j in range(k)]
-        texts = backend.generate(build_requests(ws.tokenizer, rows, adapter_path, seed, job.iteration, "partition"))
+        completions = backend.complete(
+            build_requests(ws.tokenizer, rows, adapter_path, seed, job.iteration, "partition")
+        )
     finally:
         backend.close()
+    texts = [c.text for c in completions]
+    # Each sample is scored as the losers are: with no_eos, a cut-off sample as the prefix it is.
     samples = pd.DataFrame(
-        {"id": [r[0] for r in rows], "prompt": [r[1] for r in rows], "chosen": texts, "rejected": texts}
+        {
+            "id": [r[0] for r in rows],
+            "prompt": [r[1] for r in rows],
+            "chosen": texts,
+            "rejected": texts,
+            "rejected_truncated": [c.truncated for c in completions],
+        }
     )
     tokenized = ws.tokenize_pairs(samples)
     pad, size = ws.tokenizer.pad_token_id, training.reference_batch_size
-    prev = completion_logps(model, tokenized, pad, training.max_length, size, ws.device, ("chosen",))
+    prev = completion_logps(model, tokenized, pad, training.max_length, size, ws.device, ("rejected",))
     with model.disable_adapter():
-        base = completion_logps(model, tokenized, pad, training.max_length, size, ws.device, ("chosen",))
+        base = completion_logps(model, tokenized, pad, training.max_length, size, ws.device, ("rejected",))
     table = pd.DataFrame(
         {
             "prompt": samples.set_index("id").loc[list(tokenized["id"]), "prompt"].values,
-            "prev": prev.chosen_logps.values,
-            "base": base.chosen_logps.values,
+            "prev": prev.rejected_logps.values,
+            "base": base.rejected_logps.values,
         }
     )
     log_z = {}
@@ -171,7 +183,7 @@ SPEC = StageSpec(
     function=reference_logps,
     inputs=(Input("pairs", "build_pairs"), Input("previous", "train", at="previous")),
     reads=reads,
-    version=2,  # 2: chat templates write BOS for tokenizers that add one
+    version=3,  # 2: chat templates write BOS for tokenizers that add one; 3: cut-off losers (truncated_losers)
     gpu=True,
     description="Tokenize the pairs as TRL does and store lp_base, lp_prev and the geometric reference.",
 )

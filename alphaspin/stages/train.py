@@ -14,7 +14,7 @@ EXECUTION_ONLY = ("training.reference_batch_size", "training.save_steps")
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
-    return pick(
+    fields = pick(
         config,
         "model.name_or_path",
         "model.dtype",
@@ -23,6 +23,9 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "run.seed",
         exclude=EXECUTION_ONLY,
     )
+    if config.generation.losers_as_prefixes:  # the trainer tokenizes cut-off losers without end-of-turn
+        fields.update(pick(config, "generation.truncated_losers"))
+    return fields
 
 
 def train(job: Job, reference: Artifact, previous: Artifact | None) -> dict[str, Any]:
