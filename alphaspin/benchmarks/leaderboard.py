@@ -249,7 +249,7 @@ def run_lm_eval(
         model_args = {key: adapter_label if value == adapter_path else value for key, value in model_args.items()}
         adapter_path = adapter_label
     merged.setdefault("config", {}).update(model=model_name, model_args=model_args, limit=limit)
-    raw = to_jsonable(merged)
+    raw = _package_relative(to_jsonable(merged))
     result = {
         "results": raw,
         "table": flatten_results(raw),
@@ -261,6 +261,19 @@ def run_lm_eval(
     if output_dir is not None:
         _write_outputs(Path(output_dir), result, samples if log_samples else {})
     return result
+
+
+def _package_relative(value: Any) -> Any:
+    """Paths inside the installed package (lm-eval records each task YAML's ``config_source``) as
+    ``alphaspin/...``: the stored record must not depend on where the code is checked out."""
+    root = str(Path(__file__).resolve().parents[2]) + "/"
+    if isinstance(value, str):
+        return value[len(root) :] if value.startswith(root) else value
+    if isinstance(value, dict):
+        return {key: _package_relative(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_package_relative(item) for item in value]
+    return value
 
 
 def _merge_results(merged: dict[str, Any], out: Mapping[str, Any]) -> None:

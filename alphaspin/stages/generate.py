@@ -95,7 +95,10 @@ class SirSampler:
         completions = self.proposals.complete(rows, f"{job.node.member}-proposals")
         texts = [c.text for c in completions]
         frame = pd.DataFrame({"id": [r[0] for r in rows], "prompt": [r[1] for r in rows], "chosen": texts})
+        # Proposals are scored as the losers they may become: as the `rejected` side, so a cut-off one is
+        # scored the way generation.truncated_losers will score and train it (e.g. as a prefix).
         frame["rejected"] = frame.chosen
+        frame["rejected_truncated"] = [c.truncated for c in completions]
         tokenized = ws.tokenize_pairs(frame)
         if len(tokenized) != len(frame):
             raise ValueError(f"{job.node.label}: a prompt fills training.max_length; its proposals cannot be scored")
@@ -104,9 +107,9 @@ class SirSampler:
 
         def score(policy) -> torch.Tensor:
             found = completion_logps(
-                policy, tokenized, pad, training.max_length, training.reference_batch_size, ws.device, ("chosen",)
+                policy, tokenized, pad, training.max_length, training.reference_batch_size, ws.device, ("rejected",)
             )
-            return torch.tensor(found.chosen_logps.to_numpy()).view(len(shard), self.k)
+            return torch.tensor(found.rejected_logps.to_numpy()).view(len(shard), self.k)
 
         lp_prev = score(model)
         with model.disable_adapter():
