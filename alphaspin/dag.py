@@ -25,6 +25,8 @@ def iteration_nodes(config: AlphaSpinConfig, iteration: int) -> list[Node]:
     members = [m.name for m in opponent_members(iteration, config.method.history)]
     nodes: list[Node] = []
     for spec in REGISTRY.values():
+        if not spec.present(config, iteration):
+            continue
         if spec.per_member:
             nodes.extend(Node(spec.name, iteration, member) for member in members)
         else:
@@ -32,15 +34,22 @@ def iteration_nodes(config: AlphaSpinConfig, iteration: int) -> list[Node]:
     return nodes
 
 
+def _at(config: AlphaSpinConfig, stage: str, iteration: int) -> Node | None:
+    """The node of a non-per-member ``stage`` at ``iteration``; None where the stage is absent."""
+    return Node(stage, iteration) if REGISTRY[stage].present(config, iteration) else None
+
+
 def _resolve(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
     t = node.iteration
     if item.at == "same":
-        return Node(item.stage, t)
+        return _at(config, item.stage, t)
     if item.at == "previous":
-        return Node(item.stage, t - 1) if t > 0 else None
+        return _at(config, item.stage, t - 1) if t > 0 else None
+    if item.at == "history":
+        return [n for k in range(t) if (n := _at(config, item.stage, k)) is not None]
     if item.at == "member":
         k = member_iteration(node.member) if node.member is not None else None
-        return Node(item.stage, k) if k is not None else None
+        return _at(config, item.stage, k) if k is not None else None
     if item.at == "members":
         return [Node(item.stage, t, m.name) for m in opponent_members(t, config.method.history)]
     raise ValueError(f"{node.stage}: unknown input position {item.at!r}")
