@@ -137,6 +137,19 @@ class MethodConfig(_Section):
     sir_proposals: int = Field(
         8, ge=2, description="sir: proposals from π_(t-1) per prompt, of which one is resampled by its weight."
     )
+    reference: Literal["geometric", "arithmetic", "ema"] = Field(
+        "geometric",
+        description="Reference π_ref of the DPO loss: geometric (the paper) ∝ π_(t-1)^α · π_base^(1-α); arithmetic "
+        "= α·π_(t-1) + (1-α)·π_base; ema = the policy whose LoRA delta is the EMA (method.ema_decay) of the "
+        "iterates' deltas. arithmetic and ema are normalised (any training.loss_type); ema ignores method.alpha.",
+    )
+    ema_decay: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="reference ema: θ_ema(t) = decay·θ_ema(t-1) + (1-decay)·θ_(t-1) on the LoRA weight deltas, "
+        "θ_ema(0) = θ_base; read only with method.reference: ema (ignored otherwise).",
+    )
     iterations: int = Field(2, ge=0, description="T: iterations t = 0..T are run (T + 1 in all).")
     pairs_first_iteration: int = Field(24, gt=0, description="n_0: pairs sampled at t = 0 (paper: 50k).")
     pairs_per_iteration: int = Field(24, gt=0, description="n: pairs sampled at each t ≥ 1 (paper: 100k).")
@@ -225,6 +238,13 @@ class TrainingConfig(_Section):
     )
     partition_samples: int = Field(
         4, ge=1, description="Samples of π_(t-1) per prompt for the Monte-Carlo log Z(x) (normalized_reference)."
+    )
+    partition_max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Longest sample of π_(t-1) for the Monte-Carlo log Z(x), in tokens (sampled at temperature 1, "
+        "top-p 1); default training.max_length, the window in which samples are scored. A sample cut there counts "
+        "with the probability of its scored prefix (see alphaspin.stages.reference_logps).",
     )
     learning_rate: float = Field(5e-5, gt=0.0, description="AdamW learning rate.")
     num_train_epochs: float = Field(1.0, gt=0.0, description="Epochs over the iteration's pairs (paper: 4).")
@@ -324,7 +344,14 @@ class AlphaSpinConfig(_Section):
 
     @model_validator(mode="after")
     def _check_loss_and_reference(self) -> AlphaSpinConfig:
-        loss, alpha = self.training.loss_type, self.method.alpha
+        loss, alpha, reference = self.training.loss_type, self.method.alpha, self.method.reference
+        if reference != "geometric" and self.training.normalized_reference:
+            raise ValueError(
+                f"training.normalized_reference: the {reference} reference is normalised by construction; the "
+                "Monte-Carlo log Z(x) is for method.reference: geometric only (set it to false)"
+            )
+        if reference != "geometric":  # a normalised reference: every loss is allowed
+            return self
         if alpha < 1.0 and loss not in LOG_Z_CANCELS and not self.training.normalized_reference:
             raise ValueError(
                 f"training.loss_type: {loss!r} does not cancel log Z(x) of the geometric reference (method.alpha="

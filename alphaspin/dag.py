@@ -34,22 +34,23 @@ def iteration_nodes(config: AlphaSpinConfig, iteration: int) -> list[Node]:
     return nodes
 
 
+def _at(config: AlphaSpinConfig, stage: str, iteration: int) -> Node | None:
+    """The node of a non-per-member ``stage`` at ``iteration``; None where the stage is disabled
+    (e.g. no sampler to train, no EMA adapter to build in this configuration)."""
+    return Node(stage, iteration) if REGISTRY[stage].enabled(config, iteration) else None
+
+
 def _resolve(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
-    ref = _position(config, node, item)
-    if isinstance(ref, Node) and not REGISTRY[ref.stage].enabled(config, ref.iteration):
-        return None  # the upstream stage does not run in this configuration (e.g. no sampler to train)
-    return ref
-
-
-def _position(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
     t = node.iteration
     if item.at == "same":
-        return Node(item.stage, t)
+        return _at(config, item.stage, t)
     if item.at == "previous":
-        return Node(item.stage, t - 1) if t > 0 else None
+        return _at(config, item.stage, t - 1) if t > 0 else None
+    if item.at == "history":
+        return [n for k in range(t) if (n := _at(config, item.stage, k)) is not None]
     if item.at == "member":
         k = member_iteration(node.member) if node.member is not None else None
-        return Node(item.stage, k) if k is not None else None
+        return _at(config, item.stage, k) if k is not None else None
     if item.at == "members":
         members = opponent_members(t, config.method.history, config.method.opponent)
         return [Node(item.stage, t, m.name) for m in members]

@@ -1,4 +1,5 @@
-"""The geometric-mixture reference of α-SPIN (paper §3.1) and the DPO margin against it.
+"""The references of α-SPIN: the paper's geometric mixture (§3.1), the arithmetic mixture and the
+parameter EMA of its future-work paragraph (§5, "Conclusion"), and the DPO margin against them.
 
 Adding α·KL(π‖π_(t-1)) + (1−α)·KL(π‖π_base) to the objective is the same as using the reference
 
@@ -24,7 +25,13 @@ With h = log π_θ(y|x) − log π_ref(y|x) (summed over the answer's tokens), t
   (h_w − 1/(2β))² + (h_l + 1/(2β))² — each h on its own: log Z(x) does NOT cancel.
 
 For losses where it does not cancel, `log_partition_monte_carlo` estimates log Z(x) from samples
-of π_(t-1): Z(x) = E_{y~π_(t-1)}[(π_base(y|x)/π_(t-1)(y|x))^(1−α)] (``training.normalized_reference``).
+of π_(t-1): Z(x) = E_{y~π_(t-1)}[(π_base(y|x)/π_(t-1)(y|x))^(1−α)] (``training.normalized_reference``), and
+`log_partition_standard_error` its standard error.
+
+The other references (``method.reference``) are normalised by construction, so no log Z is needed:
+- arithmetic: π_ref = α·π_(t-1) + (1−α)·π_base (`arithmetic_reference_logps`);
+- ema: π_ref = the policy whose LoRA weight delta is an exponential moving average of the iterates'
+  deltas (`ema_coefficients`, `concatenate_lora`).
 """
 
 from __future__ import annotations
@@ -48,10 +55,76 @@ def log_partition_monte_carlo(
 ) -> torch.Tensor:
     """Estimate log Z(x) from k samples y_i ~ π_(t-1)(·|x): log (1/k) Σ_i exp((1−α)(lp_base_i − lp_prev_i)).
 
-    Shapes: (batch, k) → (batch,). Consistent as k → ∞ (biased low for finite k, by Jensen).
+    Shapes: (batch, k) → (batch,). Consistent as k → ∞; biased low for finite k (Jensen), by
+    E[log Ẑ] − log Z ≈ −Var(w)/(2k·E[w]²) to first order in 1/k (w = (π_base/π_(t-1))^(1−α)).
     """
     k = lp_prev_samples.shape[-1]
     return torch.logsumexp((1.0 - alpha) * (lp_base_samples - lp_prev_samples), dim=-1) - math.log(k)
+
+
+def log_partition_standard_error(
+    lp_prev_samples: torch.Tensor, lp_base_samples: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Standard error of `log_partition_monte_carlo` by the delta method: with w_i = (π_base/π_(t-1))^(1−α)
+    of the k samples, SE[log mean(w)] ≈ sd(w) / (√k · mean(w)).
+
+    Computed in log space: r_i = w_i / mean(w) = exp(log w_i − log mean(w)), so sd(w)/mean(w) is the
+    sample standard deviation (k − 1 in the denominator) of the r_i, which are O(1) whatever the scale
+    of w. Shapes: (batch, k) → (batch,); NaN where k = 1 (no spread to measure).
+    """
+    k = lp_prev_samples.shape[-1]
+    log_w = (1.0 - alpha) * (lp_base_samples - lp_prev_samples)
+    if k < 2:
+        return torch.full(log_w.shape[:-1], float("nan"), dtype=log_w.dtype)
+    log_mean = torch.logsumexp(log_w, dim=-1, keepdim=True) - math.log(k)
+    ratio = torch.exp(log_w - log_mean)
+    return ratio.std(dim=-1, unbiased=True) / math.sqrt(k)
+
+
+def arithmetic_reference_logps(lp_prev: torch.Tensor, lp_base: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log(α·π_(t-1)(y|x) + (1−α)·π_base(y|x)) of each sequence, from its log-probs. Shapes: (batch,).
+
+    The arithmetic mixture the paper names as future work in its conclusion (§5 of arXiv 2404.04291v1:
+    "replacing the geometric mixture that is used as reference policy in α-SPIN with an arithmetic
+    mixture ... in the loss"). It is a probability distribution for every α (a convex combination of
+    two), so no log Z(x) appears and every loss may use it. Computed as logsumexp(log α + lp_prev,
+    log(1−α) + lp_base); α = 1 is SPIN (lp_prev exactly), and at t = 0 (π_(−1) = π_base) it is lp_base.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if alpha == 1.0:
+        return lp_prev.clone()
+    stacked = torch.stack([math.log(alpha) + lp_prev, math.log1p(-alpha) + lp_base])
+    return torch.logsumexp(stacked, dim=0)
+
+
+def ema_coefficients(decay: float, iterations: int) -> list[float]:
+    """Weights c_k of θ_k (k = 0..t−1) in the EMA reference of iteration t = ``iterations``.
+
+    θ_ema(0) = θ_base (weight delta 0: the reference of t = 0 is π_base, the paper's π_θ(−1)), and
+    θ_ema(t) = decay·θ_ema(t−1) + (1−decay)·θ_(t−1), so in weight deltas
+    ΔW_ema(t) = Σ_{k<t} (1−decay)·decay^(t−1−k)·ΔW_k; the remaining weight decay^t stays on the base.
+    """
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"decay must be in (0, 1), got {decay}")
+    return [(1.0 - decay) * decay ** (iterations - 1 - k) for k in range(iterations)]
+
+
+def concatenate_lora(
+    factors: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA (A, B) of rank Σ r_i whose delta B·A is exactly Σ_i weights_i · B_i·A_i.
+
+    Σ c_i B_i A_i = [c_1 B_1, ..., c_n B_n] · [A_1; ...; A_n]: A's (r_i × in) stacked by rows, B's
+    (out × r_i) side by side, each scaled by its weight (fold each adapter's own LoRA scale
+    lora_alpha/r into its weight). Averaging A and B separately would not do: B·A is bilinear, and
+    e.g. averaging (A, B) with the base's (0, 0) at weight 1−c scales the delta by c², not c.
+    """
+    if len(factors) != len(weights) or not factors:
+        raise ValueError("concatenate_lora: one weight per (A, B), at least one")
+    a = torch.cat([A for A, _ in factors], dim=0)
+    b = torch.cat([w * B for (_, B), w in zip(factors, weights, strict=True)], dim=1)
+    return a, b
 
 
 def dpo_margin(

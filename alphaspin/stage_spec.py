@@ -26,7 +26,7 @@ from alphaspin.storage import StageDir, StageRecord
 if TYPE_CHECKING:
     from alphaspin.workspace import Workspace
 
-InputAt = Literal["same", "previous", "member", "members"]
+InputAt = Literal["same", "previous", "member", "members", "history"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,11 @@ class Input:
     - ``same``: the node of ``stage`` at this iteration;
     - ``previous``: the node at iteration t−1 (None at t = 0: π_θ(−1) = π_base);
     - ``member``: the node at the iteration of this node's opponent member (None for the base);
-    - ``members``: the nodes of every opponent member at this iteration (a list).
+    - ``members``: the nodes of every opponent member at this iteration (a list);
+    - ``history``: the nodes at every earlier iteration 0..t−1 (a list, empty at t = 0).
+
+    A node of a stage that is absent at that iteration (its spec's ``when`` is false) is None to the
+    stages that read it: an optional stage is an optional input, with no other mechanism.
     """
 
     param: str

@@ -369,6 +369,7 @@ def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config)
     ctx = Run(config)
     table = ctx.dir(Node("reference_logps", 1)).read_table("reference.parquet")
     assert (table.log_partition != 0).all() and table.log_partition.map(math.isfinite).all()
+    assert (table.log_partition_se > 0).all() and table.log_partition_se.map(math.isfinite).all()
     expected = 0.5 * table.lp_prev_chosen + 0.5 * table.lp_base_chosen - table.log_partition
     assert table.ref_chosen_logps.to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-9)
     assert (

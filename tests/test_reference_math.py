@@ -13,7 +13,13 @@ import math
 import pytest
 import torch
 
-from alphaspin.reference import dpo_margin, dpo_sigmoid_loss, geometric_reference_logps, log_partition_monte_carlo
+from alphaspin.reference import (
+    dpo_margin,
+    dpo_sigmoid_loss,
+    geometric_reference_logps,
+    log_partition_monte_carlo,
+    log_partition_standard_error,
+)
 
 PREV = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 BASE = torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64)
@@ -71,3 +77,97 @@ def test_monte_carlo_log_partition_converges_to_exact_log_z():
     assert estimate.item() == pytest.approx(exact.item(), abs=2e-3)
     # with every sequence weighted by its probability the identity is exact: Z = E_prev[(base/prev)^(1−α)]
     assert (PREV * (BASE / PREV) ** (1 - ALPHA)).sum().log().item() == pytest.approx(exact.item(), abs=1e-15)
+
+
+# -- the Monte-Carlo log Z(x): its bias and its standard error (issue 11) -------------------------
+# A toy where w = (π_base/π_prev)^(1−α) has a real spread: with α = 0.5 and these four sequences,
+# E[w] = Z = Σ √(π_prev π_base) ≈ 0.948 and v = Var(w)/E[w]² ≈ 0.113. The estimator log Ẑ_k = log mean of k
+# draws of w has E[log Ẑ_k] − log Z = −v/(2k) + (s/3 − 3v²/4)/k² + O(1/k³) (expanding log(1 + ε) with
+# ε = Ẑ_k/Z − 1 to fourth order; s = E[(w/Z − 1)³]): the delta method is the 1/k term.
+TOY_PREV = torch.tensor([0.40, 0.30, 0.20, 0.10], dtype=torch.float64)
+TOY_BASE = torch.tensor([0.15, 0.30, 0.30, 0.25], dtype=torch.float64)
+TOY_ALPHA = 0.5
+
+
+def _toy_moments():
+    w = (TOY_BASE / TOY_PREV) ** (1 - TOY_ALPHA)
+    z = (TOY_PREV * w).sum()  # = Σ π_prev^α π_base^(1−α)
+    rel = w / z - 1
+    v = (TOY_PREV * rel**2).sum().item()
+    s = (TOY_PREV * rel**3).sum().item()
+    return z.log().item(), v, s
+
+
+def _draw_log_z(k: int, batches: int, seed: int):
+    """``batches`` independent estimates log Ẑ_k (and their SEs), each from k draws of π_prev."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(TOY_PREV, batches * k, replacement=True, generator=generator).view(batches, k)
+    lp_prev, lp_base = TOY_PREV.log()[draws], TOY_BASE.log()[draws]
+    return (
+        log_partition_monte_carlo(lp_prev, lp_base, TOY_ALPHA),
+        log_partition_standard_error(lp_prev, lp_base, TOY_ALPHA),
+    )
+
+
+def test_toy_partition_function_is_the_sum_of_the_geometric_mixture():
+    log_z, v, _ = _toy_moments()
+    by_hand = math.sqrt(0.40 * 0.15) + math.sqrt(0.30 * 0.30) + math.sqrt(0.20 * 0.30) + math.sqrt(0.10 * 0.25)
+    assert math.exp(log_z) == pytest.approx(by_hand, abs=1e-15)  # 0.2449 + 0.3 + 0.2449 + 0.1581
+    assert v == pytest.approx(0.1127, abs=1e-4)  # a spread the bias test can see
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_monte_carlo_log_z_bias_is_minus_var_over_2k_mean_squared(k):
+    """Mean bias over N = 400k independent batches of k draws. The tolerance is 4 Monte-Carlo standard
+    errors of that mean (sd of log Ẑ_k over the batches / √N: ≈ 4e-4 at k = 2, 1.9e-4 at k = 8) plus the
+    size of the next term of the expansion, |s/3 − 3v²/4|/k² (≈ 1e-3 at k = 2, 6e-5 at k = 8), which the
+    delta method leaves out (the exact bias, by enumerating the multinomial, is −0.02867 at k = 2 against
+    −v/4 = −0.02817). The bias itself (−0.029 at k = 2) is ~75 Monte-Carlo errors away from 0, and a wrong
+    estimator (a missing − log k, the mean of log w) is off by far more than the tolerance."""
+    log_z, v, s = _toy_moments()
+    batches = 400_000
+    estimates, _ = _draw_log_z(k, batches, seed=k)
+    bias = estimates.mean().item() - log_z
+    mc_error = estimates.std().item() / math.sqrt(batches)
+    delta = -v / (2 * k)
+    next_term = abs(s / 3 - 3 * v**2 / 4) / k**2
+    assert bias < 0  # Jensen: biased low
+    assert abs(bias - delta) <= 4 * mc_error + next_term, (bias, delta, mc_error, next_term)
+
+
+def test_monte_carlo_log_z_bias_vanishes_as_k_grows():
+    log_z, v, _ = _toy_moments()
+    biases = {}
+    for k in (4, 64, 1024):
+        batches = 4_000_000 // k
+        estimates, _ = _draw_log_z(k, batches, seed=100 + k)
+        mc_error = estimates.std().item() / math.sqrt(batches)
+        biases[k] = estimates.mean().item() - log_z
+        assert abs(biases[k] - (-v / (2 * k))) <= 4 * mc_error + v**2 / k**2, k
+    assert abs(biases[1024]) < abs(biases[64]) < abs(biases[4])
+    assert abs(biases[1024]) < 5e-4
+
+
+def test_standard_error_matches_the_spread_of_the_estimator_for_large_k():
+    """For k = 256 the per-batch delta-method SE, sd(w)/(√k·mean(w)), averaged over 20k batches, equals
+    the empirical sd of log Ẑ_k over those batches, and both equal √(v/k). The empirical sd has a relative
+    Monte-Carlo error of ≈ 1/√(2N) = 0.5% (w is light-tailed here); 3% leaves room for that and the
+    O(1/k) terms of the delta method."""
+    _, v, _ = _toy_moments()
+    k = 256
+    estimates, ses = _draw_log_z(k, 20_000, seed=7)
+    empirical = estimates.std().item()
+    assert ses.mean().item() == pytest.approx(empirical, rel=0.03)
+    assert empirical == pytest.approx(math.sqrt(v / k), rel=0.03)
+
+
+def test_standard_error_by_hand_and_in_log_space():
+    # k = 2, α = 0.5: log w = ½(lp_base − lp_prev) = (log 2, 0) → w = (2, 1), mean 1.5, sample sd 1/√2
+    lp_prev = torch.tensor([[math.log(0.25), math.log(0.5)]], dtype=torch.float64)
+    lp_base = torch.tensor([[math.log(1.0), math.log(0.5)]], dtype=torch.float64)
+    se = log_partition_standard_error(lp_prev, lp_base, 0.5)
+    assert se.item() == pytest.approx((1 / math.sqrt(2)) / (math.sqrt(2) * 1.5), abs=1e-15)
+    # the same weights scaled by e^-2000 (log-probs of long sequences): no underflow, same SE
+    far = log_partition_standard_error(lp_prev - 4000, lp_base - 8000, 0.5)
+    assert far.item() == pytest.approx(se.item(), abs=1e-12)
+    assert torch.isnan(log_partition_standard_error(lp_prev[:, :1], lp_base[:, :1], 0.5)).all()  # k = 1

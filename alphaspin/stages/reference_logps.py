@@ -1,8 +1,12 @@
-"""Stage ``reference_logps``: the geometric-mixture reference of every pair (paper §3.1).
+"""Stage ``reference_logps``: the reference log-prob of every pair (``method.reference``).
 
 lp_base (adapter disabled) and lp_prev (adapter θ_(t-1)) of both answers, on exactly the token
-ids TRL trains on, and ref = α·lp_prev + (1−α)·lp_base (`alphaspin.reference`). Base log-probs of
-the SFT answers never change: they are cached per (model, token ids) in the run's
+ids TRL trains on, and the reference (`alphaspin.reference`):
+- geometric (the paper, §3.1): α·lp_prev + (1−α)·lp_base, minus a Monte-Carlo log Z(x) with
+  ``training.normalized_reference`` (`_log_partition`);
+- arithmetic: log(α·π_(t-1) + (1−α)·π_base), from the same two columns;
+- ema: lp_ema, the log-prob under the EMA adapter of stage ``ema_adapter`` (π_base at t = 0).
+Base log-probs of the SFT answers never change: they are cached per (model, token ids) in the run's
 ``cache/base-chosen-logps`` and reused by later iterations.
 """
 
@@ -16,13 +20,27 @@ import pandas as pd
 import torch
 
 from alphaspin.backends import make_backend
-from alphaspin.config import AlphaSpinConfig
+from alphaspin.config import AlphaSpinConfig, GenerationConfig
 from alphaspin.generation import build_requests
-from alphaspin.reference import geometric_reference_logps, log_partition_monte_carlo
+from alphaspin.reference import (
+    arithmetic_reference_logps,
+    geometric_reference_logps,
+    log_partition_monte_carlo,
+    log_partition_standard_error,
+)
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
 from alphaspin.storage import StageDir, sha256_bytes
 
 BASE_CACHE = "cache/base-chosen-logps"
+
+
+# Generation knobs that do not change the partition samples: the sampler is π_(t-1) itself.
+SAMPLER_OVERRIDDEN = (
+    "generation.temperature",
+    "generation.top_p",
+    "generation.max_new_tokens",
+    "generation.shard_size",
+)
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
@@ -31,15 +49,34 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "model.name_or_path",
         "model.dtype",
         "model.chat_template",
-        "method.alpha",
+        "method.reference",
         "training.max_length",
         "training.normalized_reference",
     )
     if config.generation.losers_as_prefixes:  # cut-off losers are scored without the end-of-turn tokens
         fields.update(pick(config, "generation.truncated_losers"))
+    if config.method.reference != "ema":  # ema's reference comes in as the ema_adapter input
+        fields.update(pick(config, "method.alpha"))
     if config.training.normalized_reference:  # the Monte-Carlo log Z(x) samples π_(t-1)
-        fields.update(pick(config, "training.partition_samples", "generation", "run.seed"))
+        fields.update(
+            pick(
+                config,
+                "training.partition_samples",
+                "training.partition_max_new_tokens",
+                "generation",
+                "run.seed",
+                exclude=SAMPLER_OVERRIDDEN,
+            )
+        )
     return fields
+
+
+def partition_sampler(config: AlphaSpinConfig) -> GenerationConfig:
+    """The generation settings of the log Z(x) samples: π_(t-1) itself (temperature 1, top-p 1, no
+    top-k) up to ``training.partition_max_new_tokens`` (default training.max_length) tokens; backend,
+    batch size and engine settings stay the user's."""
+    limit = config.training.partition_max_new_tokens or config.training.max_length
+    return config.generation.model_copy(update={"temperature": 1.0, "top_p": 1.0, "max_new_tokens": limit})
 
 
 def _chosen_cache_keys(config: AlphaSpinConfig, tokenized) -> list[str]:
@@ -59,7 +96,7 @@ def _read_base_cache(cache: StageDir) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).drop_duplicates("key")
 
 
-def reference_logps(job: Job, pairs: Artifact, previous: Artifact | None) -> dict[str, Any]:
+def reference_logps(job: Job, pairs: Artifact, previous: Artifact | None, ema: Artifact | None) -> dict[str, Any]:
     from alphaspin.dpo import completion_logps
 
     ws, t = job.workspace, job.iteration
@@ -103,17 +140,33 @@ def reference_logps(job: Job, pairs: Artifact, previous: Artifact | None) -> dic
     else:
         prev = score(model, tokenized, ("chosen", "rejected"))
         out["lp_prev_chosen"], out["lp_prev_rejected"] = prev.chosen_logps.to_numpy(), prev.rejected_logps.to_numpy()
-    ref_c = geometric_reference_logps(
-        torch.tensor(out.lp_prev_chosen.values), torch.tensor(out.lp_base_chosen.values), alpha
-    )
-    ref_r = geometric_reference_logps(
-        torch.tensor(out.lp_prev_rejected.values), torch.tensor(out.lp_base_rejected.values), alpha
-    )
-    out["log_partition"] = 0.0
-    if training.normalized_reference and previous is not None and alpha < 1.0:
-        log_z = _log_partition(job, model, out, previous)
-        out["log_partition"] = log_z
-        ref_c, ref_r = ref_c - torch.tensor(log_z), ref_r - torch.tensor(log_z)
+    reference = job.config.method.reference
+    sides = {
+        side: (torch.tensor(out[f"lp_prev_{side}"].values), torch.tensor(out[f"lp_base_{side}"].values))
+        for side in ("chosen", "rejected")
+    }
+    out["log_partition"], out["log_partition_se"] = 0.0, 0.0
+    partition: dict[str, Any] = {}
+    if reference == "arithmetic":
+        ref_c, ref_r = (arithmetic_reference_logps(*sides[side], alpha) for side in ("chosen", "rejected"))
+    elif reference == "ema":  # θ_ema(0) = θ_base: the EMA adapter exists from t = 1
+        if ema is None:
+            out["lp_ema_chosen"], out["lp_ema_rejected"] = out.lp_base_chosen, out.lp_base_rejected
+        else:
+            model.load_adapter(ws.local_adapter(ema), adapter_name="ema")
+            model.set_adapter("ema")
+            lp_ema = score(model, tokenized, ("chosen", "rejected"))
+            out["lp_ema_chosen"], out["lp_ema_rejected"] = (
+                lp_ema.chosen_logps.to_numpy(),
+                lp_ema.rejected_logps.to_numpy(),
+            )
+        ref_c, ref_r = torch.tensor(out.lp_ema_chosen.values), torch.tensor(out.lp_ema_rejected.values)
+    else:
+        ref_c, ref_r = (geometric_reference_logps(*sides[side], alpha) for side in ("chosen", "rejected"))
+        if training.normalized_reference and previous is not None and alpha < 1.0:
+            log_z, log_z_se, partition = _log_partition(job, model, out, previous)
+            out["log_partition"], out["log_partition_se"] = log_z, log_z_se
+            ref_c, ref_r = ref_c - torch.tensor(log_z), ref_r - torch.tensor(log_z)
     out["ref_chosen_logps"], out["ref_rejected_logps"] = ref_c.numpy(), ref_r.numpy()
     del model
     job.out.write_table("reference.parquet", out)
@@ -124,19 +177,47 @@ def reference_logps(job: Job, pairs: Artifact, previous: Artifact | None) -> dic
         "base_cache_hits": int(hit.sum()),
         "heldout/base_loglik_per_token": float(heldout.lp_base_chosen.sum() / max(1, heldout.chosen_tokens.sum())),
         "mean_ref_margin": float((train.ref_chosen_logps - train.ref_rejected_logps).mean()) if len(train) else None,
+        **partition,
     }
 
 
-def _log_partition(job: Job, model, frame: pd.DataFrame, previous: Artifact) -> np.ndarray:
-    """Monte-Carlo log Z(x) per pair from k samples of π_(t-1) (normalized_reference)."""
-    from alphaspin.dpo import completion_logps
+def _log_partition(
+    job: Job, model, frame: pd.DataFrame, previous: Artifact
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Monte-Carlo log Z(x) per pair, its standard error, and the sampler's counts (normalized_reference).
+
+    k = ``training.partition_samples`` samples y ~ π_(t-1)(·|x) per prompt, drawn from π_(t-1) itself
+    (`partition_sampler`: temperature 1, top-p 1, no top-k; the losers' settings would bias the
+    estimate), then log Ẑ = log mean_i (π_base(y_i|x)/π_(t-1)(y_i|x))^(1−α) and its delta-method SE.
+
+    Cut-off samples. What is scored of a sample is at most ``training.max_length`` tokens of prompt +
+    answer (TRL's truncation: the very window in which the training pairs' reference log-probs are
+    computed), and a sample may stop at the generation limit without its end token. Such a sample is
+    not a complete sequence; it is kept, with the probabilities of its scored prefix (the end-of-turn
+    tokens the chat template would append are not scored). Then, with W the window, the mean weight
+    is unbiased for Z_W = Σ_{complete y in W} π_prev^α π_base^(1−α) + Σ_{prefixes p that fill W}
+    π_prev(p)^α π_base(p)^(1−α), and by Hölder's inequality (Σ_y a^α b^(1−α) ≤ (Σ a)^α (Σ b)^(1−α)
+    over the completions of each prefix)
+
+        0 ≤ Z_W − Z ≤ P_prev(cut)^α · P_base(cut)^(1−α),
+
+    a bias upwards bounded by the cut-off tail masses, which vanishes as the limit grows past the
+    answers. Z_W is also exactly the normaliser of the reference over the truncated sequences that
+    training scores. Dropping cut-off samples instead would estimate E[w | complete] (bias of either
+    sign, ~P_prev(cut)) and leave prompts whose samples are all cut with no estimate at all. The
+    count of cut-off samples is reported (``partition/cut_off_samples``): a large share means the
+    estimate is of Z_W rather than Z. The generation backend says which samples hit the limit.
+    On top of this, log of a mean is biased low by ≈ −Var(w)/(2k·E[w]²) (`log_partition_monte_carlo`).
+    """
+    from alphaspin.dpo import completion_logps, pairs_to_dataset, tokenize_like_trl
 
     ws, config = job.workspace, job.config
     training = config.training
     k = training.partition_samples
+    sampler = partition_sampler(config)
     prompts = frame.drop_duplicates("prompt")[["id", "prompt"]]
     adapter_path = ws.local_adapter(previous)
-    backend = make_backend(config.generation, ws.model_path, ws.tokenizer, ws.dtype, ws.device, [adapter_path])
+    backend = make_backend(sampler, ws.model_path, ws.tokenizer, ws.dtype, ws.device, [adapter_path])
     seed = config.generation.effective_seed(config.run.seed) + 7919
     try:
         rows = [(f"{i}#{j}", p) for i, p in zip(prompts.id, prompts.prompt, strict=True) for j in range(k)]
@@ -146,17 +227,29 @@ def _log_partition(job: Job, model, frame: pd.DataFrame, previous: Artifact) -> 
     finally:
         backend.close()
     texts = [c.text for c in completions]
-    # Each sample is scored as the losers are: with no_eos, a cut-off sample as the prefix it is.
     samples = pd.DataFrame(
         {
             "id": [r[0] for r in rows],
             "prompt": [r[1] for r in rows],
             "chosen": texts,
             "rejected": texts,
-            "rejected_truncated": [c.truncated for c in completions],
+            "rejected_truncated": [c.truncated for c in completions],  # stopped by the limit, not by its end
         }
     )
-    tokenized = ws.tokenize_pairs(samples)
+    # A cut-off sample is scored as the prefix it is (without the template's end of turn), whatever
+    # generation.truncated_losers says of the losers: see the docstring for what is then estimated.
+    tokenized = tokenize_like_trl(pairs_to_dataset(samples, losers_as_prefixes=True), ws.tokenizer, ws.dpo_args())
+    cut = np.array(
+        [
+            truncated or len(p) + len(c) > training.max_length
+            for truncated, p, c in zip(
+                samples.set_index("id").loc[list(tokenized["id"]), "rejected_truncated"],
+                tokenized["prompt_ids"],
+                tokenized["rejected_ids"],
+                strict=True,
+            )
+        ]
+    )
     pad, size = ws.tokenizer.pad_token_id, training.reference_batch_size
     prev = completion_logps(model, tokenized, pad, training.max_length, size, ws.device, ("rejected",))
     with model.disable_adapter():
@@ -168,22 +261,37 @@ def _log_partition(job: Job, model, frame: pd.DataFrame, previous: Artifact) -> 
             "base": base.rejected_logps.values,
         }
     )
-    log_z = {}
+    alpha = config.method.alpha
+    log_z, log_z_se = {}, {}
     for prompt, group in table.groupby("prompt"):
-        log_z[prompt] = float(
-            log_partition_monte_carlo(
-                torch.tensor(group.prev.values)[None], torch.tensor(group.base.values)[None], config.method.alpha
-            )[0]
-        )
-    return frame.prompt.map(log_z).fillna(0.0).to_numpy()
+        lp_prev, lp_base = torch.tensor(group.prev.values)[None], torch.tensor(group.base.values)[None]
+        log_z[prompt] = float(log_partition_monte_carlo(lp_prev, lp_base, alpha)[0])
+        log_z_se[prompt] = float(log_partition_standard_error(lp_prev, lp_base, alpha)[0])
+    ses = np.array(list(log_z_se.values()))
+    metrics = {
+        "partition/samples": len(table),
+        "partition/cut_off_samples": int(cut.sum()),
+        "partition/mean_log_z_se": float(np.nanmean(ses)) if np.isfinite(ses).any() else None,
+    }
+    return (
+        frame.prompt.map(log_z).fillna(0.0).to_numpy(),
+        frame.prompt.map(log_z_se).to_numpy(dtype=float),  # NaN where k = 1
+        metrics,
+    )
 
 
 SPEC = StageSpec(
     name="reference_logps",
     function=reference_logps,
-    inputs=(Input("pairs", "build_pairs"), Input("previous", "train", at="previous")),
+    inputs=(
+        Input("pairs", "build_pairs"),
+        Input("previous", "train", at="previous"),
+        Input("ema", "ema_adapter"),  # None unless method.reference: ema and t ≥ 1
+    ),
     reads=reads,
-    version=3,  # 2: chat templates write BOS for tokenizers that add one; 3: cut-off losers (truncated_losers)
+    # 2: chat templates write BOS for tokenizers that add one; 3: cut-off losers (truncated_losers), log Z
+    # samples from π_(t-1) itself, log_partition_se column, method.reference (arithmetic, ema)
+    version=3,
     gpu=True,
-    description="Tokenize the pairs as TRL does and store lp_base, lp_prev and the geometric reference.",
+    description="Tokenize the pairs as TRL does and store lp_base, lp_prev and the reference (method.reference).",
 )

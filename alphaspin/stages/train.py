@@ -11,6 +11,8 @@ from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
 
 # Knobs that change how training is executed, not what it writes.
 EXECUTION_ONLY = ("training.reference_batch_size", "training.save_steps")
+# Knobs of the log Z(x) estimate: reference_logps reads them, train sees their effect through its input.
+REFERENCE_ONLY = ("training.partition_samples", "training.partition_max_new_tokens")
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
@@ -21,7 +23,7 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "model.chat_template",
         "training",
         "run.seed",
-        exclude=EXECUTION_ONLY,
+        exclude=EXECUTION_ONLY + REFERENCE_ONLY,
     )
     if config.generation.losers_as_prefixes:  # the trainer tokenizes cut-off losers without end-of-turn
         fields.update(pick(config, "generation.truncated_losers"))

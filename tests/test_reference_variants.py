@@ -1,0 +1,236 @@
+"""The references of the paper's future-work paragraph (§5 of arXiv 2404.04291v1), and the sampler of the
+Monte-Carlo log Z(x) of the geometric one.
+
+By hand: π_prev = (0.5, 0.3, 0.2), π_base = (0.2, 0.2, 0.6), α = 0.75. The arithmetic reference is
+0.75·π_prev + 0.25·π_base = (0.425, 0.275, 0.3): a distribution (sums to 1, so no log Z).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alphaspin.config import ConfigError, load_config
+from alphaspin.reference import arithmetic_reference_logps, concatenate_lora, ema_coefficients
+from alphaspin.stages.ema_adapter import ema_lora
+
+PREV = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+BASE = torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64)
+
+
+def test_arithmetic_reference_by_hand():
+    ref = arithmetic_reference_logps(PREV.log(), BASE.log(), 0.75)
+    assert ref.exp().tolist() == pytest.approx([0.425, 0.275, 0.3], abs=1e-15)
+    assert ref[0].item() == pytest.approx(math.log(0.425), abs=1e-15)
+    assert ref.exp().sum().item() == pytest.approx(1.0, abs=1e-15)  # normalised: no log Z
+    # long sequences (log-probs near −1000) do not underflow: log(0.75 e^a + 0.25 e^b) = a + log(0.75 + 0.25 e^(b−a))
+    far = arithmetic_reference_logps(
+        torch.tensor([-1000.0], dtype=torch.float64), torch.tensor([-1001.0], dtype=torch.float64), 0.75
+    )
+    assert far.item() == pytest.approx(-1000 + math.log(0.75 + 0.25 * math.exp(-1)), abs=1e-12)
+
+
+def test_arithmetic_reference_alpha_one_is_spin_and_at_t0_is_the_base():
+    assert torch.equal(arithmetic_reference_logps(PREV.log(), BASE.log(), 1.0), PREV.log())
+    # t = 0: π_(−1) = π_base, so the mixture of the base with itself is the base
+    assert torch.allclose(arithmetic_reference_logps(BASE.log(), BASE.log(), 0.3), BASE.log(), atol=1e-15)
+    with pytest.raises(ValueError, match="alpha"):
+        arithmetic_reference_logps(PREV.log(), BASE.log(), 0.0)
+
+
+def test_ema_coefficients_by_hand():
+    # decay 0.5: t = 1 → ΔW_ema = 0.5 ΔW_0 (the other half stays on the base); t = 3 → 0.125, 0.25, 0.5
+    assert ema_coefficients(0.5, 1) == [0.5]
+    assert ema_coefficients(0.5, 3) == [0.125, 0.25, 0.5]
+    assert sum(ema_coefficients(0.9, 4)) == pytest.approx(1 - 0.9**4)  # base weight decay^t
+    with pytest.raises(ValueError, match="decay"):
+        ema_coefficients(1.0, 2)
+
+
+def test_concatenated_lora_delta_is_the_weighted_sum_of_deltas_by_hand():
+    # two rank-1 LoRAs of a 2×2 layer: B_0 A_0 = [[1, 2], [2, 4]], B_1 A_1 = [[0, 3], [0, -3]]
+    a0, b0 = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0], [2.0]])
+    a1, b1 = torch.tensor([[0.0, 1.0]]), torch.tensor([[3.0], [-3.0]])
+    a, b = concatenate_lora([(a0, b0), (a1, b1)], [0.25, 0.5])
+    assert a.shape == (2, 2) and b.shape == (2, 2)  # rank 2
+    expected = [[0.25, 0.5 + 1.5], [0.5, 1.0 - 1.5]]  # 0.25·[[1,2],[2,4]] + 0.5·[[0,3],[0,-3]]
+    assert (b @ a).tolist() == expected
+    # averaging A and B separately is not the EMA of the deltas: ((A0+A1)/2)((B0+B1)/2) ≠ (B0A0 + B1A1)/2
+    naive = ((b0 + b1) / 2) @ ((a0 + a1) / 2)
+    assert not torch.allclose(naive, (b0 @ a0 + b1 @ a1) / 2)
+
+
+def test_ema_adapter_merged_delta_equals_the_ema_of_merged_deltas():
+    """Three toy adapters (rank 2, lora_alpha 4: scale 2) of two layers; the EMA adapter (rank 6,
+    scale 1) has merged delta Σ c_k · 2 · B_k A_k for every layer, and θ_ema(t) = d·θ_ema(t−1) + (1−d)·θ_(t−1)."""
+    generator = torch.Generator().manual_seed(0)
+    layers = ("base_model.model.layers.0.q_proj", "base_model.model.layers.1.v_proj")
+    config = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"}
+    adapters = []
+    for _ in range(3):
+        tensors = {}
+        for layer in layers:
+            tensors[f"{layer}.lora_A.weight"] = torch.randn(2, 5, generator=generator)
+            tensors[f"{layer}.lora_B.weight"] = torch.randn(4, 2, generator=generator)
+        adapters.append((tensors, dict(config)))
+    decay = 0.6
+    weights = ema_coefficients(decay, 3)
+    tensors, ema_config = ema_lora(adapters, weights)
+    assert (
+        ema_config["r"] == 6 and ema_config["lora_alpha"] == 6 and ema_config["target_modules"] == ["q_proj", "v_proj"]
+    )
+
+    def delta(t, layer):
+        return t[f"{layer}.lora_B.weight"].double() @ t[f"{layer}.lora_A.weight"].double()
+
+    for layer in layers:
+        merged = delta(tensors, layer) * (ema_config["lora_alpha"] / ema_config["r"])
+        deltas = [2.0 * delta(t, layer) for t, _ in adapters]
+        ema = torch.zeros_like(deltas[0])  # θ_ema(0) = θ_base
+        for d in deltas:
+            ema = decay * ema + (1 - decay) * d
+        assert torch.allclose(merged, ema, atol=1e-5)
+
+
+def test_reference_knobs_are_validated():
+    config = load_config(None, ["method.reference=arithmetic", "training.loss_type=ipo"])
+    assert config.method.reference == "arithmetic"  # normalised: every loss is allowed
+    load_config(None, ["method.reference=ema", "training.loss_type=apo_zero", "method.alpha=0.5"])
+    with pytest.raises(ConfigError, match="training.normalized_reference"):
+        load_config(None, ["method.reference=ema", "training.normalized_reference=true"])
+    with pytest.raises(ConfigError, match="method.reference"):
+        load_config(None, ["method.reference=harmonic"])
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(ConfigError, match="method.ema_decay"):
+            load_config(None, ["method.reference=ema", f"method.ema_decay={bad}"])
+    with pytest.raises(ConfigError, match="training.partition_max_new_tokens"):
+        load_config(None, ["training.partition_max_new_tokens=0"])
+    # geometric with a loss that does not cancel log Z is still refused
+    with pytest.raises(ConfigError, match="training.loss_type"):
+        load_config(None, ["training.loss_type=ipo"])
+
+
+def test_new_knobs_enter_exactly_the_reads_of_the_stages_that_use_them():
+    from alphaspin.stages import REGISTRY
+
+    def reading(config, knob):
+        return {name for name, spec in REGISTRY.items() if any(k == knob for k in spec.reads(config, 1, None))}
+
+    ema = load_config(None, ["method.reference=ema"])
+    assert reading(ema, "method.ema_decay") == {"ema_adapter"}
+    assert reading(ema, "method.reference") == {"reference_logps"}
+    assert "method.alpha" not in REGISTRY["reference_logps"].reads(ema, 1, None)
+    geometric = load_config(None, ["training.loss_type=ipo", "training.normalized_reference=true"])
+    assert reading(geometric, "training.partition_max_new_tokens") == {"reference_logps"}
+    assert reading(geometric, "generation.temperature") == {"generate"}  # the log Z sampler overrides it
+    assert reading(load_config(None, []), "training.partition_max_new_tokens") == set()
+
+
+def test_the_ema_stage_exists_only_with_the_ema_reference():
+    from alphaspin.dag import iteration_nodes, node_inputs
+    from alphaspin.stage_spec import Node
+
+    default = load_config(None, [])
+    assert all(n.stage != "ema_adapter" for t in (0, 1, 2) for n in iteration_nodes(default, t))
+    assert node_inputs(default, Node("reference_logps", 1))["ema"] is None
+    ema = load_config(None, ["method.reference=ema"])
+    assert [n.stage for n in iteration_nodes(ema, 0)].count("ema_adapter") == 0  # θ_ema(0) = θ_base
+    assert Node("ema_adapter", 2) in iteration_nodes(ema, 2)
+    assert node_inputs(ema, Node("ema_adapter", 2)) == {"trained": [Node("train", 0), Node("train", 1)]}
+    assert node_inputs(ema, Node("reference_logps", 2))["ema"] == Node("ema_adapter", 2)
+    assert node_inputs(ema, Node("reference_logps", 0))["ema"] is None
+
+
+# -- end to end, on the tiny model ----------------------------------------------------------------
+@pytest.mark.slow
+def test_arithmetic_reference_end_to_end(make_config):
+    from alphaspin.pipeline import run
+    from alphaspin.runs import Run
+    from alphaspin.stage_spec import Node
+
+    config = make_config("method.reference=arithmetic", "method.alpha=0.6", "training.loss_type=ipo")
+    results = run(config)
+    assert all(math.isfinite(r["train/loss"]) for r in results)
+    for t in (0, 1):
+        table = Run(config).dir(Node("reference_logps", t)).read_table("reference.parquet")
+        for side in ("chosen", "rejected"):
+            prev, base = table[f"lp_prev_{side}"].to_numpy(), table[f"lp_base_{side}"].to_numpy()
+            expected = np.logaddexp(math.log(0.6) + prev, math.log(0.4) + base)
+            assert table[f"ref_{side}_logps"].to_numpy() == pytest.approx(expected, abs=1e-9)
+        assert (table.log_partition == 0).all()
+    table0 = Run(config).dir(Node("reference_logps", 0)).read_table("reference.parquet")
+    assert table0.ref_chosen_logps.to_numpy() == pytest.approx(table0.lp_base_chosen.to_numpy(), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_ema_reference_end_to_end(make_config):
+    from alphaspin.pipeline import run
+    from alphaspin.runs import Run
+    from alphaspin.stage_spec import Node
+
+    config = make_config("method.reference=ema", "method.ema_decay=0.5", "method.iterations=2")
+    run(config)
+    stored = Run(config)
+    table0 = stored.dir(Node("reference_logps", 0)).read_table("reference.parquet")
+    assert table0.ref_chosen_logps.to_numpy() == pytest.approx(table0.lp_base_chosen.to_numpy(), abs=1e-9)
+    for t in (1, 2):
+        record = stored.stored_record(Node("ema_adapter", t))
+        assert record.metrics["rank"] == 4 * t  # tiny config: LoRA r = 4, one block per earlier iterate
+        table = stored.dir(Node("reference_logps", t)).read_table("reference.parquet")
+        for side in ("chosen", "rejected"):
+            assert table[f"ref_{side}_logps"].to_numpy() == pytest.approx(table[f"lp_ema_{side}"].to_numpy())
+        # the EMA policy is neither θ_(t-1) nor the base
+        assert not np.allclose(table.lp_ema_chosen, table.lp_prev_chosen)
+        assert not np.allclose(table.lp_ema_chosen, table.lp_base_chosen)
+
+
+@pytest.mark.slow
+def test_log_partition_samples_come_from_the_previous_policy_itself(make_config, monkeypatch):
+    """The log Z(x) sampler is π_(t-1): temperature 1, top-p 1, the long limit (not the losers'
+    settings); a sample that reaches the limit is counted as cut off; the SE is stored per pair."""
+    import alphaspin.stages.reference_logps as stage
+    from alphaspin.pipeline import run
+    from alphaspin.runs import Run
+    from alphaspin.stage_spec import Node
+
+    seen = []
+
+    class FakeBackend:
+        def __init__(self, config):
+            self.config = config
+
+        def generate(self, requests):
+            # odd samples run past the limit (cut off), even ones end early
+            return ["Fine, thanks." if r.id.endswith(("#0", "#2")) else "word " * 40 for r in requests]
+
+        def close(self):
+            pass
+
+    def fake_make_backend(config, *args, **kwargs):
+        seen.append(config)
+        return FakeBackend(config)
+
+    monkeypatch.setattr(stage, "make_backend", fake_make_backend)
+    config = make_config(
+        "training.loss_type=ipo",
+        "training.normalized_reference=true",
+        "training.partition_samples=2",
+        "training.partition_max_new_tokens=16",
+        "method.alpha=0.5",
+    )
+    results = run(config)
+    assert len(seen) == 1  # t = 1 only (Z = 1 at t = 0)
+    sampler = seen[0]
+    assert (sampler.temperature, sampler.top_p, sampler.max_new_tokens) == (1.0, 1.0, 16)
+    assert config.generation.temperature == 0.7 and config.generation.max_new_tokens == 8  # not the user's
+    stored = Run(config)
+    table = stored.dir(Node("reference_logps", 1)).read_table("reference.parquet")
+    assert table.log_partition_se.map(math.isfinite).all() and (table.log_partition_se > 0).all()
+    metrics = stored.stored_record(Node("reference_logps", 1)).metrics
+    prompts = table.prompt.nunique()
+    assert metrics["partition/samples"] == 2 * prompts and metrics["partition/cut_off_samples"] == prompts
+    assert metrics["partition/mean_log_z_se"] > 0
+    assert all(math.isfinite(r["train/loss"]) for r in results)
