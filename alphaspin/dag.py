@@ -41,6 +41,18 @@ def _resolve(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
     return ref
 
 
+def disabled_inputs(config: AlphaSpinConfig, node: Node) -> set[str]:
+    """The inputs of ``node`` that point at a stage disabled in this configuration (always None).
+    They stay out of the node's cache key, so adding an optional input to a stage keeps the keys of
+    the configurations that do not use it."""
+    out = set()
+    for item in REGISTRY[node.stage].inputs:
+        ref = _position(config, node, item)
+        if isinstance(ref, Node) and not REGISTRY[ref.stage].enabled(config, ref.iteration):
+            out.add(item.param)
+    return out
+
+
 def _position(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
     t = node.iteration
     if item.at == "same":

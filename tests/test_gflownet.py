@@ -252,3 +252,143 @@ def test_training_the_sampler_reaches_the_geometric_mixture():
     assert max(after.values()) < 0.1 * min(before.values())
     assert history[-1]["loss"] < 1e-2 * history[0]["loss"]
     assert history[-1]["log_z_spread"] < 0.05
+
+
+# -- the sampler adapter on a real (tiny) model -----------------------------------------------------------
+def test_the_sampler_adapter_starts_as_theta_prev_and_trains_alone(tiny_model, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alphaspin.gflownet import PREV, SAMPLER, PeftGFlowNet, add_sampler_adapter, use_adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(tmp_path / "prev")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(base, tmp_path / "prev", adapter_name=PREV)
+    add_sampler_adapter(model, rank=6)  # a larger rank: θ_(t-1)'s four ranks plus two that start at zero
+    model.eval()
+    ids = torch.tensor([tokenizer("Hello there")["input_ids"]])
+    with torch.no_grad():
+        sampler_logits = model(input_ids=ids).logits
+        use_adapter(model, PREV)
+        prev_logits = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits
+        use_adapter(model, SAMPLER)
+    assert torch.allclose(sampler_logits, prev_logits, atol=1e-5)
+    assert not torch.allclose(prev_logits, base_logits, atol=1e-3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{SAMPLER}." in n for n in trainable)
+    # sampled trajectories: lengths ≤ max_len, and the forced ⊤ at max_len in the sampler's log-probs
+    problem = PeftGFlowNet(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, 0.5, 3, "cpu")
+    prompts = [tokenizer("Hello there")["input_ids"], tokenizer("Hi")["input_ids"]] * 2
+    paths = problem.sample(prompts, 1.0, torch.Generator().manual_seed(0))
+    assert paths.lengths.max() <= 3 and paths.tokens.shape[1] == int(paths.lengths.max())
+    log_pf, log_pterm = problem.sampler_logprobs(prompts, paths)
+    log_r = problem.log_rewards(prompts, paths)
+    assert log_pf.requires_grad and not log_r.requires_grad
+    for row, n in enumerate(paths.lengths.tolist()):
+        if n == 3:
+            assert float(log_pterm[row, 3].detach()) == 0.0
+    # the scoring forward (one pass, left padding) equals token-by-token log-probs without padding
+    row = 0
+    n = int(paths.lengths[row])
+    with torch.no_grad():
+        full = torch.tensor([prompts[row] + paths.tokens[row, :n].tolist()])
+        logp = torch.log_softmax(model(input_ids=full).logits[0, len(prompts[row]) - 1 :], -1)
+    expected = [float(logp[k, paths.tokens[row, k]]) for k in range(n)]
+    assert log_pf[row, :n].tolist() == pytest.approx(expected, abs=1e-4)
+
+
+# -- the DAG ------------------------------------------------------------------------------------------------
+def test_train_sampler_is_in_the_dag_only_for_gflownet_runs_at_t_at_least_1():
+    from alphaspin.config import load_config
+    from alphaspin.dag import iteration_nodes, node_inputs
+    from alphaspin.stage_spec import Node
+
+    for opponent in ("arithmetic", "sir", "token_geometric"):
+        config = load_config(None, [f"method.opponent={opponent}"])
+        assert "train_sampler" not in [n.stage for n in iteration_nodes(config, 1)]
+        generate = next(n for n in iteration_nodes(config, 1) if n.stage == "generate")
+        assert node_inputs(config, generate)["sampler"] is None
+    config = load_config(None, ["method.opponent=gflownet"])
+    assert "train_sampler" not in [n.stage for n in iteration_nodes(config, 0)]
+    nodes = iteration_nodes(config, 1)
+    assert [n.folder for n in nodes[:3]] == ["sample_prompts", "train_sampler", "generate-gflownet-iter-0"]
+    inputs = node_inputs(config, Node("generate", 1, "gflownet-iter-0"))
+    assert inputs["sampler"] == Node("train_sampler", 1) and inputs["adapter"] == Node("train", 0)
+    assert node_inputs(config, Node("train_sampler", 1)) == {
+        "prompts": Node("sample_prompts", 1),
+        "previous": Node("train", 0),
+    }
+
+
+def test_gflownet_knobs_enter_only_the_stages_that_use_them():
+    from alphaspin.config import load_config
+    from alphaspin.stages import REGISTRY
+
+    config = load_config(None, ["method.opponent=gflownet"])
+    sampler_reads = REGISTRY["train_sampler"].reads(config, 1, None)
+    assert sampler_reads["method.gflownet.epochs"] == 10 and sampler_reads["method.alpha"] == config.method.alpha
+    assert "method.gflownet.micro_batch_size" not in sampler_reads  # memory only
+    assert sampler_reads["generation.max_new_tokens"] == config.generation.max_new_tokens
+    for name, spec in REGISTRY.items():
+        if name in ("train_sampler", "generate"):
+            continue
+        member = None
+        assert not any(k.startswith("method.gflownet") for k in spec.reads(config, 1, member)), name
+    generate_reads = REGISTRY["generate"].reads(config, 1, "gflownet-iter-0")
+    assert [k for k in generate_reads if k.startswith("method.")] == ["method.gflownet.max_new_tokens"]
+    # other opponents' generate nodes do not read them, and their keys leave the absent sampler out
+    plain = load_config(None, [])
+    assert not any(k.startswith("method.gflownet") for k in REGISTRY["generate"].reads(plain, 1, "iter-0"))
+
+
+def test_the_absent_sampler_input_leaves_existing_generate_keys_unchanged():
+    from alphaspin.config import load_config
+    from alphaspin.dag import disabled_inputs
+    from alphaspin.runner import node_key
+    from alphaspin.stage_spec import Node
+    from alphaspin.stages import REGISTRY
+    from alphaspin.storage import cache_key
+
+    config = load_config(None, [])
+    node = Node("generate", 1, "iter-0")
+    assert disabled_inputs(config, node) == {"sampler"}
+    fields = {"x": 1}
+    key = node_key(node, fields, {"prompts": "p", "adapter": "a", "sampler": None}, disabled_inputs(config, node))
+    identity = {"iteration": 1, "member": "iter-0", "fields": fields}
+    assert key == cache_key("generate", REGISTRY["generate"].version, identity, ["p", "a"])  # as before the input
+
+
+@pytest.mark.slow
+def test_a_run_with_the_gflownet_opponent(make_config):
+    from alphaspin.pipeline import run
+    from alphaspin.runs import Run
+    from alphaspin.stage_spec import Node
+
+    config = make_config(
+        "method.opponent=gflownet",
+        "method.gflownet.prompts=4",
+        "method.gflownet.epochs=2",
+        "method.gflownet.samples_per_prompt=2",
+        "method.gflownet.prompts_per_step=2",
+        "method.gflownet.max_new_tokens=6",
+        "method.gflownet.learning_rate=1e-3",
+    )
+    results = run(config)
+    assert all(math.isfinite(r["train/loss"]) for r in results)
+    stored = Run(config)
+    trained = stored.stored_record(Node("train_sampler", 1))
+    assert trained.metrics["prompts"] == 4 and trained.metrics["gflownet/steps"] == 2 * 2
+    assert math.isfinite(trained.metrics["gflownet/final_loss"]) and trained.metrics["gflownet/log_z_spread"] >= 0
+    folder = stored.dir(Node("train_sampler", 1))
+    assert any(name.endswith("adapter_config.json") for name in folder.list_files("sampler"))
+    assert len(folder.read_json("train_log.json")) == 4
+    record = stored.stored_record(Node("generate", 1, "gflownet-iter-0"))
+    assert record.metrics["sampler"] == "gflownet" and record.metrics["rows"] == 6 + 4
+    assert stored.dir(Node("generate", 1, "gflownet-iter-0")).read_manifest() is not None
+    assert stored.dir(Node("train_sampler", 1)).read_manifest() is not None
+    assert stored.dir(Node("train_sampler", 0)).read_manifest() is None  # t = 0: the mixture is π_base
