@@ -113,6 +113,54 @@ class DataConfig(_Section):
     max_rows: int | None = Field(None, gt=0, description="Read at most this many rows of the source (after dedup).")
 
 
+class GFlowNetConfig(_Section):
+    """The gflownet opponent: a LoRA sampler fine-tuned from θ_(t-1) with the modified sub-trajectory balance
+    loss toward π_(t-1)^α·π_base^(1-α) (paper Appendix A; `alphaspin.gflownet`)."""
+
+    prompts: int = Field(
+        1000,
+        gt=0,
+        description="gflownet: at most this many of the iteration's training prompts train the sampler (paper: 1000).",
+    )
+    epochs: int = Field(10, gt=0, description="gflownet: epochs over those prompts (paper: 10).")
+    learning_rate: float = Field(
+        1e-4, gt=0.0, description="gflownet: AdamW learning rate of the sampler (paper: 1e-4)."
+    )
+    lora_r: int | None = Field(
+        None,
+        gt=0,
+        description="gflownet: LoRA rank of the sampler (paper: 16); default θ_(t-1)'s rank. The sampler starts as "
+        "θ_(t-1) exactly (its adapter copied, extra ranks zero), so it may not be smaller than training.lora.r.",
+    )
+    subtb_lambda: float = Field(
+        1.0,
+        gt=0.0,
+        description="gflownet: sub-trajectory balance λ; a sub-trajectory of l tokens weighs λ^(l-1) (1: all equal).",
+    )
+    samples_per_prompt: int = Field(
+        4, ge=1, description="gflownet: on-policy trajectories sampled per prompt at every step."
+    )
+    prompts_per_step: int = Field(4, ge=1, description="gflownet: prompts per optimizer step.")
+    max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="gflownet: longest sampled answer in training; default generation.max_new_tokens, the length "
+        "the sampler then generates (the target is the mixture restricted to answers of at most this many tokens).",
+    )
+    exploration_temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="gflownet: training trajectories are sampled from softmax(logits/τ) of the sampler (τ > 1 explores "
+        "more); the loss's minimiser does not depend on it. Generation then samples the sampler at temperature 1.",
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gflownet: gradient clipping (null: none).")
+    micro_batch_size: int = Field(
+        16,
+        ge=1,
+        description="gflownet: trajectories per forward with gradients (accumulated into one step; memory only).",
+    )
+
+
 class MethodConfig(_Section):
     """α-SPIN (arXiv 2404.04291, Algorithm 2)."""
 
@@ -127,12 +175,14 @@ class MethodConfig(_Section):
         description="Opponent history h: losers come from the uniform mixture of the last h iterates "
         "(π_θk = π_base for k < 0); 'inf' is fictitious play over all past iterates.",
     )
-    opponent: Literal["arithmetic", "sir", "token_geometric"] = Field(
+    opponent: Literal["arithmetic", "sir", "token_geometric", "gflownet"] = Field(
         "arithmetic",
         description="Who writes the losers: arithmetic = the uniform mixture of the last h iterates (the paper, §4.1); "
         "or a sampler of the geometric mixture π_(t-1)^α·π_base^(1-α) itself (§3, Appendix A; history is then unused): "
         "sir = self-normalised importance resampling of method.sir_proposals samples of π_(t-1) (exact as k → ∞), "
-        "token_geometric = per-token logits α·ℓ_(t-1) + (1-α)·ℓ_base (cheap; biased at the sequence level).",
+        "token_geometric = per-token logits α·ℓ_(t-1) + (1-α)·ℓ_base (cheap; biased at the sequence level), "
+        "gflownet = a LoRA sampler GFlowNet-fine-tuned from θ_(t-1) toward the mixture at every t ≥ 1 (stage "
+        "train_sampler, knobs method.gflownet.*; exact at zero loss, slow).",
     )
     sir_proposals: int = Field(
         8, ge=2, description="sir: proposals from π_(t-1) per prompt, of which one is resampled by its weight."
@@ -153,6 +203,7 @@ class MethodConfig(_Section):
     iterations: int = Field(2, ge=0, description="T: iterations t = 0..T are run (T + 1 in all).")
     pairs_first_iteration: int = Field(24, gt=0, description="n_0: pairs sampled at t = 0 (paper: 50k).")
     pairs_per_iteration: int = Field(24, gt=0, description="n: pairs sampled at each t ≥ 1 (paper: 100k).")
+    gflownet: GFlowNetConfig = Field(default_factory=GFlowNetConfig)
 
     @field_validator("history", mode="before")
     @classmethod
@@ -341,6 +392,22 @@ class AlphaSpinConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="after")
+    def _check_gflownet_rank(self) -> AlphaSpinConfig:
+        rank = self.method.gflownet.lora_r
+        if self.method.opponent == "gflownet" and rank is not None and rank < self.training.lora.r:
+            raise ValueError(
+                f"method.gflownet.lora_r: {rank} < training.lora.r = {self.training.lora.r}; the sampler starts as "
+                "θ_(t-1) (its adapter copied), so its rank may only be larger"
+            )
+        served = rank or self.training.lora.r
+        if self.method.opponent == "gflownet" and self.generation.backend == "vllm":
+            if served > self.generation.max_lora_rank:
+                raise ValueError(
+                    f"generation.max_lora_rank: {self.generation.max_lora_rank} < the gflownet sampler's rank {served}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_loss_and_reference(self) -> AlphaSpinConfig:

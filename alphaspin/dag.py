@@ -40,7 +40,7 @@ def _at(config: AlphaSpinConfig, stage: str, iteration: int) -> Node | None:
     return Node(stage, iteration) if REGISTRY[stage].enabled(config, iteration) else None
 
 
-def _resolve(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
+def _position(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
     t = node.iteration
     if item.at == "same":
         return _at(config, item.stage, t)
@@ -59,7 +59,23 @@ def _resolve(config: AlphaSpinConfig, node: Node, item: Input) -> InputRef:
 
 def node_inputs(config: AlphaSpinConfig, node: Node) -> dict[str, InputRef]:
     """The upstream nodes of ``node``, by the stage function's parameter name."""
-    return {item.param: _resolve(config, node, item) for item in REGISTRY[node.stage].inputs}
+    return {item.param: _position(config, node, item) for item in REGISTRY[node.stage].inputs}
+
+
+def disabled_inputs(config: AlphaSpinConfig, node: Node) -> set[str]:
+    """The inputs of ``node`` that point at a stage disabled in this configuration (always None).
+    They stay out of the node's cache key, so adding an optional input to a stage keeps the keys of
+    the configurations that do not use it."""
+    out = set()
+    for item in REGISTRY[node.stage].inputs:
+        if item.at in ("same", "previous", "member") and _position(config, node, item) is None:
+            t = node.iteration if item.at == "same" else node.iteration - 1
+            if item.at == "member":
+                k = member_iteration(node.member) if node.member is not None else None
+                t = k if k is not None else -1
+            if t >= 0 and not REGISTRY[item.stage].enabled(config, t):
+                out.add(item.param)
+    return out
 
 
 def bind_inputs(refs: dict[str, InputRef], lookup: Callable[[Node], R]) -> dict[str, R | list[R] | None]:

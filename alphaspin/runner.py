@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alphaspin.config import AlphaSpinConfig
-from alphaspin.dag import InputRef, bind_inputs, iteration_nodes, node_inputs, trained_nodes, walk_iteration
+from alphaspin.dag import (
+    InputRef,
+    bind_inputs,
+    disabled_inputs,
+    iteration_nodes,
+    node_inputs,
+    trained_nodes,
+    walk_iteration,
+)
 from alphaspin.leases import StageLease
 from alphaspin.runs import Run
 from alphaspin.stage_spec import Artifact, Job, Node
@@ -59,11 +67,16 @@ def _flat_digests(inputs: Inputs) -> dict[str, str | list[str] | None]:
     return out
 
 
-def node_key(node: Node, fields: dict[str, Any], digests: dict[str, str | list[str] | None]) -> str:
+def node_key(
+    node: Node, fields: dict[str, Any], digests: dict[str, str | list[str] | None], absent: set[str] = frozenset()
+) -> str:
+    """The cache key; ``absent``: inputs pointing at a stage disabled in this configuration, left out."""
     spec = REGISTRY[node.stage]
     identity = {"iteration": node.iteration, "member": node.member, "fields": fields}
     flat: list[str] = []
     for item in spec.inputs:
+        if item.param in absent:
+            continue
         value = digests[item.param]
         flat.extend(value if isinstance(value, list) else ["none" if value is None else value])
     return cache_key(spec.name, spec.version, identity, flat)
@@ -112,7 +125,7 @@ class Runner:
         spec = REGISTRY[node.stage]
         fields = spec.reads(self.config, node.iteration, node.member)
         digests = _flat_digests(inputs)
-        key = node_key(node, fields, digests)
+        key = node_key(node, fields, digests, disabled_inputs(self.config, node))
         provenance = {"version": spec.version, "fields": fields, "inputs": digests}
         prepared = dict(node=node, key=key, inputs=inputs, provenance=provenance, force=force)
         if force:

@@ -78,13 +78,15 @@ class Workspace:
         _ = self.model_path, self.tokenizer, self.sft
 
     # -- adapters and policies ------------------------------------------------------------------
-    def local_adapter(self, trained: Artifact) -> str:
-        """A local folder holding the adapter of a finished train stage (downloaded once)."""
-        if trained.digest not in self._adapters:
-            target = self.scratch / f"adapter-{trained.iteration}-{trained.digest[:8]}"
-            trained.dir.get_dir("adapter", target)
-            self._adapters[trained.digest] = target
-        return str(self._adapters[trained.digest])
+    def local_adapter(self, trained: Artifact, folder: str = "adapter") -> str:
+        """A local folder holding the adapter of a finished stage (``adapter/`` of train, ``sampler/``
+        of train_sampler), downloaded once."""
+        key = f"{trained.digest}/{folder}"
+        if key not in self._adapters:
+            target = self.scratch / f"{folder}-{trained.iteration}-{trained.digest[:8]}"
+            trained.dir.get_dir(folder, target)
+            self._adapters[key] = target
+        return str(self._adapters[key])
 
     def load_policy(self, adapter: Artifact | None, trainable: bool = False):
         """The base model with TRL's fused log-prob head, wrapped with ``adapter`` when given."""

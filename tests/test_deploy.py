@@ -476,7 +476,7 @@ def _check_recipe_form(client) -> None:
     assert properties["recipe"]["enum"] == ["quickstart", "paper-gemma-2b", "spin-official"]
     assert properties["force_stages"]["type"] == "array"
     assert properties["force_stages"]["items"]["enum"] == list(
-        ("sample_prompts", "generate", "build_pairs", "reference_logps", "train", "evaluate")
+        ("sample_prompts", "train_sampler", "generate", "build_pairs", "reference_logps", "train", "evaluate")
     )
     assert deployment.parameters == {"recipe": "quickstart"}
     assert deployment.work_pool_name == "cpu"

@@ -1,7 +1,10 @@
 """The stage registry: every stage of an α-SPIN iteration, declared once (`alphaspin.stage_spec`).
 
-    sample_prompts ─► generate (one per opponent member) ─► build_pairs ─► reference_logps ─► train ─► evaluate
-                                                     ema_adapter (method.reference: ema) ─┘
+    sample_prompts ─► [train_sampler] ─► generate (one per opponent member) ─► build_pairs ─► reference_logps ─► train ─► evaluate
+                                                                   [ema_adapter] ─┘
+
+(``train_sampler`` exists only for the gflownet opponent at t ≥ 1, ``ema_adapter`` only for
+``method.reference: ema`` at t ≥ 1: `StageSpec.enabled`.)
 
 The order here is a topological order of one iteration's DAG (`alphaspin.dag` derives the rest).
 Adding a stage: one module with its function, ``reads`` and ``SPEC``, plus one entry here.
@@ -12,12 +15,22 @@ from __future__ import annotations
 from typing import Literal
 
 from alphaspin.stage_spec import StageSpec
-from alphaspin.stages import build_pairs, ema_adapter, evaluate, generate, reference_logps, sample_prompts, train
+from alphaspin.stages import (
+    build_pairs,
+    ema_adapter,
+    evaluate,
+    generate,
+    reference_logps,
+    sample_prompts,
+    train,
+    train_sampler,
+)
 
 REGISTRY: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
         sample_prompts.SPEC,
+        train_sampler.SPEC,
         generate.SPEC,
         build_pairs.SPEC,
         ema_adapter.SPEC,

@@ -1,7 +1,8 @@
 """Stage ``generate``: the losers y_l of one opponent member's share of the prompts, in shards.
 
 One node per member of the opponent mixture (``generate-base``, ``generate-iter-k``; with a sampler
-of the geometric mixture, ``generate-sir-iter-k`` / ``generate-token_geometric-iter-k``): each is
+of the geometric mixture, ``generate-sir-iter-k`` / ``generate-token_geometric-iter-k`` /
+``generate-gflownet-iter-k``, the last sampling the adapter of ``train_sampler``): each is
 cached, retried and resumed on its own. An interrupted generation resumes by finished shards, and
 per-request seeds make the resumed losers equal those of an uninterrupted run.
 """
@@ -43,7 +44,13 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         exclude=EXECUTION_ONLY + DOWNSTREAM_ONLY,
     )
     sampler = member_sampler(member) if member is not None else None
-    if sampler is not None:  # a sampler of the geometric mixture π_(t-1)^α·π_base^(1-α)
+    # A sampler of the geometric mixture π_(t-1)^α·π_base^(1-α); gflownet's is a trained adapter (an
+    # input: train_sampler reads α and its knobs), sampled with the sampler's max_new_tokens.
+    if sampler == "gflownet":
+        from alphaspin.stages.train_sampler import max_new_tokens
+
+        fields["method.gflownet.max_new_tokens"] = max_new_tokens(config)
+    elif sampler is not None:
         fields.update(pick(config, "method.alpha"))
         if sampler == "sir":
             fields.update(pick(config, "method.sir_proposals", "training.max_length"))
@@ -53,10 +60,12 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
 class PlainSampler:
     """One policy (the base, or θ_k as a LoRA adapter) through the generation backend."""
 
-    def __init__(self, job: Job, adapter: Artifact | None, config: GenerationConfig | None = None):
+    def __init__(
+        self, job: Job, adapter: Artifact | None, config: GenerationConfig | None = None, folder: str = "adapter"
+    ):
         ws = job.workspace
         self.job, self.config = job, config or job.config.generation
-        self.adapter_path = ws.local_adapter(adapter) if adapter is not None else None
+        self.adapter_path = ws.local_adapter(adapter, folder) if adapter is not None else None
         paths = [self.adapter_path] if self.adapter_path else []
         self.backend = make_backend(self.config, ws.model_path, ws.tokenizer, ws.dtype, ws.device, paths)
         self.seed = self.config.effective_seed(job.config.run.seed)
@@ -165,10 +174,21 @@ class TokenGeometricSampler:
         del self.model
 
 
-def _sampler(job: Job, adapter: Artifact | None):
+def _sampler(job: Job, adapter: Artifact | None, trained_sampler: Artifact | None = None):
     sampler = member_sampler(str(job.node.member))
     if sampler is None:
         return PlainSampler(job, adapter)
+    if sampler == "gflownet":
+        # The sampler is a LoRA policy (`alphaspin.gflownet`): sampled as it was trained, at
+        # temperature 1 without nucleus truncation, up to the length it was trained on.
+        if trained_sampler is None:
+            raise ValueError(f"{job.node.label}: the gflownet opponent needs iter-{job.iteration}/train_sampler")
+        from alphaspin.stages.train_sampler import max_new_tokens
+
+        exact = job.config.generation.model_copy(
+            update={"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens(job.config)}
+        )
+        return PlainSampler(job, trained_sampler, exact, folder="sampler")
     if adapter is None:
         raise ValueError(f"{job.node.label}: the {sampler} sampler needs θ_(t-1)")
     if sampler == "sir":
@@ -178,7 +198,7 @@ def _sampler(job: Job, adapter: Artifact | None):
     raise ValueError(f"{job.node.label}: unknown opponent sampler {sampler!r} (method.opponent)")
 
 
-def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str, Any]:
+def generate(job: Job, prompts: Artifact, adapter: Artifact | None, sampler: Artifact | None = None) -> dict[str, Any]:
     member, ws = job.node.member, job.workspace
     frame = prompts.read_table("prompts.parquet")
     rows = frame[frame.opponent == member].reset_index(drop=True)
@@ -193,7 +213,7 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None) -> dict[str,
     tokens = 0
     extra: dict[str, Any] = {}
     if todo and len(rows):
-        draw = _sampler(job, adapter)
+        draw = _sampler(job, adapter, sampler)
         try:
             for done, index in enumerate(todo):
                 shard = rows.iloc[index * size : (index + 1) * size]
@@ -234,7 +254,12 @@ def read_generations(generation: Artifact) -> pd.DataFrame:
 SPEC = StageSpec(
     name="generate",
     function=generate,
-    inputs=(Input("prompts", "sample_prompts"), Input("adapter", "train", at="member")),
+    # sampler: the gflownet opponent's trained sampler (None unless train_sampler is enabled).
+    inputs=(
+        Input("prompts", "sample_prompts"),
+        Input("adapter", "train", at="member"),
+        Input("sampler", "train_sampler"),
+    ),
     reads=reads,
     version=3,  # 2: chat templates write BOS for tokenizers that add one; 3: the `truncated` column
     gpu=True,
