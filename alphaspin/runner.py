@@ -31,7 +31,7 @@ from alphaspin.leases import StageLease
 from alphaspin.runs import Run
 from alphaspin.stage_spec import Artifact, Job, Node
 from alphaspin.stages import REGISTRY
-from alphaspin.storage import SCRATCH, StageDir, StageRecord, cache_key
+from alphaspin.storage import SCRATCH, StageDir, StageRecord, StorageError, cache_key
 from alphaspin.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,11 @@ class Runner:
     # -- prepare ----------------------------------------------------------------------------------
     def prepare(self, node: Node, inputs: Inputs, force: bool = False) -> Prepared:
         spec = REGISTRY[node.stage]
+        refs = node_inputs(self.config, node)
+        missing = [param for param, ref in refs.items() if ref is not None and inputs.get(param) is None]
+        if missing:
+            raise ValueError(f"{node.label}: inputs {missing} are missing (upstream records of {refs})")
+        inputs = {param: inputs.get(param) if ref is not None else None for param, ref in refs.items()}
         fields = spec.reads(self.config, node.iteration, node.member)
         digests = _flat_digests(inputs)
         key = node_key(node, fields, digests, disabled_inputs(self.config, node))
@@ -151,7 +156,7 @@ class Runner:
         if manifest is None:
             try:
                 started = out.read_json(STARTED)
-            except (FileNotFoundError, ValueError):
+            except (FileNotFoundError, ValueError, StorageError):  # unreadable: the stage itself will say
                 started = None
             if started is not None:
                 resumes = started.get("cache_key") == key and REGISTRY[node.stage].resumable

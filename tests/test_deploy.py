@@ -471,13 +471,14 @@ def _task_states(client, flow_run_id: str) -> dict[str, str]:
 
 def _check_recipe_form(client) -> None:
     """The UI's run form: the recipe is a select of names, force_stages a multi-select of stages."""
+    from alphaspin.stages import STAGE_NAMES
+
     deployment = client.read_deployment_by_name("alphaspin-recipe/quickstart")
     properties = deployment.parameter_openapi_schema["properties"]
     assert properties["recipe"]["enum"] == ["quickstart", "paper-gemma-2b", "spin-official"]
     assert properties["force_stages"]["type"] == "array"
-    assert properties["force_stages"]["items"]["enum"] == list(
-        ("sample_prompts", "train_sampler", "generate", "build_pairs", "reference_logps", "train", "evaluate")
-    )
+    assert properties["force_stages"]["items"]["enum"] == list(STAGE_NAMES)  # every stage of the registry
+    assert {"sample_prompts", "generate", "build_pairs", "reference_logps", "train", "evaluate"} <= set(STAGE_NAMES)
     assert deployment.parameters == {"recipe": "quickstart"}
     assert deployment.work_pool_name == "cpu"
     pull = deployment.pull_steps

@@ -202,9 +202,14 @@ def test_log_partition_samples_come_from_the_previous_policy_itself(make_config,
         def __init__(self, config):
             self.config = config
 
-        def generate(self, requests):
-            # odd samples run past the limit (cut off), even ones end early
-            return ["Fine, thanks." if r.id.endswith(("#0", "#2")) else "word " * 40 for r in requests]
+        def complete(self, requests):
+            # odd samples run past the limit (cut off, as the backend reports), even ones end early
+            from alphaspin.generation import Completion
+
+            return [
+                Completion("Fine, thanks.", False) if r.id.endswith(("#0", "#2")) else Completion("word " * 40, True)
+                for r in requests
+            ]
 
         def close(self):
             pass
