@@ -258,6 +258,10 @@ def _knob_changes(before: dict, version: int, fields: dict[str, Any]) -> list[st
     return reasons
 
 
+def _inputs_run(labels: list[str]) -> str:
+    return f"input {labels[0]} runs" if len(labels) == 1 else f"inputs {', '.join(labels)} run"
+
+
 def _short(value: Any, width: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -296,7 +300,7 @@ def plan(run: Run, force: dict[int, set[str]] | None = None) -> list[PlanRow]:
                     manifest = run.parent_dir(node).read_manifest()  # type: ignore[union-attr]
                 before = (manifest or {}).get("provenance")
                 knobs = _knob_changes(before, spec.version, spec.reads(config, t, node.member)) if before else []
-                reason = "forced" if node.stage in forced else "; ".join([*knobs, f"input {', '.join(pending)} runs"])
+                reason = "forced" if node.stage in forced else "; ".join([*knobs, _inputs_run(pending)])
                 rows.append(PlanRow(node, "run", reason))
                 known[node] = None
                 continue
