@@ -4,6 +4,7 @@ alphaspin run --config configs/quickstart.yaml [--set method.alpha=1.0 ...]
 alphaspin rerun --run-id R --iteration 1 --stage train [--runs-root ./runs]
 alphaspin plan --config configs/quickstart.yaml [--set ...] [--fork-from RUN]   (what would run, and why)
 alphaspin status --run-id R [--runs-root ./runs]
+alphaspin diff RUN_A RUN_B [--runs-root ./runs]                 (every config / provenance difference)
 alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
 """
 
@@ -159,6 +160,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from alphaspin.provenance import diff_runs
+    from alphaspin.storage import RunStorage
+
+    for run_id in (args.run_a, args.run_b):
+        stored_config(run_id, args.runs_root)  # a clear error if there is no such run
+    rows = diff_runs(RunStorage(args.runs_root, args.run_a), RunStorage(args.runs_root, args.run_b))
+    print(f"{args.run_a} → {args.run_b}: " + (f"{len(rows)} difference(s)" if rows else "no differences"))
+    for row in rows:
+        print(f"  {row}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     print(json.dumps(config.model_dump(mode="json"), indent=2))
@@ -264,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", default="./comparison", help="local folder for comparison.md and the PNG charts")
     comp.add_argument("--baseline", help="run id the differences are taken against (default: the first)")
     comp.set_defaults(func=cmd_compare)
+
+    diff = sub.add_parser(
+        "diff",
+        help="every difference between two runs: config, device, versions, per-stage provenance",
+        description="Why don't my numbers match: lists the config knobs (a → b), run.json's device and package "
+        "versions, and per iteration and stage the recorded provenance (chat template and tokenizer hashes, "
+        "generation backend and sampling parameters, package and lm-eval versions, lm-eval tasks and few-shot) "
+        "that differ between RUN_A and RUN_B.",
+    )
+    diff.add_argument("run_a", metavar="RUN_A")
+    diff.add_argument("run_b", metavar="RUN_B")
+    diff.add_argument("--runs-root", default="./runs", help="fsspec URL holding both runs (default ./runs)")
+    diff.set_defaults(func=cmd_diff)
 
     show = sub.add_parser("config", help="print the resolved config of a recipe (after --set overrides)")
     _add_config_args(show)

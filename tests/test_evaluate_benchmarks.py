@@ -46,6 +46,9 @@ def test_evaluate_stores_lm_eval_and_judge_numbers(benchmarked):
         assert math.isfinite(row["judge/overall"])
     files = ctx.dir(Node("evaluate", 1)).read_manifest()["files"]
     assert "benchmarks/lm_eval/lm_eval_results.json" in files
+    lm_eval = json.loads(ctx.dir(Node("evaluate", 1)).read_bytes("provenance.json"))["lm_eval"]
+    assert lm_eval["version"] and lm_eval["tasks"] == {"alphaspin_arc_easy": 0} and lm_eval["limit"] == 4
+    assert set(lm_eval["task_config_sha256"]) == {"alphaspin_arc_easy"}
     summary = json.loads(ctx.dir(Node("evaluate", 1)).read_bytes("benchmarks/judge/judge_summary.json"))
     assert summary["judge"]["temperature"] == 0.0 and summary["judge"]["model"]
 

@@ -7,7 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from alphaspin.config import AlphaSpinConfig
+from alphaspin.provenance import FILE as PROVENANCE
+from alphaspin.provenance import lm_eval_provenance, package_versions
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
+
+# The lm-eval record `alphaspin.evaluation.run_benchmarks` stores in this stage's folder.
+LM_EVAL_RECORD = "benchmarks/lm_eval/lm_eval_results.json"
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
@@ -38,6 +43,9 @@ def evaluate(job: Job, trained: Artifact, reference: Artifact) -> dict[str, Any]
     for key in ("train/loss", "train/reward_margin", "train/reward_accuracy"):
         metrics[key] = trained.metrics.get(key)
     job.out.write_json("metrics.json", {"iteration": t, **metrics})
+    record = LM_EVAL_RECORD if LM_EVAL_RECORD in job.out.list_files("benchmarks") else None
+    lm_eval = lm_eval_provenance(job.out.read_json(record) if record else None)
+    job.out.write_json(PROVENANCE, {"versions": package_versions(), "lm_eval": lm_eval})
     return metrics
 
 
@@ -46,7 +54,7 @@ SPEC = StageSpec(
     function=evaluate,
     inputs=(Input("trained", "train"), Input("reference", "reference_logps")),
     reads=reads,
-    version=2,  # 2: chat templates write BOS for tokenizers that add one
+    version=3,  # 2: chat templates write BOS for tokenizers that add one; 3: provenance.json
     gpu=True,
     description="Evaluate θ_t on held-out pairs and the configured benchmarks.",
 )

@@ -22,6 +22,8 @@ from alphaspin.config import AlphaSpinConfig, GenerationConfig
 from alphaspin.generation import Completion, build_requests, render_prompt_ids, request_seed
 from alphaspin.mixture import member_sampler
 from alphaspin.opponent import sir_resample
+from alphaspin.provenance import FILE as PROVENANCE
+from alphaspin.provenance import collect
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,41 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
     return fields
 
 
+def sampling_config(config: AlphaSpinConfig, sampler: str | None) -> GenerationConfig:
+    """The generation settings a member's sampler actually uses: sir proposes from π_(t-1) itself and
+    gflownet samples its trained policy, both at temperature 1 without nucleus truncation (gflownet up
+    to the length it was trained on); every other sampler uses ``generation`` as configured."""
+    if sampler == "gflownet":
+        from alphaspin.stages.train_sampler import max_new_tokens
+
+        update = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens(config)}
+        return config.generation.model_copy(update=update)
+    if sampler == "sir":
+        return config.generation.model_copy(update={"temperature": 1.0, "top_p": 1.0})
+    return config.generation
+
+
+def sampling_used(config: AlphaSpinConfig, member: str) -> dict[str, Any]:
+    """The backend and sampling parameters of one member's generation, for ``provenance.json``."""
+    sampler = member_sampler(member)
+    used = sampling_config(config, sampler)
+    # token_geometric mixes two policies token by token in-process, whatever generation.backend says.
+    backend = "transformers (token_geometric, in-process)" if sampler == "token_geometric" else used.backend
+    params = {
+        "temperature": used.temperature,
+        "top_p": used.top_p,
+        "max_new_tokens": used.max_new_tokens,
+        "seed": used.effective_seed(config.run.seed),
+        "per_request_seeds": True,
+        "batch_size": used.batch_size,
+    }
+    if sampler == "sir":
+        params["sir_proposals"] = config.method.sir_proposals
+    if backend == "vllm":
+        params.update(tensor_parallel_size=used.tensor_parallel_size, max_lora_rank=used.max_lora_rank)
+    return {"member": member, "sampler": sampler or "policy", "backend": backend, "sampling": params}
+
+
 class PlainSampler:
     """One policy (the base, or θ_k as a LoRA adapter) through the generation backend."""
 
@@ -90,7 +127,7 @@ class SirSampler:
     π_base on the ids TRL trains on, one resampled by weight with a per-row seed."""
 
     def __init__(self, job: Job, adapter: Artifact):
-        exact = job.config.generation.model_copy(update={"temperature": 1.0, "top_p": 1.0})
+        exact = sampling_config(job.config, "sir")
         self.job, self.k = job, job.config.method.sir_proposals
         self.proposals = PlainSampler(job, adapter, exact)
         self.adapter = adapter
@@ -183,12 +220,7 @@ def _sampler(job: Job, adapter: Artifact | None, trained_sampler: Artifact | Non
         # temperature 1 without nucleus truncation, up to the length it was trained on.
         if trained_sampler is None:
             raise ValueError(f"{job.node.label}: the gflownet opponent needs iter-{job.iteration}/train_sampler")
-        from alphaspin.stages.train_sampler import max_new_tokens
-
-        exact = job.config.generation.model_copy(
-            update={"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens(job.config)}
-        )
-        return PlainSampler(job, trained_sampler, exact, folder="sampler")
+        return PlainSampler(job, trained_sampler, sampling_config(job.config, sampler), folder="sampler")
     if adapter is None:
         raise ValueError(f"{job.node.label}: the {sampler} sampler needs θ_(t-1)")
     if sampler == "sir":
@@ -209,6 +241,7 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None, sampler: Art
     todo = [i for i in range(n_shards) if SHARD.format(index=i) not in existing]
     if len(todo) < n_shards:
         logger.info("%s: %d of %d shards already done", job.node.label, n_shards - len(todo), n_shards)
+    job.out.write_json(PROVENANCE, {**collect(job.config, ws), "generation": sampling_used(job.config, str(member))})
     started = time.monotonic()
     tokens = 0
     extra: dict[str, Any] = {}
@@ -261,7 +294,8 @@ SPEC = StageSpec(
         Input("sampler", "train_sampler"),
     ),
     reads=reads,
-    version=3,  # 2: chat templates write BOS for tokenizers that add one; 3: the `truncated` column
+    # 2: chat templates write BOS for tokenizers that add one; 3: the `truncated` column; 4: provenance.json
+    version=4,
     gpu=True,
     per_member=True,
     resumable=True,
