@@ -16,7 +16,7 @@ from alphaspin.config import AlphaSpinConfig
 # Where the builtin models come from (their weights are dequantised from a Q4_1 GGUF of this model).
 BUILTIN_ORIGINS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
-CITATION = """@inproceedings{alami2024investigating,
+CITATION = """@misc{alami2024investigating,
   title     = {Investigating Regularization of Self-Play Language Models},
   author    = {Alami, Reda and Abubaker, Abdalgader and Achab, Mastane and Seddik, Mohamed El Amine and Lahlou, Salem},
   year      = {2024},
@@ -52,7 +52,7 @@ def _describe_data(source: str) -> str:
 def _base_loader(name_or_path: str) -> str:
     """Python source that names the base model in the loading snippets."""
     if name_or_path.startswith("builtin:"):
-        return f'resolve_model_path("{name_or_path}")  # from alphaspin.models import resolve_model_path'
+        return f'resolve_model_path("{name_or_path}")'
     if _is_local(name_or_path):
         return f'"path/to/{PurePath(name_or_path.rstrip("/")).name}"'
     return f'"{name_or_path}"'
@@ -120,6 +120,8 @@ def model_card(
         "opponent sampling": f"temperature {config.generation.temperature}, top_p {config.generation.top_p}",
     }
     base_src = _base_loader(config.model.name_or_path)
+    builtin = config.model.name_or_path.startswith("builtin:")
+    imports = ["from alphaspin.models import resolve_model_path  # the builtin's local folder"] if builtin else []
     parts = [
         front,
         f"# α-SPIN iteration {iteration}: a LoRA adapter on {base_text}",
@@ -148,7 +150,7 @@ def model_card(
         "",
     ]
     if evaluation:
-        parts.append(_table({k: v for k, v in sorted(evaluation.items()) if v is not None}))
+        parts.append(_table({k: v for k, v in sorted(evaluation.items()) if v is not None and k != "iteration"}))
     else:
         parts.append(
             f"The evaluate stage writes this iteration's metrics to `iter-{iteration}/evaluate/metrics.json` in "
@@ -162,6 +164,7 @@ def model_card(
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        *imports,
         "",
         f"base = AutoModelForCausalLM.from_pretrained({base_src})",
         'model = PeftModel.from_pretrained(base, "path/to/this/adapter")',
@@ -180,8 +183,9 @@ def model_card(
         "```python",
         "from vllm import LLM, SamplingParams",
         "from vllm.lora.request import LoRARequest",
+        *imports,
         "",
-        f"llm = LLM(model={base_src.split('  #')[0]}, enable_lora=True, max_lora_rank={max(lora.r, 8)})",
+        f"llm = LLM(model={base_src}, enable_lora=True, max_lora_rank={max(lora.r, 8)})",
         'lora = LoRARequest("alphaspin", 1, "path/to/this/adapter")',
         'messages = [{"role": "user", "content": "Hello!"}]',
         "print(llm.chat(messages, SamplingParams(max_tokens=64), lora_request=lora)[0].outputs[0].text)",

@@ -29,7 +29,9 @@ def test_card_of_a_builtin_model_names_its_hub_origin_and_the_method():
     assert "| pairs: trained | 16 |" in card and "truncated losers" in card and "builtin:chatterbot" in card
     assert "iter-1/evaluate/metrics.json" in card  # the metrics are not known yet: where they will be
     assert "PeftModel.from_pretrained" in card and "enable_lora=True" in card and "LoRARequest" in card
-    assert "2404.04291" in card and "@inproceedings" in card
+    assert "2404.04291" in card and "@misc{" in card
+    for block in card.split("```python\n")[1:]:  # the snippets are valid Python
+        compile(block.split("```")[0], "snippet", "exec")
 
 
 def test_card_of_a_local_model_names_no_path_and_has_the_evaluation(tmp_path):
