@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 from transformers import TrainerCallback
 
+from alphaspin.model_card import model_card
 from alphaspin.stage_spec import Artifact, Job
 from alphaspin.storage import SCRATCH, StageDir
 from alphaspin.workspace import Progress
@@ -132,7 +133,22 @@ def run_training(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> di
     # TRL keeps a frozen copy of θ_(t-1) as adapter "ref"; only "default" (θ_t) is the result.
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
     _normalise_adapter_config(adapter_dir / "adapter_config.json")
-    stage.put_dir(adapter_dir, "adapter")
     history = trainer.state.log_history
+    metrics = {**_summarise(history), "pairs": len(pairs), "resumed_from": remote[-1] if remote else None}
+    # Replaces PEFT's template card (which names the base model's local folder). Only the integer
+    # metrics: floats differ in the last bits across CPUs, and the card's bytes are digested.
+    counts = {k: v for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool)}
+    (adapter_dir / "README.md").write_text(model_card(config, t, counts, pair_counts(pairs), None))
+    stage.put_dir(adapter_dir, "adapter")
     stage.write_json("train_log.json", history)
-    return {**_summarise(history), "pairs": len(pairs), "resumed_from": remote[-1] if remote else None}
+    return metrics
+
+
+def pair_counts(pairs: pd.DataFrame) -> dict[str, int]:
+    """The model card's pair counts of the training pairs ``pairs`` (reference.parquet's train rows)."""
+    counts = {"trained": len(pairs)}
+    if "rejected_truncated" in pairs.columns:
+        counts["truncated losers (cut off by max_new_tokens)"] = int(pairs.rejected_truncated.astype(bool).sum())
+    if "opponent" in pairs.columns:
+        counts.update({f"losers from {k}": int(v) for k, v in sorted(pairs.groupby("opponent").size().items())})
+    return counts

@@ -5,6 +5,7 @@ alphaspin rerun --run-id R --iteration 1 --stage train [--runs-root ./runs]
 alphaspin plan --config configs/quickstart.yaml [--set ...] [--fork-from RUN]   (what would run, and why)
 alphaspin status --run-id R [--runs-root ./runs]
 alphaspin diff RUN_A RUN_B [--runs-root ./runs]                 (every config / provenance difference)
+alphaspin export --run-id R --iteration t --out DIR [--merge] [--push-to-hub REPO_ID]   (θ_t on its own)
 alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
 """
 
@@ -173,6 +174,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from alphaspin.export import export_adapter, hub_token, push_to_hub
+
+    if args.push_to_hub:
+        hub_token(args.push_to_hub)  # a missing token fails before the export, not after
+    out = export_adapter(args.run_id, args.runs_root, args.iteration, args.out, merge=args.merge)
+    print(f"exported iter-{args.iteration} of run {args.run_id} to {out} ({'merged' if args.merge else 'adapter'})")
+    if args.push_to_hub:
+        print(f"pushed to https://huggingface.co/{args.push_to_hub}: {push_to_hub(out, args.push_to_hub)}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     print(json.dumps(config.model_dump(mode="json"), indent=2))
@@ -291,6 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("run_b", metavar="RUN_B")
     diff.add_argument("--runs-root", default="./runs", help="fsspec URL holding both runs (default ./runs)")
     diff.set_defaults(func=cmd_diff)
+    export = sub.add_parser(
+        "export",
+        help="write θ_t of a run as a standalone folder (PEFT adapter, or --merge: a plain transformers model)",
+        description="Export the adapter of iteration t with the tokenizer (the run's chat template), a "
+        "generation_config.json and a model card with the evaluate stage's metrics. Without --merge the folder "
+        "is a PEFT adapter (PeftModel.from_pretrained / AutoPeftModelForCausalLM); with --merge the adapter is "
+        "merged into the base weights (AutoModelForCausalLM.from_pretrained(DIR), vLLM).",
+    )
+    export.add_argument("--run-id", required=True, help="the run (its config is read from run.json)")
+    export.add_argument("--runs-root", default="./runs", help="fsspec URL holding the run (default ./runs)")
+    export.add_argument("--iteration", "-t", type=int, required=True, help="iteration t (its train stage must be done)")
+    export.add_argument("--out", required=True, help="local folder to write (new, or empty)")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the base model's weights")
+    export.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="then upload the folder to this Hugging Face model repo (HF_TOKEN)"
+    )
+    export.set_defaults(func=cmd_export)
 
     show = sub.add_parser("config", help="print the resolved config of a recipe (after --set overrides)")
     _add_config_args(show)

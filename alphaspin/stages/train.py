@@ -44,7 +44,7 @@ SPEC = StageSpec(
     function=train,
     inputs=(Input("reference", "reference_logps"), Input("previous", "train", at="previous")),
     reads=reads,
-    version=2,  # 2: LoRA dropout active (training.disable_dropout); BOS in templates
+    version=3,  # 2: LoRA dropout active (training.disable_dropout); BOS in templates; 3: model card
     gpu=True,
     resumable=True,
     description="DPO-train θ_t from θ_(t-1) against the stored reference; checkpoints into storage.",
