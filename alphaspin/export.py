@@ -102,7 +102,9 @@ def export_adapter(run_id: str, runs_root: str, iteration: int, out: str | Path,
             (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(folder)
         _generation_config(config, model_path, tokenizer).save_pretrained(folder)
-        card = model_card(config, iteration, train_metrics, pairs, evaluation.metrics if evaluation else None)
+        card = model_card(
+            config, iteration, train_metrics, pairs, evaluation.metrics if evaluation else None, merged=merge
+        )
         (folder / "README.md").write_text(card)
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -77,16 +77,22 @@ def _table(rows: dict[str, Any]) -> str:
 
 
 def model_card(
-    config: AlphaSpinConfig, iteration: int, metrics: dict[str, Any], pairs: dict[str, Any], evaluation: dict | None
+    config: AlphaSpinConfig,
+    iteration: int,
+    metrics: dict[str, Any],
+    pairs: dict[str, Any],
+    evaluation: dict | None,
+    merged: bool = False,
 ) -> str:
     """The README.md of θ_t (``iteration``): ``metrics`` are the train stage's (any subset), ``pairs`` the
-    pair counts it trained on, ``evaluation`` the evaluate stage's metrics (None: not known yet)."""
+    pair counts it trained on, ``evaluation`` the evaluate stage's metrics (None: not known yet);
+    ``merged``: the card of a folder whose weights have the adapter merged in (``alphaspin export --merge``)."""
     method, training, lora = config.method, config.training, config.training.lora
     hub_id, base_text = describe_base(config.model.name_or_path)
     front = "---\n"
     if hub_id is not None:
         front += f"base_model: {hub_id}\n"
-    front += "library_name: peft\npipeline_tag: text-generation\ntags:" + _yaml_list(
+    front += f"library_name: {'transformers' if merged else 'peft'}\npipeline_tag: text-generation\ntags:" + _yaml_list(
         ["alpha-spin", "dpo", "lora", "peft", "trl", "self-play"]
     )
     front += "\n---\n"
@@ -124,7 +130,8 @@ def model_card(
     imports = ["from alphaspin.models import resolve_model_path  # the builtin's local folder"] if builtin else []
     parts = [
         front,
-        f"# α-SPIN iteration {iteration}: a LoRA adapter on {base_text}",
+        f"# α-SPIN iteration {iteration}: "
+        + (f"{base_text} with its LoRA adapter merged in" if merged else f"a LoRA adapter on {base_text}"),
         "",
         f"θ_{iteration} of an α-SPIN run (regularised self-play fine-tuning, "
         "[arXiv 2404.04291](https://arxiv.org/abs/2404.04291)), trained with "
@@ -157,40 +164,60 @@ def model_card(
             f"the run's storage; `alphaspin export --run-id {config.run.run_id} --iteration {iteration}` writes "
             "a card that includes them."
         )
+    if merged:
+        parts += [
+            "",
+            "## Use",
+            "",
+            "The adapter is merged into the weights: a plain transformers model folder.",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")  # the run\'s chat template',
+            "```",
+            "",
+            'With vLLM: `LLM(model="path/to/this/folder")`.',
+            "",
+        ]
+    else:
+        parts += [
+            "",
+            "## Use with PEFT",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            *imports,
+            "",
+            f"base = AutoModelForCausalLM.from_pretrained({base_src})",
+            'model = PeftModel.from_pretrained(base, "path/to/this/adapter")',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/adapter")  # exported: the run\'s chat template',
+            'messages = [{"role": "user", "content": "Hello!"}]',
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', "
+            "return_dict=True)",
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",
+            "```",
+            "",
+            "`alphaspin export --merge` writes a plain transformers folder instead "
+            "(`AutoModelForCausalLM.from_pretrained(folder)`, or `LLM(model=folder)` in vLLM).",
+            "",
+            "## Use with vLLM",
+            "",
+            "```python",
+            "from vllm import LLM, SamplingParams",
+            "from vllm.lora.request import LoRARequest",
+            *imports,
+            "",
+            f"llm = LLM(model={base_src}, enable_lora=True, max_lora_rank={max(lora.r, 8)})",
+            'lora = LoRARequest("alphaspin", 1, "path/to/this/adapter")',
+            'messages = [{"role": "user", "content": "Hello!"}]',
+            "print(llm.chat(messages, SamplingParams(max_tokens=64), lora_request=lora)[0].outputs[0].text)",
+            "```",
+            "",
+        ]
     parts += [
-        "",
-        "## Use with PEFT",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        *imports,
-        "",
-        f"base = AutoModelForCausalLM.from_pretrained({base_src})",
-        'model = PeftModel.from_pretrained(base, "path/to/this/adapter")',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/adapter")  # exported: the run\'s chat template',
-        'messages = [{"role": "user", "content": "Hello!"}]',
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', "
-        "return_dict=True)",
-        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",
-        "```",
-        "",
-        "`alphaspin export --merge` writes a plain transformers folder instead "
-        "(`AutoModelForCausalLM.from_pretrained(folder)`, or `LLM(model=folder)` in vLLM).",
-        "",
-        "## Use with vLLM",
-        "",
-        "```python",
-        "from vllm import LLM, SamplingParams",
-        "from vllm.lora.request import LoRARequest",
-        *imports,
-        "",
-        f"llm = LLM(model={base_src}, enable_lora=True, max_lora_rank={max(lora.r, 8)})",
-        'lora = LoRARequest("alphaspin", 1, "path/to/this/adapter")',
-        'messages = [{"role": "user", "content": "Hello!"}]',
-        "print(llm.chat(messages, SamplingParams(max_tokens=64), lora_request=lora)[0].outputs[0].text)",
-        "```",
-        "",
         "## Citation",
         "",
         "```bibtex",

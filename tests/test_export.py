@@ -82,7 +82,8 @@ def _check_folder(config, out: Path) -> None:
     assert "metrics.json" not in card  # the full card: the metrics themselves
     assert str(Path(config.model.name_or_path).parent) not in card and str(out) not in card
     front = yaml.safe_load(card.split("---\n", 2)[1])
-    assert front["library_name"] == "peft" and "alpha-spin" in front["tags"]
+    merged = not (out / "adapter_config.json").exists()
+    assert front["library_name"] == ("transformers" if merged else "peft") and "alpha-spin" in front["tags"]
     run_tokenizer = load_tokenizer(config.model.name_or_path, config.model.chat_template)
     assert AutoTokenizer.from_pretrained(out).chat_template == run_tokenizer.chat_template
     generation = json.loads((out / "generation_config.json").read_text())
@@ -98,6 +99,9 @@ def test_merged_export_is_a_plain_model_with_the_pipelines_logits(finished_run, 
     assert (expected - _logits(load_base_model(finished_run.model.name_or_path), ids)).abs().max() > 1e-4
     assert (_logits(merged, ids) - expected).abs().max() < 1e-4
     _check_folder(finished_run, out)
+    card = (out / "README.md").read_text()  # the card says what the folder is: merged weights, not an adapter
+    assert "library_name: transformers" in card and "with its LoRA adapter merged in" in card
+    assert "PeftModel" not in card and "LoRARequest" not in card
 
 
 def test_adapter_export_loads_with_peft(finished_run, pipeline_policy, tmp_path):
