@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from alphaspin.generation import left_pad
 from alphaspin.reference import dpo_margin
 from alphaspin.storage import StageDir
 from alphaspin.workspace import Workspace
@@ -142,10 +143,9 @@ def _generate_chat(ws: Workspace, model, chats: list[list[dict]], max_new_tokens
             )
             for c in chats[start : start + size]
         ]
-        width = max(map(len, prompts))
         pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=ws.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ws.device)
+        ids, mask = left_pad(prompts, pad, ws.device)
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,

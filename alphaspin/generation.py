@@ -85,6 +85,17 @@ class Completion:
     truncated: bool
 
 
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of a batch, left-padded to its longest row, so that generation
+    continues from the last prompt token of every row. Shapes (batch, width)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 class GenerationBackend(Protocol):
     def complete(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """The completion of each request (text and whether it was cut off), in order."""
@@ -156,10 +167,8 @@ class TransformersBackend:
 
     def _generate_batch(self, batch: Sequence[GenerationRequest]) -> list[Completion]:
         pad = self.tokenizer.pad_token_id
-        width = max(len(r.prompt_ids) for r in batch)
-        # Left padding: generation continues from the last prompt token of every row.
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in batch])
-        attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        input_ids, attention = left_pad([r.prompt_ids for r in batch], pad)
+        width = input_ids.shape[1]
         # transformers samples a batch from one generator: seed it from the batch's first request,
         # so a shard regenerated after a crash gives the same text.
         torch.manual_seed(batch[0].seed)

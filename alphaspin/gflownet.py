@@ -59,6 +59,8 @@ from typing import Any, Protocol
 
 import torch
 
+from alphaspin.generation import left_pad
+
 
 # -- the pure loss -----------------------------------------------------------------------------------
 def _pair_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -379,18 +381,12 @@ class PeftGFlowNet:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if f".{SAMPLER}." in n]
 
-    def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        return ids, mask
-
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], temperature: float, generator: torch.Generator) -> Trajectories:
         use_adapter(self.model, SAMPLER)
         was_training = self.model.training
         self.model.eval()
-        ids, mask = self._left_pad(prompts)
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         lengths = torch.full((len(prompts),), self.max_len, dtype=torch.long)
         done = torch.zeros(len(prompts), dtype=torch.bool)
@@ -425,7 +421,7 @@ class PeftGFlowNet:
 
     def _state_logits(self, prompts: Sequence[Sequence[int]], paths: Trajectories) -> torch.Tensor:
         """Logits at s_0..s_N (B, N+1, V): one forward of prompt + tokens."""
-        ids, mask = self._left_pad(prompts)
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
         width = ids.shape[1]
         tokens = paths.tokens.to(self.device)
         valid = (torch.arange(tokens.shape[1])[None] < paths.lengths[:, None]).long().to(self.device)

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from alphaspin.generation import left_pad
+
 
 def sir_log_weights(lp_prev: torch.Tensor, lp_base: torch.Tensor, alpha: float) -> torch.Tensor:
     """log w_i = (1-α)·(log π_base(y_i) − log π_(t-1)(y_i)): importance weights of proposals from
@@ -102,9 +104,7 @@ class TokenGeometricSampler:
 
     def _batch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[tuple[str, bool]]:
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        ids, mask = left_pad(prompts, pad, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         caches: list = [None, None]  # π_(t-1), π_base

@@ -130,7 +130,7 @@ class SirSampler:
         exact = sampling_config(job.config, "sir")
         self.job, self.k = job, job.config.method.sir_proposals
         self.proposals = PlainSampler(job, adapter, exact)
-        self.adapter = adapter
+        self.model = job.workspace.load_policy(adapter)  # scores the proposals; loaded once for every shard
         self.ess: list[float] = []
 
     def __call__(self, shard: pd.DataFrame) -> dict[str, list]:
@@ -148,8 +148,7 @@ class SirSampler:
         tokenized = ws.tokenize_pairs(frame)
         if len(tokenized) != len(frame):
             raise ValueError(f"{job.node.label}: a prompt fills training.max_length; its proposals cannot be scored")
-        model = ws.load_policy(self.adapter)
-        training, pad = job.config.training, ws.tokenizer.pad_token_id
+        model, training, pad = self.model, job.config.training, ws.tokenizer.pad_token_id
 
         def score(policy) -> torch.Tensor:
             found = completion_logps(
@@ -180,6 +179,7 @@ class SirSampler:
 
     def close(self) -> None:
         self.proposals.close()
+        del self.model
 
 
 class TokenGeometricSampler:
