@@ -8,8 +8,8 @@ stage in a plain Python process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
+from alphaspin import console
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.dag import walk_iteration
 from alphaspin.runner import Runner
@@ -25,7 +25,6 @@ def run(
     config: AlphaSpinConfig,
     force: dict[int, set[str]] | None = None,
     fork_from: str | None = None,
-    on_iteration: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     """All iterations t = 0..T; returns each iteration's evaluation metrics."""
     from alphaspin.reporting import write_run_report
@@ -46,7 +45,6 @@ def run(
             )
             metrics = records[Node("evaluate", t)].metrics
             results.append({"iteration": t, **metrics})
-            if on_iteration:
-                on_iteration(t, metrics)
+            console.current().iteration_finished(t, metrics)
         write_run_report(stored.storage)
         return results

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alphaspin import console
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.dag import (
     InputRef,
@@ -183,9 +184,24 @@ class Runner:
 
     # -- execute ----------------------------------------------------------------------------------
     def execute(self, prepared: Prepared) -> StageRecord:
+        node = prepared.node
         if prepared.status == "cached" and prepared.record is not None:
-            logger.info("%s: cached", prepared.node.label)
+            logger.info("%s: cached", node.label)
+            console.current().stage_reused(node.label, "cached")
             return prepared.record
+        try:
+            record, how = self._execute(prepared)
+        except BaseException as error:
+            console.current().stage_failed(node.label, error)
+            raise
+        if how == "ran":
+            console.current().stage_finished(node.label, record.metrics)
+        else:
+            console.current().stage_reused(node.label, how)
+        return record
+
+    def _execute(self, prepared: Prepared) -> tuple[StageRecord, str]:
+        """Adopt or run a node under its lease; says which (``ran``, ``adopted``, ``done elsewhere``)."""
         node, key = prepared.node, prepared.key
         spec = REGISTRY[node.stage]
         out = self.run.dir(node)
@@ -202,23 +218,24 @@ class Runner:
                 record = out.verify(key)
                 if record is not None:
                     logger.info("%s: done by another process meanwhile", node.label)
-                    return record
+                    return record, "done elsewhere"
             if prepared.status == "adopt":
                 source = self.run.parent_dir(node)
                 record = out.adopt(source, key) if source is not None else None
                 if record is not None:
                     logger.info("%s: %s", node.label, prepared.reason)
-                    return record
+                    return record, "adopted"
                 logger.warning("%s: the fork parent's copy does not verify; running it", node.label)
             if self.workspace is None:
                 raise RuntimeError(f"{node.label}: executing a stage needs a Workspace")
             logger.info("%s: running (%s)", node.label, prepared.reason)
+            console.current().stage_started(node.label, prepared.reason)
             begin_stage(out, key, fresh=prepared.force or not spec.resumable)
             job = Job(node=node, config=self.config, out=out, workspace=self.workspace, key=key)
             metrics = spec.function(job, **self._artifacts(node, prepared.inputs))
             if lease.lost:  # we stalled past the lease and another process took the stage over
                 raise RuntimeError(f"{node.label}: lost its lease to another process while running; not committing")
-            return out.commit(spec.name, node.iteration, key, metrics, provenance=prepared.provenance)
+            return out.commit(spec.name, node.iteration, key, metrics, provenance=prepared.provenance), "ran"
 
     def _artifacts(self, node: Node, inputs: Inputs) -> dict[str, Any]:
         refs = node_inputs(self.config, node)

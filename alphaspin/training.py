@@ -43,9 +43,7 @@ class StorageCheckpointCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.progress(
-            state.global_step / max(1, self.total_steps), f"train: step {state.global_step}/{self.total_steps}"
-        )
+        self.progress(state.global_step / max(1, self.total_steps), f"step {state.global_step}/{self.total_steps}")
         return control
 
 

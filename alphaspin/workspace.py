@@ -38,11 +38,19 @@ class Workspace:
         self.config = config
         self.device = config.model.device or default_device()
         self.scratch = Path(tempfile.mkdtemp(prefix="alphaspin-"))
-        # Progress hook (fraction done, message): the Prefect tasks turn it into progress artifacts.
-        self.progress: Progress = progress or (lambda fraction, message: None)
+        # Progress (fraction done, message with "done/total"): to the terminal's console when one
+        # is active, and to ``progress`` (the Prefect tasks turn it into progress artifacts).
+        self._progress_hook = progress
         self._tokenizer: Any = None
         self._sft: pd.DataFrame | None = None
         self._adapters: dict[str, Path] = {}
+
+    def progress(self, fraction: float, message: str) -> None:
+        from alphaspin.console import current
+
+        if self._progress_hook is not None:
+            self._progress_hook(fraction, message)
+        current().stage_progress(fraction, message)
 
     # -- the base model and data, loaded once ---------------------------------------------------
     @property

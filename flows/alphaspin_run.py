@@ -18,7 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
 
+from alphaspin import console
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.console import format_metrics
 from alphaspin.dag import force_plan, walk_iteration
@@ -48,6 +51,7 @@ def alphaspin_iteration(
     metrics = records[Node("evaluate", iteration)].metrics
     publish_metrics(config, iteration, metrics)
     get_run_logger().info(format_metrics(iteration, metrics))
+    console.current().iteration_finished(iteration, metrics)
     return {"trained": records[Node("train", iteration)], "metrics": metrics}
 
 
@@ -63,6 +67,8 @@ def alphaspin_run(
     those stages in ``force_iterations`` (all iterations when empty) and everything downstream.
     ``force`` takes "T:STAGE" items (the CLI's form)."""
     forced = force_plan(config.method.iterations, force or [], force_stages or [], force_iterations or [])
+    if flow_run.ui_url and PREFECT_API_URL.value():  # a temporary server's UI is gone at exit
+        console.current().link("Prefect UI", flow_run.ui_url)
     ensure_run(config, fork_from)
     trained: dict[int, StageRecord] = {}
     results = []

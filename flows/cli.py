@@ -19,16 +19,24 @@ from pathlib import Path
 from typing import Any
 
 from alphaspin.config import AlphaSpinConfig, ConfigError, load_config
-from alphaspin.console import format_metrics
 from alphaspin.dag import parse_force
-from alphaspin.runs import stored_config
+from alphaspin.data import DataError
+from alphaspin.leases import LeaseHeldError
+from alphaspin.runs import RunConflictError, stored_config
 from alphaspin.stages import STAGE_NAMES
+from alphaspin.storage import StorageError
 
 logger = logging.getLogger("alphaspin")
 
-
-def _print_iteration(t: int, metrics: dict[str, Any]) -> None:
-    print(format_metrics(t, metrics), flush=True)
+# Errors whose message says all a person needs (the field or file, what was expected): one line.
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DataError,
+    RunConflictError,
+    StorageError,
+    LeaseHeldError,
+    FileNotFoundError,
+)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +58,7 @@ def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[i
     if args.no_prefect:
         from alphaspin.pipeline import run
 
-        return run(config, force=force, fork_from=args.fork_from, on_iteration=_print_iteration)
+        return run(config, force=force, fork_from=args.fork_from)
     from alphaspin.flows.alphaspin_run import alphaspin_run
     from alphaspin.workspace import Workspace
 
@@ -62,26 +70,112 @@ def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[i
     )
 
 
+def _log_dir() -> Path:
+    import os
+    import tempfile
+
+    return Path(os.environ.get("ALPHASPIN_LOG_DIR") or Path(tempfile.gettempdir()) / "alphaspin-logs")
+
+
+def _keep_log(config: AlphaSpinConfig, log_file: Path, name: str) -> str | None:
+    """Copy the log into the run's storage (``<run>/logs/NAME``) once the run exists there."""
+    from alphaspin.runs import Run
+
+    storage = Run(config).storage
+    try:
+        if not storage.exists(storage.path("run.json")):
+            return None
+        storage.write_bytes(storage.path("logs", name), log_file.read_bytes())
+    except Exception as error:  # the run's outcome stands; say where the log stayed instead
+        logger.warning("could not copy the log into %s: %s", storage.url, error)
+        return None
+    return storage.unstrip(storage.path("logs", name))
+
+
+def _header(console: Any, config: AlphaSpinConfig, command: str, recipe: str | None, log_file: Path) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    from alphaspin.runs import Run
+
+    method = config.method
+    what = f"t = 0..{method.iterations}, α = {method.alpha:g}, h = {method.history}, opponent {method.opponent}"
+    console.print(
+        f"alphaspin {command} · {config.run.run_id}" + (f" · recipe {recipe}" if recipe else "") + f" · {what}",
+        style="bold",
+    )
+    console.print(f"  {'artifacts':<11} {Run(config).storage.url}")
+    console.print(f"  {'full log':<11} {log_file}")
+    if PREFECT_API_URL.value():
+        console.print(f"  {'Prefect':<11} {PREFECT_API_URL.value()}")
+    else:
+        console.print(f"  {'Prefect':<11} temporary local server (set PREFECT_API_URL to keep runs in a UI)")
+
+
+def _run_in_console(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[int, set[str]], command: str) -> int:
+    """Run with a person's console: header, stage lines, iteration lines; all else in the log file."""
+    import time
+
+    from alphaspin.console import TerminalConsole, activate, capture_output, duration
+
+    if not args.no_prefect:
+        import prefect  # noqa: F401  (Prefect configures logging on import: take over after it)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    log_file = _log_dir() / f"{config.run.run_id}-{stamp}.log"
+    started = time.monotonic()
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    failure: tuple[str | None, BaseException] | None = None
+    with capture_output(log_file, verbose=args.verbose, level=level) as terminal:
+        console = TerminalConsole(terminal)
+        _header(console, config, command, getattr(args, "config", None), log_file)
+        logger.info("resolved config:\n%s", json.dumps(config.model_dump(mode="json"), indent=2))
+        try:
+            with activate(console):
+                results = _run_config(config, args, force)
+        except KNOWN_ERRORS:
+            raise
+        except Exception as error:
+            logger.exception("the run failed")
+            failure = (console.failed or console.running, error)
+        kept = _keep_log(config, log_file, f"{stamp}-{command}.log")
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # not "Stopping temporary server" after the end
+    if failure is not None:
+        stage, error = failure
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        where = f"{stage} failed: " if stage else ""
+        print(
+            f"alphaspin: error: {where}{type(error).__name__}: {message}\n"
+            f"  The full log, with the traceback, is in {kept or log_file}. Finished stages are kept: run the same "
+            "command again to resume" + (f" from {stage}." if stage else "."),
+            file=sys.stderr,
+        )
+        return 1
+    from alphaspin.runs import Run
+
+    report = Run(config).storage.stage(None, "report")
+    console.print(f"  {'report':<11} {report.storage.unstrip(report.file('report.md'))}")
+    console.print(f"  {'full log':<11} {kept or log_file}")
+    console.print(f"done in {duration(time.monotonic() - started)}", style="bold")
+    if args.json:
+        print(
+            json.dumps(
+                {"run": config.run.run_id, "runs_root": config.run.runs_root, "iterations": results},
+                indent=2,
+                default=str,
+            )
+        )
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    logger.info("resolved config:\n%s", json.dumps(config.model_dump(mode="json"), indent=2))
-    results = _run_config(config, args, parse_force(args.force, config.method.iterations))
-    print(
-        json.dumps(
-            {"run": config.run.run_id, "runs_root": config.run.runs_root, "iterations": results}, indent=2, default=str
-        )
-    )
-    return 0
+    return _run_in_console(config, args, parse_force(args.force, config.method.iterations), "run")
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     config = stored_config(args.run_id, args.runs_root)
     if args.iteration > config.method.iterations:
         raise ConfigError(f"--iteration {args.iteration}: the run has iterations 0..{config.method.iterations}")
-    force = {args.iteration: set(args.stage)}
-    results = _run_config(config, args, force)
-    print(json.dumps({"run": config.run.run_id, "iterations": results}, indent=2, default=str))
-    return 0
+    return _run_in_console(config, args, {args.iteration: set(args.stage)}, "rerun")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -197,6 +291,17 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_console_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="also show the libraries' logs and progress bars (TRL, transformers, lm-eval, Prefect) in the "
+        "terminal; they always go to the run's log file (<run>/logs/)",
+    )
+    parser.add_argument("--json", action="store_true", help="print every iteration's metrics as JSON at the end")
+
+
 def _knobs_epilog() -> str:
     """Every config knob with its default and help, for ``alphaspin run --help``."""
     from alphaspin.config import knobs
@@ -243,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="if another process is running a stage of this run, stop with an error naming it "
         "instead of waiting (orchestration.wait_for_running_stage=false)",
     )
+    _add_console_args(run)
     run.set_defaults(func=cmd_run)
 
     plan_ = sub.add_parser(
@@ -272,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rerun.add_argument("--no-prefect", action="store_true", help="run without Prefect")
     rerun.add_argument("--no-wait", action="store_true", help="as for run")
+    _add_console_args(rerun)
     rerun.set_defaults(func=cmd_rerun, fork_from=None)
 
     status = sub.add_parser("status", help="list a run's stages, whether each verifies, and their metrics")
@@ -340,14 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    from alphaspin.data import DataError
-    from alphaspin.leases import LeaseHeldError
-    from alphaspin.runs import RunConflictError
-    from alphaspin.storage import StorageError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunConflictError, StorageError, LeaseHeldError, FileNotFoundError) as error:
+    except KNOWN_ERRORS as error:
         print(f"alphaspin: error: {error}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,7 @@ from prefect.artifacts import (
 )
 from prefect.context import TaskRunContext
 
+from alphaspin import console
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.runner import Inputs, Prepared, Runner
 from alphaspin.runs import Run
@@ -40,15 +41,20 @@ def _cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 def _progress(label: str):
-    """A progress hook that updates one Prefect progress artifact (at most every 1%)."""
+    """A progress hook that updates one Prefect progress artifact (at most every 1%) and writes a
+    line to the task's log at each quarter, so the UI's log reads like the console."""
     artifact_id = create_progress_artifact(progress=0.0, description=label)
-    last = [0.0]
+    last = [0.0, -1]
 
     def progress(fraction: float, message: str) -> None:
         percent = round(100.0 * min(max(fraction, 0.0), 1.0), 1)
         if percent - last[0] >= 1.0 or percent == 100.0:
             update_progress_artifact(artifact_id, progress=percent, description=f"{label}: {message}")
             last[0] = percent
+        quarter = int(percent // 25)
+        if quarter > last[1]:
+            get_run_logger().info("%s: %s (%d%%)", label, message, percent)
+            last[1] = quarter
 
     return progress
 
@@ -60,13 +66,8 @@ def execute_stage(config: AlphaSpinConfig, prepared: Prepared) -> StageRecord:
         record = Runner(Run(config), workspace).execute(prepared)
     finally:
         workspace.close()
-    get_run_logger().info("%s: %s", prepared.node.label, _summary(record.metrics))
+    get_run_logger().info("%s: %s", prepared.node.label, console.summary(record.metrics, limit=12) or "done")
     return record
-
-
-def _summary(metrics: dict[str, Any]) -> str:
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if isinstance(v, int | float)}
-    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "done"
 
 
 def _make_task(spec: StageSpec) -> Task:
@@ -97,6 +98,8 @@ def run_stage(config: AlphaSpinConfig, node: Node, inputs: Inputs, force: bool =
         )
     state = STAGE_TASKS[node.stage].with_options(**options)(config=config, prepared=prepared, return_state=True)
     record = state.result()  # raises the stage's error when it failed
+    if state.name == "Cached":  # Prefect answered from its cache: the runner never saw the node
+        console.current().stage_reused(node.label, "cached")
     _check_result_written(node.label, prefect_cache_key(config, prepared), options.get("result_storage"))
     return record
 

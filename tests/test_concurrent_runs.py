@@ -46,7 +46,7 @@ def test_no_wait_refuses_a_stage_another_process_holds(tiny_model, tmp_path, cap
 @pytest.mark.slow
 def test_two_runs_of_one_run_id_at_once_execute_every_stage_once(tiny_model, tmp_path):
     overrides = [*tiny_overrides(tiny_model, tmp_path / "runs"), "method.iterations=0"]
-    command = [sys.executable, "-m", "alphaspin.flows.cli", *cli_args(overrides)]
+    command = [sys.executable, "-m", "alphaspin.flows.cli", *cli_args(overrides), "--verbose"]  # logs on stderr
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(3)
     second = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

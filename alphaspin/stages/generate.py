@@ -258,7 +258,7 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None, sampler: Art
                     {"id": shard.id.values, "rejected": texts, "opponent": member, "truncated": truncated, **columns}
                 )
                 job.out.write_table(SHARD.format(index=index), out)
-                ws.progress((done + 1) / len(todo), f"{job.node.folder}: shard {index + 1}/{n_shards}")
+                ws.progress((done + 1) / len(todo), f"shard {index + 1}/{n_shards}")
             extra = draw.metrics() if hasattr(draw, "metrics") else {}
         finally:
             draw.close()

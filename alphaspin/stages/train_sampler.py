@@ -96,7 +96,7 @@ def train_sampler(job: Job, prompts: Artifact, previous: Artifact | None) -> dic
     total = steps_per_epoch * knobs.epochs
 
     def on_step(record: dict[str, Any]) -> None:
-        ws.progress((record["step"] + 1) / total, f"{job.node.folder}: step {record['step'] + 1}/{total}")
+        ws.progress((record["step"] + 1) / total, f"step {record['step'] + 1}/{total}")
         if record["step"] % max(1, steps_per_epoch) == 0:
             logger.info("%s: %s", job.node.label, record)
 
