@@ -93,8 +93,9 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     source: str = Field(
         "builtin:chatterbot",
-        description="SFT data D = {(x, y_w)}: builtin:chatterbot (offline), a .jsonl/.json/.parquet/.csv file, "
-        "a datasets.save_to_disk folder, or a hub dataset id (needs network).",
+        description="SFT data D = {(x, y_w)}: builtin:chatterbot (offline), builtin:synthetic (offline; known "
+        "p_data(y|x), evaluate reports the exact KL(p_data‖π_t): alphaspin.synthetic), a .jsonl/.json/.parquet/.csv "
+        "file, a datasets.save_to_disk folder, or a hub dataset id (needs network).",
     )
     split: str = Field("train", description="Split to read when the source has several (hub or DatasetDict).")
     prompt_column: str = Field("prompt", description="Column holding the prompt x (unless messages_column is set).")
