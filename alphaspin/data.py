@@ -17,10 +17,12 @@ import pandas as pd
 
 from alphaspin.config import DataConfig, MethodConfig
 from alphaspin.mixture import assign_members, opponent_members
+from alphaspin.synthetic import BUILTIN_SYNTHETIC, default_task
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_CHATTERBOT = "builtin:chatterbot"
+BUILTIN_SOURCES = (BUILTIN_CHATTERBOT, BUILTIN_SYNTHETIC)  # rows come as (prompt, answer), no columns to pick
 
 
 class DataError(ValueError):
@@ -194,7 +196,12 @@ def _first_turns(messages: object, source: str, index: int, column: str) -> tupl
 def load_sft(config: DataConfig) -> pd.DataFrame:
     """All usable (id, prompt, answer) rows of the source, deduplicated by prompt, in a stable order."""
     source = config.source
-    frame = _chatterbot_rows() if source == BUILTIN_CHATTERBOT else _read_table(source, config)
+    if source == BUILTIN_CHATTERBOT:
+        frame = _chatterbot_rows()
+    elif source == BUILTIN_SYNTHETIC:
+        frame = default_task().rows.copy()
+    else:
+        frame = _read_table(source, config)
     if config.messages_column is not None:
         if config.messages_column not in frame.columns:
             raise DataError(
@@ -204,7 +211,7 @@ def load_sft(config: DataConfig) -> pd.DataFrame:
         column = config.messages_column
         pairs = [_first_turns(m, source, i, column) for i, m in enumerate(frame[column])]
         frame = pd.DataFrame([p for p in pairs if p is not None], columns=["prompt", "answer"])
-    elif source != BUILTIN_CHATTERBOT:
+    elif source not in BUILTIN_SOURCES:
         for field, column in (("prompt_column", config.prompt_column), ("answer_column", config.answer_column)):
             if column not in frame.columns:
                 raise DataError(
@@ -227,18 +234,25 @@ def load_sft(config: DataConfig) -> pd.DataFrame:
     return frame
 
 
-def split_heldout(frame: pd.DataFrame, heldout_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_heldout(
+    frame: pd.DataFrame, heldout_size: int, seed: int, shared_answers: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training pool, held-out rows): a seeded permutation of the rows; held-out never trains.
 
     No held-out text trains either: a pool row whose prompt or answer equals a held-out row's prompt
     or answer is dropped (chatterbot's rows are consecutive turns, so one row's answer is the next
     row's prompt). How many were dropped: ``pool.attrs["excluded_overlapping_heldout"]``.
+    ``shared_answers`` (builtin:synthetic): answers come from a small set by design, so a pool row
+    may repeat a held-out answer; prompts stay disjoint and no held-out text is a pool prompt.
     """
     order = np.random.default_rng([seed, 0xE7A1]).permutation(len(frame))
     heldout = frame.iloc[np.sort(order[:heldout_size])].reset_index(drop=True)
     pool = frame.iloc[np.sort(order[heldout_size:])]
     texts = set(heldout["prompt"]) | set(heldout["answer"])
-    overlapping = pool["prompt"].isin(texts) | pool["answer"].isin(texts)
+    if shared_answers:
+        overlapping = pool["prompt"].isin(texts) | pool["answer"].isin(set(heldout["prompt"]))
+    else:
+        overlapping = pool["prompt"].isin(texts) | pool["answer"].isin(texts)
     pool = pool[~overlapping].reset_index(drop=True)
     pool.attrs["excluded_overlapping_heldout"] = int(overlapping.sum())
     return pool, heldout
@@ -261,7 +275,7 @@ def sample_prompts(
     their weights (`alphaspin.mixture`). ``attrs["excluded_overlapping_heldout"]``: pool rows left
     out because they share a prompt or answer with a held-out row.
     """
-    pool, heldout = split_heldout(frame, data.heldout_size, seed)
+    pool, heldout = split_heldout(frame, data.heldout_size, seed, shared_answers=data.source == BUILTIN_SYNTHETIC)
     excluded = pool.attrs["excluded_overlapping_heldout"]
     n = method.pairs_at(iteration)
     if n > len(pool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -60,6 +61,62 @@ def evaluate_policy(ws: Workspace, t: int, model, heldout: pd.DataFrame, stage: 
     return metrics
 
 
+def synthetic_metrics(ws: Workspace, model, heldout: pd.DataFrame, stage: StageDir) -> dict:
+    """``builtin:synthetic``: KL(p_data‖π) and the mass π puts on the support (`alphaspin.synthetic`),
+    mean over the held-out prompts, for θ_t (``synthetic/kl``, ``synthetic/support_mass``) and the
+    base (adapter disabled: ``synthetic/base_kl``, ``synthetic/base_support_mass``). Every answer of
+    every support is scored as training scores a chosen answer (TRL's tokenization, end of turn
+    included; `completion_logps`); the per-answer log-probs go to ``synthetic_logps.parquet``."""
+    from alphaspin.dpo import completion_logps
+    from alphaspin.synthetic import support_metrics, support_of
+
+    config = ws.config
+    support = support_of(list(heldout["prompt"]))
+    rows = pd.DataFrame(
+        {
+            "id": [f"support-{i}" for i in range(len(support))],
+            "prompt": support["prompt"],
+            "chosen": support["answer"],
+            "rejected": support["answer"],
+            "rejected_truncated": False,
+        }
+    )
+    tokenized = ws.tokenize_pairs(rows)
+    full = [len(ids) for ids in tokenized["chosen_ids"]]
+    if len(tokenized) != len(rows) or any(
+        len(p) + n > config.training.max_length for p, n in zip(tokenized["prompt_ids"], full, strict=True)
+    ):
+        raise ValueError(
+            f"training.max_length: {config.training.max_length} cuts a synthetic prompt + answer; the exact KL "
+            "needs every answer whole"
+        )
+
+    def score(policy) -> list[float]:
+        scored = completion_logps(
+            policy,
+            tokenized,
+            ws.tokenizer.pad_token_id,
+            config.training.max_length,
+            config.evaluation.batch_size,
+            ws.device,
+            sides=("chosen",),
+        )
+        return scored["chosen_logps"].tolist()
+
+    table = support.assign(tokens=full, logps=score(model))
+    with model.disable_adapter():
+        table["base_logps"] = score(model)
+    stage.write_table("synthetic_logps.parquet", table)
+    policy, base = support_metrics(table, "logps"), support_metrics(table, "base_logps")
+    return {
+        "synthetic/kl": policy["kl"],
+        "synthetic/support_mass": policy["support_mass"],
+        "synthetic/base_kl": base["kl"],
+        "synthetic/base_support_mass": base["support_mass"],
+        "synthetic/prompts": policy["prompts"],
+    }
+
+
 def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: StageDir) -> dict:
     """lm-eval tasks and the judged chat on base + adapter t; their files go into the stage.
     Any failure raises: a stage is never marked done with missing numbers."""
@@ -94,13 +151,26 @@ def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: Stage
 
 def _judged_chat(ws: Workspace, model, out) -> dict:
     from alphaspin.benchmarks import judge as chat
+    from alphaspin.benchmarks import mt_bench
     from alphaspin.benchmarks.local_judge import RATING_CHOICES, LocalJudgeServer
+    from alphaspin.benchmarks.mt_bench import MT_BENCH
     from alphaspin.models import resolve_model_path
 
     settings = ws.config.evaluation.judge
-    questions = chat.load_questions(
-        settings.questions, categories=settings.categories, per_category=settings.per_category
-    )
+    protocol: dict = {}
+    if settings.questions == MT_BENCH:  # MT-Bench's own questions, prompts and rating parser (FastChat)
+        bench = mt_bench.load_mt_bench(settings.categories, settings.per_category)
+        questions = bench.questions
+        protocol = {
+            "build_messages": functools.partial(mt_bench.judge_messages, bench.prompts),
+            "parse": mt_bench.parse_or_raise,
+            "unparsed": chat.UNPARSED_RATING,
+            "prompt_version": mt_bench.PROMPT_VERSION,
+        }
+    else:
+        questions = chat.load_questions(
+            settings.questions, categories=settings.categories, per_category=settings.per_category
+        )
     answers = chat.answer_questions(
         lambda chats: _generate_chat(ws, model, chats, settings.answer_max_new_tokens), questions
     )
@@ -116,7 +186,8 @@ def _judged_chat(ws: Workspace, model, out) -> dict:
             max_tokens=settings.max_tokens,
             extra_body=extra,
         ) as client:
-            return chat.judge_answers(client, questions, answers, concurrency=1 if base_url == "local" else 4)
+            concurrency = 1 if base_url == "local" else 4
+            return chat.judge_answers(client, questions, answers, concurrency=concurrency, **protocol)
 
     if settings.base_url == "local":
         path = resolve_model_path(settings.model)
@@ -124,6 +195,10 @@ def _judged_chat(ws: Workspace, model, out) -> dict:
             scores = score(server.base_url, settings.model)
     else:
         scores = score(settings.base_url, settings.model)
+    if settings.questions == MT_BENCH:
+        aggregated = mt_bench.aggregate(scores, bench.provenance)
+        chat.save_judgments(str(out), answers, scores, aggregated)
+        return mt_bench.metrics(aggregated)
     aggregated = chat.aggregate(scores)
     chat.save_judgments(str(out), answers, scores, aggregated)
     return chat.judge_metrics(aggregated)

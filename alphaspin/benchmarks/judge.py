@@ -5,8 +5,10 @@ MT-Bench (Zheng et al., 2023) grades every turn of an 80-question, 8-category, t
 a strong LLM ("single-answer grading"), the judge ending with ``Rating: [[N]]``; for math,
 reasoning and coding the judge also sees a reference answer. This module follows that protocol with
 its own small question set (``data/chat_questions.jsonl``, three original questions per category)
-and its own prompt wording (``PROMPT_VERSION``). The judge is any OpenAI-compatible
-``/v1/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp server, ...).
+and its own prompt wording (``PROMPT_VERSION``); MT-Bench's own questions, prompts and parser are
+`alphaspin.benchmarks.mt_bench` (``judge.questions: mt_bench``), through the same client and
+``judge_answers``. The judge is any OpenAI-compatible ``/v1/chat/completions`` endpoint (OpenAI,
+vLLM, llama.cpp server, ...).
 
 Scores: a question's score is the mean of its two turn ratings; a category's score is the mean of
 its questions' scores (equal to MT-Bench's mean over turn ratings, since every question has two
@@ -43,6 +45,8 @@ REFERENCE_CATEGORIES = frozenset({"reasoning", "math", "coding"})
 """Categories graded against a reference answer (as in MT-Bench)."""
 PROMPT_VERSION = "alphaspin-single-v1"
 CI_METHOD = "student-t 95% over question scores"
+UNPARSED_RATING = -1.0
+"""MT-Bench's rating of a judgment that does not parse (FastChat); never produced by `parse_rating`."""
 
 Chat = list[dict[str, str]]
 
@@ -85,8 +89,10 @@ class QuestionScore:
     prompt_version: str = PROMPT_VERSION
 
     @property
-    def score(self) -> float:
-        return sum(self.turn_scores) / len(self.turn_scores)
+    def score(self) -> float | None:
+        """Mean of the turn ratings; MT-Bench's failed ratings (`UNPARSED_RATING`) left out (None if all failed)."""
+        valid = [s for s in self.turn_scores if s != UNPARSED_RATING]
+        return sum(valid) / len(valid) if valid else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,18 +329,41 @@ class JudgeClient:
             raise _RetryableError(f"response without text content: {content!r:.200}")
         return content
 
-    def judge(self, messages: Chat, *, label: str = "") -> tuple[float, str, int]:
-        """Grade one prompt: ``(rating, judgment text, attempts used)``, retrying as documented."""
+    def judge(
+        self,
+        messages: Chat,
+        *,
+        label: str = "",
+        parse: Callable[[str], float] | None = None,
+        unparsed: float | None = None,
+    ) -> tuple[float, str, int]:
+        """Grade one prompt: ``(rating, judgment text, attempts used)``, retrying as documented.
+
+        ``parse`` reads the rating (default `parse_rating`; raises ``JudgmentParseError``). With
+        ``unparsed`` set (MT-Bench's -1), a judgment that still does not parse after the retries
+        gives ``(unparsed, its text, attempts)`` instead of raising; endpoint errors still raise."""
+        parse = parse or parse_rating
         errors: list[str] = []
+        last_unparsed: str | None = None
         for attempt in range(1, self.max_retries + 2):
             if attempt > 1 and self.retry_backoff_s > 0:
                 time.sleep(self.retry_backoff_s * 2 ** (attempt - 2))
             try:
                 text = self.complete(messages)
-                return parse_rating(text), text, attempt
-            except (_RetryableError, JudgmentParseError) as error:
+                return parse(text), text, attempt
+            except JudgmentParseError as error:
+                last_unparsed = text
                 errors.append(f"attempt {attempt}: {error}")
                 logger.warning("judge %s %s: %s", self.endpoint, label, error)
+            except _RetryableError as error:
+                last_unparsed = None
+                errors.append(f"attempt {attempt}: {error}")
+                logger.warning("judge %s %s: %s", self.endpoint, label, error)
+        if unparsed is not None and last_unparsed is not None:
+            logger.warning(
+                "judge %s %s: no rating after %d attempts; scored %s", self.endpoint, label, attempt, unparsed
+            )
+            return unparsed, last_unparsed, attempt
         raise JudgeError(
             f"judge endpoint {self.endpoint} (model {self.model!r}) could not grade {label or 'an answer'} "
             f"after {self.max_retries + 1} attempts: " + "; ".join(errors)
@@ -355,11 +384,16 @@ def judge_answers(
     answers: Sequence[ChatAnswer],
     *,
     concurrency: int = 4,
+    build_messages: Callable[[ChatQuestion, ChatAnswer, int], Chat] = build_judge_messages,
+    parse: Callable[[str], float] | None = None,
+    unparsed: float | None = None,
+    prompt_version: str = PROMPT_VERSION,
 ) -> list[QuestionScore]:
     """Grade every turn of every answer; one ``QuestionScore`` per answer, in the order of ``answers``.
 
     Raises ``JudgeError`` if any turn cannot be graded (no partial results) and ``ValueError`` if an
-    answer has no matching question or a different number of turns.
+    answer has no matching question or a different number of turns. ``build_messages``, ``parse``,
+    ``unparsed`` and ``prompt_version`` select another protocol (MT-Bench's own: `alphaspin.benchmarks.mt_bench`).
     """
     by_id = {question.question_id: question for question in questions}
     jobs: list[tuple[int, int, Chat, str]] = []
@@ -373,10 +407,10 @@ def judge_answers(
             )
         for turn in range(len(question.turns)):
             label = f"question {answer.question_id!r} turn {turn + 1}"
-            jobs.append((index, turn, build_judge_messages(question, answer, turn), label))
+            jobs.append((index, turn, build_messages(question, answer, turn), label))
 
     def run(job: tuple[int, int, Chat, str]) -> tuple[float, str, int]:
-        return client.judge(job[2], label=job[3])
+        return client.judge(job[2], label=job[3], parse=parse, unparsed=unparsed)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         futures = [pool.submit(run, job) for job in jobs]
@@ -401,6 +435,7 @@ def judge_answers(
                 attempts=[attempts for _, _, attempts in turns],
                 judge_model=client.model,
                 judge_temperature=client.temperature,
+                prompt_version=prompt_version,
             )
         )
     return scores

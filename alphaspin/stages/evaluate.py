@@ -1,6 +1,7 @@
 """Stage ``evaluate``: θ_t on the held-out rows training never sees (log-likelihood per token of
-y_w; DPO reward accuracy and margin against this iteration's reference), then the configured
-benchmarks (lm-eval, judged chat). Any failure fails the stage: never done with missing numbers."""
+y_w; DPO reward accuracy and margin against this iteration's reference; on ``builtin:synthetic`` the
+exact KL(p_data‖π_t) and support mass, next to the base's), then the configured benchmarks (lm-eval,
+judged chat). Any failure fails the stage: never done with missing numbers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from alphaspin.config import AlphaSpinConfig
 from alphaspin.provenance import FILE as PROVENANCE
 from alphaspin.provenance import lm_eval_provenance, package_versions
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
+from alphaspin.synthetic import BUILTIN_SYNTHETIC
 
 # The lm-eval record `alphaspin.evaluation.run_benchmarks` stores in this stage's folder.
 LM_EVAL_RECORD = "benchmarks/lm_eval/lm_eval_results.json"
@@ -27,17 +29,21 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
     )
     if config.generation.losers_as_prefixes:  # held-out pairs are tokenized as the reference stage did
         fields.update(pick(config, "generation.truncated_losers"))
+    if config.data.source == BUILTIN_SYNTHETIC:  # the exact KL to the task's p_data
+        fields.update(pick(config, "data.source"))
     return fields
 
 
 def evaluate(job: Job, trained: Artifact, reference: Artifact) -> dict[str, Any]:
-    from alphaspin.evaluation import evaluate_policy, run_benchmarks
+    from alphaspin.evaluation import evaluate_policy, run_benchmarks, synthetic_metrics
 
     ws, t = job.workspace, job.iteration
     frame = reference.read_table("reference.parquet")
     heldout = frame[frame.split == "heldout"].reset_index(drop=True)
     model = ws.load_policy(trained)
     metrics = evaluate_policy(ws, t, model, heldout, job.out)
+    if job.config.data.source == BUILTIN_SYNTHETIC:
+        metrics.update(synthetic_metrics(ws, model, heldout, job.out))
     metrics.update(run_benchmarks(ws, t, model, ws.local_adapter(trained), job.out))
     metrics["heldout/base_loglik_per_token"] = reference.metrics.get("heldout/base_loglik_per_token")
     for key in ("train/loss", "train/reward_margin", "train/reward_accuracy"):
