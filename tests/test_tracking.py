@@ -96,7 +96,8 @@ def test_tensorboard_event_files_in_run_storage(tracked_run, tmp_path):
 
 @pytest.mark.slow
 def test_tracking_changes_no_cache_key(tracked_run):
-    """No stage reads tracking.*: the same run without tracking finds every stage cached."""
+    """No stage reads tracking.*: the same run without tracking finds every stage cached, and run.json
+    does not count tracking as part of the run's identity."""
     config, _ = tracked_run
     untracked = config.model_copy(deep=True)
     untracked.tracking.backends = []
@@ -106,6 +107,7 @@ def test_tracking_changes_no_cache_key(tracked_run):
             assert not any(k.startswith("tracking") for k in fields), name
             assert fields == spec.reads(untracked, t, "base"), name
     assert {row.status for row in plan(Run(untracked))} == {"cached"}
+    Run(untracked).ensure()  # the same run, not a conflicting config
 
 
 def test_tracker_resumes_one_mlflow_run_and_uploads_tensorboard_events(make_config, tmp_path):
