@@ -389,6 +389,40 @@ class OrchestrationConfig(_Section):
     )
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking (`alphaspin.tracking`): one tracker run per α-SPIN run. Read by no stage: turning it
+    on or off changes no cache key, and an existing run may add it."""
+
+    backends: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Trackers that get TRL's per-step train logs (as iter-<t>/<name> at the trainer's step), the "
+        "evaluate stage's metrics (step = iteration t), the resolved config (MLflow params) and the report "
+        "(MLflow artifacts): tensorboard = event files in <run>/tracking/tensorboard/; mlflow = a run in "
+        "tracking.mlflow_uri. Needs the tracking extra (pip install alphaspin[tracking]).",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://host:5000, databricks, sqlite:///...); default: a local store "
+        "sqlite:///<run>/tracking/mlflow.db (runs_root must then be a local folder). Credentials come from "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN.",
+    )
+    experiment_name: str = Field("alphaspin", min_length=1, description="MLflow experiment holding the run.")
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a backend is named twice: {value}")
+        return value
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, value: str | None) -> str | None:
+        if value is not None and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("credentials in the URL are not allowed; use MLFLOW_TRACKING_USERNAME/PASSWORD")
+        return value
+
+
 class AlphaSpinConfig(_Section):
     """A whole α-SPIN run."""
 
@@ -400,6 +434,7 @@ class AlphaSpinConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check_gflownet_rank(self) -> AlphaSpinConfig:

@@ -28,11 +28,17 @@ def run(
 ) -> list[dict]:
     """All iterations t = 0..T; returns each iteration's evaluation metrics."""
     from alphaspin.reporting import write_run_report
+    from alphaspin.tracking import check_tracking
 
+    check_tracking(config)  # an unreachable tracker fails here, before any work
     stored = Run(config, fork_from)
     with Workspace(config) as workspace:
         runner = Runner(stored, workspace)
         runner.ensure_run(fork_from)
+        tracker = workspace.tracker
+        for backend, (link, text) in tracker.start().items():
+            logger.info("tracking: %s (%s)", text, link)
+            console.current().link(backend, text if backend == "tensorboard" else f"{link}  ({text})")
         records: dict[Node, StageRecord] = {}
         results = []
         for t in range(config.method.iterations + 1):
@@ -45,6 +51,10 @@ def run(
             )
             metrics = records[Node("evaluate", t)].metrics
             results.append({"iteration": t, **metrics})
+            tracker.log_metrics(metrics, step=t)
+            tracker.flush()
             console.current().iteration_finished(t, metrics)
         write_run_report(stored.storage)
+        tracker.log_report()
+        tracker.finish()
         return results

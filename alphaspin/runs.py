@@ -70,7 +70,7 @@ class Run:
     def ensure(self, fork_from: str | None = None, device: str | None = None) -> dict[str, Any]:
         """Create run.json, or check that the existing run has the same config.
 
-        Orchestration knobs and the run's location may differ; anything else is a conflict.
+        Orchestration and tracking knobs and the run's location may differ; anything else is a conflict.
         The caller checks the model and data first (`Workspace.check_inputs`): a bad input
         leaves no run behind.
         """
@@ -135,7 +135,8 @@ def stored_config(run_id: str, runs_root: str) -> AlphaSpinConfig:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    trimmed = {k: v for k, v in config.items() if k != "orchestration"}
+    # How the run is orchestrated and tracked is not what it computes: both may change between invocations.
+    trimmed = {k: v for k, v in config.items() if k not in ("orchestration", "tracking")}
     run = dict(trimmed.get("run", {}))
     run.pop("runs_root", None)
     trimmed["run"] = run

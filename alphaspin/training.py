@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from alphaspin.model_card import model_card
 from alphaspin.stage_spec import Artifact, Job
 from alphaspin.storage import SCRATCH, StageDir
+from alphaspin.tracking import Tracker, check_tracking
 from alphaspin.workspace import Progress
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,27 @@ class StorageCheckpointCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.progress(state.global_step / max(1, self.total_steps), f"step {state.global_step}/{self.total_steps}")
+        return control
+
+
+class TrackingCallback(TrainerCallback):
+    """TRL's per-step logs of iteration t into the run's trackers (`alphaspin.tracking`), named
+    ``iter-<t>/<name>`` at the global step; TensorBoard events uploaded with every checkpoint and at the end."""
+
+    def __init__(self, tracker: Tracker, iteration: int):
+        self.tracker, self.prefix = tracker, f"iter-{iteration}/"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.tracker.log_metrics(logs, state.global_step, self.prefix)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.tracker.flush()
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.tracker.flush()
         return control
 
 
@@ -90,6 +112,8 @@ def run_training(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> di
     t, stage, ws, config = job.iteration, job.out, job.workspace, job.config
     if pairs.empty:
         raise ValueError(f"iter-{t}/train: no training pairs (all dropped by training.max_length?)")
+    if ws.tracker.enabled:  # a worker without the tracking extra, or cut off from the server: fail before training
+        check_tracking(config)
     output_dir = ws.scratch / f"train-{t}"
     shutil.rmtree(output_dir, ignore_errors=True)
     resume_from = None
@@ -124,6 +148,8 @@ def run_training(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> di
         1, int(round(total * config.training.num_train_epochs / config.training.gradient_accumulation_steps))
     )
     trainer.add_callback(StorageCheckpointCallback(stage, output_dir, ws.progress, total_steps))
+    if ws.tracker.enabled:
+        trainer.add_callback(TrackingCallback(ws.tracker, t))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     adapter_dir = ws.scratch / f"adapter-out-{t}"

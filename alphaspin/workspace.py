@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import datasets
 
     from alphaspin.stage_spec import Artifact
+    from alphaspin.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Workspace:
         self._tokenizer: Any = None
         self._sft: pd.DataFrame | None = None
         self._adapters: dict[str, Path] = {}
+        self._tracker: Tracker | None = None
 
     def progress(self, fraction: float, message: str) -> None:
         from alphaspin.console import current
@@ -85,6 +87,15 @@ class Workspace:
         """Load the model path, tokenizer and data: a bad input fails here, before anything is written."""
         _ = self.model_path, self.tokenizer, self.sft
 
+    @property
+    def tracker(self) -> Tracker:
+        """The run's experiment trackers in this process (`alphaspin.tracking`; no-ops when none is configured)."""
+        if self._tracker is None:
+            from alphaspin.tracking import Tracker
+
+            self._tracker = Tracker(self.config)
+        return self._tracker
+
     # -- adapters and policies ------------------------------------------------------------------
     def local_adapter(self, trained: Artifact, folder: str = "adapter") -> str:
         """A local folder holding the adapter of a finished stage (``adapter/`` of train, ``sampler/``
@@ -125,6 +136,8 @@ class Workspace:
         return tokenize_like_trl(dataset, self.tokenizer, self.dpo_args())
 
     def close(self) -> None:
+        if self._tracker is not None:
+            self._tracker.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> Workspace:

@@ -60,9 +60,11 @@ def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[i
 
         return run(config, force=force, fork_from=args.fork_from)
     from alphaspin.flows.alphaspin_run import alphaspin_run
+    from alphaspin.tracking import check_tracking
     from alphaspin.workspace import Workspace
 
-    with Workspace(config) as workspace:  # a bad model or data file: one line here, not a flow-run traceback
+    check_tracking(config)  # an unreachable tracker, a bad model or data file: one line here, not a traceback
+    with Workspace(config) as workspace:
         workspace.check_inputs()
 
     return alphaspin_run(

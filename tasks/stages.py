@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import Task, get_run_logger, task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -126,9 +127,22 @@ def _check_result_written(label: str, key: str, result_storage: str | None) -> N
 # -- run-level tasks ------------------------------------------------------------------------------
 @task(name="ensure_run", persist_result=False)
 def ensure_run(config: AlphaSpinConfig, fork_from: str | None = None) -> dict[str, Any]:
-    """Create run.json (after checking the model and data), or refuse a run id that holds another config."""
+    """Create run.json (after checking the trackers, the model and data), or refuse a run id that holds another
+    config; then create or resume the run's tracker run and post its link."""
+    from alphaspin.tracking import check_tracking
+
+    check_tracking(config)
     with Workspace(config) as workspace:
-        return Runner(Run(config, fork_from), workspace).ensure_run(fork_from)
+        record = Runner(Run(config, fork_from), workspace).ensure_run(fork_from)
+        for backend, (link, text) in workspace.tracker.start().items():
+            create_link_artifact(
+                link=link,
+                link_text=text,
+                key=f"{_slug(config.run.run_id)}-{backend}",
+                description=f"{backend} run of {config.run.run_id}",
+            )
+            console.current().link(backend, text if backend == "tensorboard" else f"{link}  ({text})")
+    return record
 
 
 @task(name="stored_records", persist_result=False)
@@ -149,7 +163,11 @@ def _slug(run_id: str) -> str:
 
 @task(name="publish_metrics", persist_result=False)
 def publish_metrics(config: AlphaSpinConfig, iteration: int, metrics: dict[str, Any]) -> None:
-    """The iteration's metrics as a table artifact."""
+    """The iteration's metrics as a table artifact, and into the run's trackers at step = iteration."""
+    from alphaspin.tracking import Tracker
+
+    with Tracker(config) as tracker:
+        tracker.log_metrics(metrics, step=iteration)
     rows = [{"metric": k, "value": v} for k, v in sorted(metrics.items()) if isinstance(v, int | float)]
     create_table_artifact(
         table=rows,
@@ -160,10 +178,15 @@ def publish_metrics(config: AlphaSpinConfig, iteration: int, metrics: dict[str, 
 
 @task(name="publish_report", persist_result=False)
 def publish_report(config: AlphaSpinConfig) -> str:
-    """Write the run's report (markdown + charts) into storage and publish it as an artifact."""
+    """Write the run's report (markdown + charts) into storage and publish it as an artifact (and to the
+    run's trackers, whose run it then marks finished)."""
     from alphaspin.reporting import write_run_report
+    from alphaspin.tracking import Tracker
 
     report = write_run_report(Run(config).storage)
+    with Tracker(config) as tracker:
+        tracker.log_report()
+        tracker.finish()
     create_markdown_artifact(
         markdown=report["markdown"] + f"\n\nCharts: `{report['url']}`",
         key=f"{_slug(config.run.run_id)}-report",
