@@ -107,7 +107,8 @@ class Grid:
 # -- loading and validating -----------------------------------------------------------------------
 def _one_line(error: Exception) -> str:
     """A multi-line config error as one line: its field messages joined."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line.strip().replace("(top level): ", "").replace("Value error, ", "") for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
     return "; ".join(lines[1:]) if len(lines) > 1 else (lines[0] if lines else repr(error))
 
 
