@@ -102,13 +102,17 @@ def test_bad_grids_are_refused_with_one_line_naming_the_axis(tmp_path, fields, m
 
 # -- the interval maths, by hand ------------------------------------------------------------------
 def test_mean_and_95_percent_t_interval_by_hand():
-    # x = 1, 2, 3: mean 2, s = 1, t(0.975, 2) = 4.302652729911275, half-width 4.302653/√3 = 2.4841377
+    # Student t quantiles in closed form: 1 degree of freedom tan(π(p − ½)), 2 degrees (2p − 1)·√(2 / (4p(1 − p)))
+    p = 0.975
+    t1, t2 = math.tan(math.pi * (p - 0.5)), (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))
+    assert (t1, t2) == pytest.approx((12.7062047, 4.3026527), abs=1e-7)
+    # x = 1, 2, 3: mean 2, s = 1, half-width t2·1/√3 = 2.4841377
     ci = mean_ci([1.0, 2.0, 3.0])
     assert (ci.n, ci.mean) == (3, 2.0)
-    assert ci.half == pytest.approx(4.302652729911275 / math.sqrt(3), rel=1e-12)
-    assert (ci.low, ci.high) == pytest.approx((2 - 2.48413771175, 2 + 2.48413771175), abs=1e-9)
-    # n = 2: t(0.975, 1) = 12.706204736174698; x = 0.5, 0.7: s = 0.1414214, half = 12.7062·0.1414/√2 = 1.27062
-    assert mean_ci([0.5, 0.7]).half == pytest.approx(12.706204736174698 * 0.1, rel=1e-12)
+    assert ci.half == pytest.approx(t2 / math.sqrt(3), rel=1e-12)
+    assert (ci.low, ci.high) == pytest.approx((2 - 2.4841377, 2 + 2.4841377), abs=1e-7)
+    # x = 0.5, 0.7: s = 0.2/√2, half-width t1·s/√2 = t1·0.1
+    assert mean_ci([0.5, 0.7]).half == pytest.approx(t1 * 0.1, rel=1e-12)
     one = mean_ci([4.0])  # n = 1: the mean, no interval
     assert (one.mean, one.low, one.high, one.half) == (4.0, None, None, None)
 
@@ -117,7 +121,7 @@ def test_paired_difference_pairs_by_seed():
     cell, baseline = {0: 3.0, 1: 5.0, 7: 1.0}, {0: 1.0, 1: 2.0, 2: 9.0}  # seeds 0 and 1 in both: d = 2, 3
     diff = paired_difference(cell, baseline)
     assert (diff.n, diff.mean) == (2, 2.5)
-    assert diff.half == pytest.approx(12.706204736174698 * math.sqrt(0.5) / math.sqrt(2), rel=1e-12)
+    assert diff.half == pytest.approx(math.tan(math.pi * 0.475) * math.sqrt(0.5) / math.sqrt(2), rel=1e-12)
     assert paired_difference({3: 1.0}, {0: 1.0}) is None
 
 
@@ -187,7 +191,7 @@ def test_a_tiny_grid_shares_iteration_0_reports_intervals_and_resumes_after_a_ki
     stored = {r: {t: _manifest(runs, r, t, "evaluate")["metrics"] for t in (0, 1)} for r in run_ids}
     summary = _csv(runs / "tiny" / "summary.csv")
     differences = _csv(runs / "tiny" / "differences.csv")
-    t_975_1 = 12.706204736174698  # t(0.975, 1 degree of freedom)
+    t_975_1 = math.tan(math.pi * 0.475)  # t(0.975, 1 degree of freedom)
     for metric in ("heldout/reward_margin", "train/loss"):
         for t in (0, 1):
             base = [stored[f"tiny-alpha1-s{s}"][t][metric] for s in (0, 1)]
