@@ -61,6 +61,18 @@ def test_strings_and_booleans_name_cells_readably(tmp_path):
     assert grid.cell_names == ["opponent-arithmetic-disable_dropout-true", "opponent-sir-disable_dropout-true"]
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("grid-*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_grid_loads(path):
+    assert load_grid(path).cells
+
+
+def test_the_paper_grid_is_the_papers_ablation():
+    grid = load_grid(ROOT / "configs" / "grid-paper.yaml")
+    assert grid.axes == {"method.alpha": [1.0, 0.95, 0.8], "method.history": [1, 2, "inf"]}
+    assert grid.baseline == "alpha1-h2" and len(grid.cells) == 27 and grid.spec.deployment == "alphaspin-recipe/gpu"
+    assert {c.config.model.name_or_path for c in grid.cells} == {"google/gemma-2b"}
+
+
 # -- bad input: refused before anything runs, naming the axis -------------------------------------
 @pytest.mark.parametrize(
     ("fields", "message"),
