@@ -19,6 +19,7 @@ import yaml
 from alphaspin.config import ConfigError
 from alphaspin.grid import idempotency_key, load_grid
 from alphaspin.grid_report import mean_ci, paired_difference
+from alphaspin.storage import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "configs" / "quickstart.yaml")
@@ -156,7 +157,7 @@ def tiny_grid(tmp_path: Path, model: str) -> Path:
 
 
 def _manifest(runs: Path, run_id: str, t: int, stage: str) -> dict | None:
-    path = runs / run_id / f"iter-{t}" / stage / "manifest.json"
+    path = runs / run_id / f"iter-{t}" / stage / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -176,7 +177,8 @@ def test_a_tiny_grid_shares_iteration_0_reports_intervals_and_resumes_after_a_ki
             assert time.monotonic() < deadline
             time.sleep(0.5)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     first = {stage: _manifest(runs, "tiny-alpha1-s0", 0, stage)["attempt"] for stage in ("train", "evaluate")}
     assert main(["grid", "-c", str(path), "--status"]) == 0
