@@ -387,6 +387,13 @@ class OrchestrationConfig(_Section):
         description="When another process is running a stage of this run: wait for it (true) or stop with an "
         "error naming the holder (false; the CLI's --no-wait).",
     )
+    grid: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Set by `alphaspin grid`: the grid this run is a cell of (<runs_root>/<grid>/grid.json). Stages "
+        "that another cell of the same seed holds under the same cache key are adopted from it, and two cells never "
+        "compute one key at once (a lease per key in <runs_root>/<grid>/_leases/).",
+    )
 
 
 class TrackingConfig(_Section):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from alphaspin.dag import (
 )
 from alphaspin.leases import StageLease
 from alphaspin.runs import Run
+from alphaspin.sharing import key_lease
 from alphaspin.stage_spec import Artifact, Job, Node
 from alphaspin.stages import REGISTRY
 from alphaspin.storage import SCRATCH, StageDir, StageRecord, StorageError, cache_key
@@ -52,8 +54,9 @@ class Prepared:
     reason: str
     inputs: Inputs
     provenance: dict[str, Any] = field(default_factory=dict)
-    record: StageRecord | None = None  # cached: the stage's record; adopt: the parent's
+    record: StageRecord | None = None  # cached: the stage's record; adopt: the donor's
     force: bool = False
+    source: str | None = None  # adopt: the run id of the donor (fork parent, or a sibling cell of a grid)
 
 
 def _flat_digests(inputs: Inputs) -> dict[str, str | list[str] | None]:
@@ -142,11 +145,17 @@ class Runner:
             record = out.verify(key, manifest=manifest)
             if record is not None:
                 return Prepared(status="cached", reason="cached", record=record, **prepared)
-        parent = self.run.parent_dir(node)
-        found = parent.read_manifest() if parent is not None else None
-        if found is not None and found.get("cache_key") == key:
-            reason = f"adopted from {self.run.parent.run_id}"  # type: ignore[union-attr]
-            return Prepared(status="adopt", reason=reason, record=parent.record(found), **prepared)  # type: ignore[union-attr]
+        found = None  # the fork parent's manifest: a fork's new stage says what differs from it
+        for donor in self.run.donors():
+            source = donor.stage(node.iteration, node.folder)
+            theirs = source.read_manifest()
+            if donor is self.run.parent:
+                found = theirs
+            if theirs is not None and theirs.get("cache_key") == key:
+                reason = f"adopted from {donor.run_id}"
+                return Prepared(
+                    status="adopt", reason=reason, record=source.record(theirs), source=donor.run_id, **prepared
+                )
         return Prepared(status="run", reason=self._why(node, out, manifest, found, provenance, key), **prepared)
 
     def _why(
@@ -213,19 +222,18 @@ class Runner:
             ttl=settings.lease_seconds,
             wait=settings.wait_for_running_stage,
         )
-        with lease:
+        with self._key_lease(prepared), lease:
             if lease.waited and not prepared.force:  # the holder may have done it meanwhile
                 record = out.verify(key)
                 if record is not None:
                     logger.info("%s: done by another process meanwhile", node.label)
                     return record, "done elsewhere"
-            if prepared.status == "adopt":
-                source = self.run.parent_dir(node)
-                record = out.adopt(source, key) if source is not None else None
+            if not prepared.force:  # a donor may hold it (or, in a grid, have computed it meanwhile)
+                record = self._adopt(prepared, out)
                 if record is not None:
-                    logger.info("%s: %s", node.label, prepared.reason)
                     return record, "adopted"
-                logger.warning("%s: the fork parent's copy does not verify; running it", node.label)
+                if prepared.status == "adopt":
+                    logger.warning("%s: the copy of %s does not verify; running it", node.label, prepared.source)
             if self.workspace is None:
                 raise RuntimeError(f"{node.label}: executing a stage needs a Workspace")
             logger.info("%s: running (%s)", node.label, prepared.reason)
@@ -236,6 +244,36 @@ class Runner:
             if lease.lost:  # we stalled past the lease and another process took the stage over
                 raise RuntimeError(f"{node.label}: lost its lease to another process while running; not committing")
             return out.commit(spec.name, node.iteration, key, metrics, provenance=prepared.provenance), "ran"
+
+    def _key_lease(self, prepared: Prepared) -> AbstractContextManager:
+        """In a grid: the lease on the stage's cache key, held by the one cell that computes it."""
+        grid, settings = self.config.orchestration.grid, self.config.orchestration
+        if grid is None or prepared.force:
+            return nullcontext()
+        return key_lease(
+            self.config.run.runs_root,
+            grid,
+            prepared.node.stage,
+            prepared.key,
+            label=f"{prepared.node.label} (key {prepared.key[:12]}) for grid {grid}",
+            ttl=settings.lease_seconds,
+            wait=settings.wait_for_running_stage,
+        )
+
+    def _adopt(self, prepared: Prepared, out: StageDir) -> StageRecord | None:
+        """A donor's copy of the node under its key (the prepared donor first), or None."""
+        node, key = prepared.node, prepared.key
+        donors = sorted(self.run.donors(), key=lambda donor: donor.run_id != prepared.source)
+        for donor in donors:
+            source = donor.stage(node.iteration, node.folder)
+            theirs = source.read_manifest()
+            if theirs is None or theirs.get("cache_key") != key:
+                continue
+            record = out.adopt(source, key)
+            if record is not None:
+                logger.info("%s: adopted from %s", node.label, donor.run_id)
+                return record
+        return None
 
     def _artifacts(self, node: Node, inputs: Inputs) -> dict[str, Any]:
         refs = node_inputs(self.config, node)

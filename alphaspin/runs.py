@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dump_config
+from alphaspin.sharing import donor_run_ids
 from alphaspin.stage_spec import Node
 from alphaspin.storage import RunStorage, StageDir, StageRecord
 
@@ -52,6 +53,7 @@ class Run:
         self.config = config
         self.storage = RunStorage(config.run.runs_root, config.run.run_id)
         self.parent: RunStorage | None = None
+        self._donors: list[RunStorage] | None = None
         recorded = self.record()
         self._set_parent(recorded.get("forked_from") if recorded else fork_from)
 
@@ -66,6 +68,7 @@ class Run:
     def _set_parent(self, fork_from: str | None) -> None:
         if fork_from is not None and fork_from != self.config.run.run_id:
             self.parent = RunStorage(self.config.run.runs_root, fork_from)
+            self._donors = None
 
     def ensure(self, fork_from: str | None = None, device: str | None = None) -> dict[str, Any]:
         """Create run.json, or check that the existing run has the same config.
@@ -110,6 +113,17 @@ class Run:
 
     def parent_dir(self, node: Node) -> StageDir | None:
         return self.parent.stage(node.iteration, node.folder) if self.parent is not None else None
+
+    def donors(self) -> list[RunStorage]:
+        """Runs whose stages under the same cache key this run adopts: its fork parent, then the
+        other cells of its seed when it is a cell of a grid (`alphaspin.sharing`)."""
+        if self._donors is None:
+            found = [self.parent] if self.parent is not None else []
+            grid, root = self.config.orchestration.grid, self.config.run.runs_root
+            if grid is not None:
+                found += [RunStorage(root, run_id) for run_id in donor_run_ids(root, grid, self.config.run.run_id)]
+            self._donors = found
+        return self._donors
 
     def stored_record(self, node: Node) -> StageRecord:
         """The verified record of a finished stage, for running a later stage on its own."""

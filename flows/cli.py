@@ -7,6 +7,8 @@ alphaspin status --run-id R [--runs-root ./runs]
 alphaspin diff RUN_A RUN_B [--runs-root ./runs]                 (every config / provenance difference)
 alphaspin export --run-id R --iteration t --out DIR [--merge] [--push-to-hub REPO_ID]   (θ_t on its own)
 alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
+alphaspin grid -c configs/grid-cpu.yaml [--status] [--no-prefect]   (a grid of runs: cells x seeds)
+alphaspin grid-report -c configs/grid-cpu.yaml              (mean ± 95% CI across seeds, Δ vs baseline)
 """
 
 from __future__ import annotations
@@ -292,6 +294,43 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    from alphaspin.grid import format_status, grid_status, load_grid, run_local
+    from alphaspin.grid_report import write_grid_report
+
+    grid = load_grid(args.config, args.overrides)  # every bad input refused here, before anything runs
+    if args.status:
+        rows = grid_status(grid)
+        print(json.dumps(rows, indent=2) if args.json else format_status(grid, rows))
+        return 0
+    if args.no_prefect:
+        if grid.spec.deployment:
+            raise ConfigError(f"grid {grid.name}: deployment {grid.spec.deployment} runs cells through Prefect")
+        failed = run_local(grid, args.concurrency)
+        report = write_grid_report(grid)
+    else:
+        from alphaspin.flows.grid import run_grid_flow
+
+        failed = {}
+        report = {"url": run_grid_flow(grid, args.config, args.overrides, args.concurrency)["report"]}
+    print(format_status(grid, grid_status(grid)))
+    print(f"report written to {report['url']}/report.md", file=sys.stderr)
+    if failed:
+        print(f"alphaspin: error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_grid_report(args: argparse.Namespace) -> int:
+    from alphaspin.grid import load_grid
+    from alphaspin.grid_report import write_grid_report
+
+    report = write_grid_report(load_grid(args.config, args.overrides))
+    print(report["markdown"])
+    print(f"report written to {report['url']}: {', '.join(report['files'])}", file=sys.stderr)
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(AlphaSpinConfig.model_json_schema(), indent=2))
     return 0
@@ -438,6 +477,29 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved config of a recipe (after --set overrides)")
     _add_config_args(show)
     show.set_defaults(func=cmd_config)
+
+    grid = sub.add_parser(
+        "grid",
+        help="run a grid of runs (a recipe, axes of knobs, seeds); identical stages are computed once",
+        description="Every cell (one value per axis) once per seed, as the run <grid>-<cell>-s<seed>. Stages "
+        "whose cache key another cell of the seed holds are adopted, not recomputed. Re-running resumes the grid; "
+        "the report (grid-report) is written at the end.",
+    )
+    grid.add_argument("--config", "-c", required=True, help="grid file (YAML; see configs/grid-*.yaml)")
+    grid.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a knob of every cell (repeatable)")  # fmt: skip
+    grid.add_argument("--status", action="store_true", help="show every cell's progress instead of running")
+    grid.add_argument("--json", action="store_true", help="with --status: as JSON")
+    grid.add_argument("--no-prefect", action="store_true", help="run the cells without Prefect (local processes)")
+    grid.add_argument("--concurrency", type=int, help="cells at once locally (default: the grid file's)")
+    grid.set_defaults(func=cmd_grid)
+
+    grid_report = sub.add_parser(
+        "grid-report", help="write a grid's report: mean ± 95%% CI across seeds, Δ vs the baseline cell, charts"
+    )
+    grid_report.add_argument("--config", "-c", required=True, help="grid file (YAML)")
+    grid_report.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    grid_report.set_defaults(func=cmd_grid_report)
 
     schema = sub.add_parser("schema", help="print the config's JSON schema (every knob with its help)")
     schema.set_defaults(func=cmd_schema)

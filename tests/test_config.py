@@ -6,7 +6,8 @@ import pytest
 
 from alphaspin.config import ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+# grid-*.yaml are grids of runs, not recipes (tests/test_grid.py loads them)
+CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml") if not p.name.startswith("grid-"))
 
 
 def write(tmp_path, text):

@@ -55,7 +55,9 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
     )
     if config.generation.losers_as_prefixes:  # cut-off losers are scored without the end-of-turn tokens
         fields.update(pick(config, "generation.truncated_losers"))
-    if config.method.reference != "ema":  # ema's reference comes in as the ema_adapter input
+    # ema's reference comes in as the ema_adapter input; at t = 0 every reference is π_base (π_θ(−1) = π_base),
+    # whatever α: iteration 0 is the same stage for every α (a grid computes it once)
+    if config.method.reference != "ema" and iteration > 0:
         fields.update(pick(config, "method.alpha"))
     if config.training.normalized_reference:  # the Monte-Carlo log Z(x) samples π_(t-1)
         fields.update(
@@ -147,7 +149,9 @@ def reference_logps(job: Job, pairs: Artifact, previous: Artifact | None, ema: A
     }
     out["log_partition"], out["log_partition_se"] = 0.0, 0.0
     partition: dict[str, Any] = {}
-    if reference == "arithmetic":
+    if previous is None and reference != "ema":  # t = 0: π_ref = π_base exactly, not α·lp + (1−α)·lp rounded
+        ref_c, ref_r = torch.tensor(out.lp_base_chosen.values), torch.tensor(out.lp_base_rejected.values)
+    elif reference == "arithmetic":
         ref_c, ref_r = (arithmetic_reference_logps(*sides[side], alpha) for side in ("chosen", "rejected"))
     elif reference == "ema":  # θ_ema(0) = θ_base: the EMA adapter exists from t = 1
         if ema is None:

@@ -1,0 +1,107 @@
+"""A grid of runs as a Prefect flow: one task per cell, then the grid's report as an artifact.
+
+With a ``deployment`` in the grid file each cell is a flow run of that deployment (e.g.
+``alphaspin-recipe/gpu``: the GPU pool's concurrency limit runs one cell per GPU), started with
+`run_deployment` under an idempotency key made from the grid, the cell and its config: a retried
+grid joins a cell's flow run that is still going, takes a finished one as it is, and starts a new
+run only for a cell whose earlier run failed. Without one, each cell is an ``alphaspin-run`` subflow
+in this process, ``concurrency`` at a time. Either way the cells' stages are cached and shared
+(`alphaspin.sharing`), so re-running the grid resumes it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from alphaspin.config import AlphaSpinConfig
+from alphaspin.grid import Grid, grid_status, idempotency_key, load_grid, write_grid_record
+
+RETRIES_OF_A_FAILED_CELL = 20  # earlier failed flow runs of a cell skipped before giving up
+
+
+@task(name="run_cell", persist_result=False, cache_policy=NO_CACHE)
+def run_cell(config: AlphaSpinConfig, deployment: str | None, key: str) -> str:
+    """One cell: a flow run of ``deployment`` (waited for), or an alphaspin-run subflow here.
+    ``key``: the cell's idempotency key (`alphaspin.grid.idempotency_key`)."""
+    from alphaspin.flows.alphaspin_run import alphaspin_run
+
+    if deployment is None:
+        alphaspin_run(config=config)
+        return "Completed"
+    from prefect.deployments import run_deployment
+
+    run_id = config.run.run_id
+    started = time.time()
+    for attempt in range(RETRIES_OF_A_FAILED_CELL + 1):
+        child = run_deployment(
+            name=deployment,
+            parameters={"config": config.model_dump(mode="json")},
+            flow_run_name=run_id,
+            idempotency_key=key + (f"-retry{attempt}" if attempt else ""),
+            timeout=None,  # as long as the cell takes (it may queue behind the pool's limit)
+        )
+        state = child.state
+        if state is not None and state.is_completed():
+            return state.name
+        created = child.created.timestamp() if child.created is not None else started
+        if created >= started - 1.0:  # started by this call, and it failed: the grid reports it
+            raise RuntimeError(
+                f"cell {run_id}: flow run {child.id} of {deployment} ended {state.name if state else '?'}"
+            )
+        get_run_logger().info("cell %s: earlier flow run %s ended %s; starting it again", run_id, child.id, state)
+    raise RuntimeError(f"cell {run_id}: {RETRIES_OF_A_FAILED_CELL} earlier flow runs failed; not retrying")
+
+
+@flow(name="alphaspin-grid", flow_run_name="grid-{grid_file}", log_prints=False)
+def alphaspin_grid(
+    grid_file: str,
+    overrides: list[str] = [],  # noqa: B006 (never mutated)
+) -> dict[str, Any]:
+    """Every cell × seed of a grid file (cached stages skipped, identical stages computed once),
+    then the grid report (mean and 95% CI across seeds, differences against the baseline cell)."""
+    from alphaspin.grid_report import write_grid_report
+
+    logger = get_run_logger()
+    grid = load_grid(grid_file, list(overrides))
+    write_grid_record(grid)
+    logger.info("grid %s: %d cells x %d seeds", grid.name, len(grid.cell_names), len(grid.spec.seeds))
+    futures = {
+        cell.run_id: run_cell.with_options(task_run_name=cell.run_id).submit(
+            cell.config, grid.spec.deployment, idempotency_key(grid, cell)
+        )
+        for cell in grid.cells
+    }
+    failed = {}
+    for run_id, future in futures.items():
+        future.wait()
+        if not future.state.is_completed():
+            failed[run_id] = future.state.name
+    rows = grid_status(grid)
+    create_table_artifact(table=rows, key=f"{_slug(grid.name)}-grid-status", description=f"grid {grid.name}: cells")
+    report = write_grid_report(grid)
+    create_markdown_artifact(
+        markdown=report["markdown"] + f"\n\nCharts and CSVs: `{report['url']}`",
+        key=f"{_slug(grid.name)}-grid-report",
+        description=f"α-SPIN grid {grid.name}: mean ± 95% CI across seeds",
+    )
+    if failed:
+        raise RuntimeError(f"grid {grid.name}: {len(failed)} cell(s) failed: {failed}")
+    return {"grid": grid.name, "report": report["url"], "sharing": report["sharing"]}
+
+
+def run_grid_flow(grid: Grid, grid_file: str, overrides: list[str], concurrency: int | None = None) -> dict[str, Any]:
+    """The grid flow with room for its cells: every cell at once on a deployment (the pool limits
+    them), else ``concurrency`` (the grid file's by default)."""
+    workers = len(grid.cells) if grid.spec.deployment else (concurrency or grid.spec.concurrency)
+    runner = alphaspin_grid.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    return runner(grid_file=grid_file, overrides=overrides)
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")

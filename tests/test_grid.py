@@ -1,0 +1,235 @@
+"""Grids of runs: expansion and naming, every bad input refused naming its axis, the interval maths
+by hand, and (slow) a tiny grid end to end: iteration 0 computed once per seed, intervals equal to
+hand-computed ones from the stored metrics, and a killed grid that resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alphaspin.config import ConfigError
+from alphaspin.grid import idempotency_key, load_grid
+from alphaspin.grid_report import mean_ci, paired_difference
+from alphaspin.storage import MANIFEST
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def write_grid(tmp_path: Path, **fields) -> Path:
+    spec = {"name": "g", "recipe": RECIPE, "runs_root": str(tmp_path / "runs"), **fields}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# -- expansion ------------------------------------------------------------------------------------
+def test_cells_are_the_product_of_the_axes_times_the_seeds_named_from_their_values(tmp_path):
+    path = write_grid(
+        tmp_path,
+        base={"method": {"iterations": 1}, "training.beta": 0.2},
+        axes={"method.alpha": [1.0, 0.95], "method.history": [1, "inf"]},
+        seeds=[0, 3],
+        baseline={"method.alpha": 1, "method.history": 1},
+    )
+    grid = load_grid(path, ["generation.max_new_tokens=9"])
+    assert grid.cell_names == ["alpha1-h1", "alpha1-hinf", "alpha0.95-h1", "alpha0.95-hinf"]
+    assert [c.run_id for c in grid.runs_of("alpha0.95-hinf")] == ["g-alpha0.95-hinf-s0", "g-alpha0.95-hinf-s3"]
+    cell = grid.runs_of("alpha0.95-hinf")[1]
+    config = cell.config
+    assert (config.method.alpha, config.method.history, config.run.seed) == (0.95, "inf", 3)
+    assert config.method.iterations == 1 and config.training.beta == 0.2 and config.generation.max_new_tokens == 9
+    assert config.orchestration.grid == "g" and config.run.runs_root == str(tmp_path / "runs")
+    assert config.model.name_or_path == "builtin:smollm2-135m-instruct"  # the rest is the recipe's
+    assert grid.baseline == "alpha1-h1"
+    key = idempotency_key(grid, cell)
+    assert key.startswith("g-g-alpha0.95-hinf-s3-") and key == idempotency_key(grid, cell)
+
+
+def test_strings_and_booleans_name_cells_readably(tmp_path):
+    grid = load_grid(
+        write_grid(tmp_path, axes={"method.opponent": ["arithmetic", "sir"], "training.disable_dropout": [True]})
+    )
+    assert grid.cell_names == ["opponent-arithmetic-disable_dropout-true", "opponent-sir-disable_dropout-true"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("grid-*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_grid_loads(path):
+    assert load_grid(path).cells
+
+
+def test_the_paper_grid_is_the_papers_ablation():
+    grid = load_grid(ROOT / "configs" / "grid-paper.yaml")
+    assert grid.axes == {"method.alpha": [1.0, 0.95, 0.8], "method.history": [1, 2, "inf"]}
+    assert grid.baseline == "alpha1-h2" and len(grid.cells) == 27 and grid.spec.deployment == "alphaspin-recipe/gpu"
+    assert {c.config.model.name_or_path for c in grid.cells} == {"google/gemma-2b"}
+
+
+# -- bad input: refused before anything runs, naming the axis -------------------------------------
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"axes": {"method.alfa": [1.0]}}, "axis method.alfa: unknown knob"),
+        ({"axes": {"method.alpha": [1.0, 1.5]}}, "axis method.alpha: value 1.5 refused: method.alpha"),
+        ({"axes": {"method.history": [2, 0]}}, "axis method.history: value 0 refused"),
+        ({"axes": {"method.alpha": []}}, "axis method.alpha: no values"),
+        ({"axes": {"method.history": [2, "2"]}}, "axis method.history: values 2 and '2' resolve to the same config"),
+        ({"axes": {"method.alpha": [1, 1.0]}}, "axis method.alpha: values 1 and 1.0 resolve to the same config"),
+        ({"axes": {"method.history": ["inf", float("inf")]}}, "axis method.history: values 'inf' and inf resolve"),
+        (
+            {"axes": {"method.alpha": [1.0, 0.8]}, "baseline": {"method.alpha": 0.5}},
+            "baseline: axis method.alpha: 0.5 is not one of its values",
+        ),
+        (
+            {"axes": {"method.alpha": [1.0]}, "baseline": {"method.history": 2}},
+            "baseline: method.history is not an axis",
+        ),
+        ({"axes": {"run.seed": [1, 2]}}, "axis run.seed: not a grid axis (use seeds:)"),
+        ({"axes": {"orchestration.retries": [1, 2]}}, "axis orchestration.retries: not a grid axis"),
+        (
+            {
+                "base": {"method.alpha": 1.0},
+                "axes": {"training.loss_type": ["sigmoid", "ipo"], "method.alpha": [1.0, 0.9]},
+            },
+            "cell method.alpha=0.9, training.loss_type=ipo: training.loss_type: 'ipo' does not cancel",
+        ),
+        ({"seeds": []}, "seeds"),
+        ({"axes": {"method.alpha": [1.0]}, "colour": "red"}, "colour: unknown field"),
+    ],
+)
+def test_bad_grids_are_refused_with_one_line_naming_the_axis(tmp_path, fields, message):
+    with pytest.raises(ConfigError) as error:
+        load_grid(write_grid(tmp_path, **fields))
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "runs").exists()  # nothing ran, nothing was written
+
+
+# -- the interval maths, by hand ------------------------------------------------------------------
+def test_mean_and_95_percent_t_interval_by_hand():
+    # Student t quantiles in closed form: 1 degree of freedom tan(π(p − ½)), 2 degrees (2p − 1)·√(2 / (4p(1 − p)))
+    p = 0.975
+    t1, t2 = math.tan(math.pi * (p - 0.5)), (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))
+    assert (t1, t2) == pytest.approx((12.7062047, 4.3026527), abs=1e-7)
+    # x = 1, 2, 3: mean 2, s = 1, half-width t2·1/√3 = 2.4841377
+    ci = mean_ci([1.0, 2.0, 3.0])
+    assert (ci.n, ci.mean) == (3, 2.0)
+    assert ci.half == pytest.approx(t2 / math.sqrt(3), rel=1e-12)
+    assert (ci.low, ci.high) == pytest.approx((2 - 2.4841377, 2 + 2.4841377), abs=1e-7)
+    # x = 0.5, 0.7: s = 0.2/√2, half-width t1·s/√2 = t1·0.1
+    assert mean_ci([0.5, 0.7]).half == pytest.approx(t1 * 0.1, rel=1e-12)
+    one = mean_ci([4.0])  # n = 1: the mean, no interval
+    assert (one.mean, one.low, one.high, one.half) == (4.0, None, None, None)
+
+
+def test_paired_difference_pairs_by_seed():
+    cell, baseline = {0: 3.0, 1: 5.0, 7: 1.0}, {0: 1.0, 1: 2.0, 2: 9.0}  # seeds 0 and 1 in both: d = 2, 3
+    diff = paired_difference(cell, baseline)
+    assert (diff.n, diff.mean) == (2, 2.5)
+    assert diff.half == pytest.approx(math.tan(math.pi * 0.475) * math.sqrt(0.5) / math.sqrt(2), rel=1e-12)
+    assert paired_difference({3: 1.0}, {0: 1.0}) is None
+
+
+# -- end to end on the tiny model -----------------------------------------------------------------
+def tiny_grid(tmp_path: Path, model: str) -> Path:
+    """2 cells (α = 1, the baseline, and α = 0.8) x 2 seeds, T = 1, without the benchmarks."""
+    from conftest import TINY_OVERRIDES
+
+    base = dict(item.split("=", 1) for item in TINY_OVERRIDES)
+    base = {key: yaml.safe_load(value) for key, value in base.items()}
+    base.update({"model.name_or_path": model, "evaluation.benchmarks": [], "evaluation.judge.enabled": False})
+    return write_grid(
+        tmp_path,
+        name="tiny",
+        base=base,
+        axes={"method.alpha": [1.0, 0.8]},
+        seeds=[0, 1],
+        baseline={"method.alpha": 1.0},
+    )
+
+
+def _manifest(runs: Path, run_id: str, t: int, stage: str) -> dict | None:
+    path = runs / run_id / f"iter-{t}" / stage / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_shares_iteration_0_reports_intervals_and_resumes_after_a_kill(tmp_path, tiny_model):
+    from alphaspin.flows.cli import main
+
+    path = tiny_grid(tmp_path, tiny_model)
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "alphaspin.flows.cli", "grid", "-c", str(path), "--no-prefect"]
+    # killed (-9) once the first cell's iteration 0 is evaluated
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while _manifest(runs, "tiny-alpha1-s0", 0, "evaluate") is None:
+            assert process.poll() is None, "the grid ended before it was killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    first = {stage: _manifest(runs, "tiny-alpha1-s0", 0, stage)["attempt"] for stage in ("train", "evaluate")}
+    assert main(["grid", "-c", str(path), "--status"]) == 0
+
+    assert main(["grid", "-c", str(path), "--no-prefect"]) == 0  # resumes
+    assert {s: _manifest(runs, "tiny-alpha1-s0", 0, s)["attempt"] for s in first} == first  # not redone
+    run_ids = [f"tiny-alpha{a}-s{s}" for a in ("1", "0.8") for s in (0, 1)]
+    # iteration 0 ran once per seed: the α = 0.8 cells adopted every stage of it, with the provenance
+    for seed in (0, 1):
+        for stage in ("sample_prompts", "generate-base", "build_pairs", "reference_logps", "train", "evaluate"):
+            donor = _manifest(runs, f"tiny-alpha1-s{seed}", 0, stage)
+            adopted = _manifest(runs, f"tiny-alpha0.8-s{seed}", 0, stage)
+            assert "adopted_from" not in donor["metrics"]
+            assert adopted["metrics"]["adopted_from"].endswith(f"tiny-alpha1-s{seed}/iter-0/{stage}")
+            assert adopted["cache_key"] == donor["cache_key"] and adopted["attempt"] == donor["attempt"]
+        # at t = 1 the generations do not read α; the reference and what follows do
+        assert "adopted_from" in _manifest(runs, f"tiny-alpha0.8-s{seed}", 1, "generate-iter-0")["metrics"]
+        assert "adopted_from" not in _manifest(runs, f"tiny-alpha0.8-s{seed}", 1, "reference_logps")["metrics"]
+
+    # the intervals equal hand-computed ones from the stored per-run metrics
+    report = runs / "tiny" / "report.md"
+    assert report.exists() and (runs / "tiny" / "metrics_over_iterations.png").exists()
+    assert (runs / "tiny" / "sweep_alpha.png").exists()
+    stored = {r: {t: _manifest(runs, r, t, "evaluate")["metrics"] for t in (0, 1)} for r in run_ids}
+    summary = _csv(runs / "tiny" / "summary.csv")
+    differences = _csv(runs / "tiny" / "differences.csv")
+    t_975_1 = math.tan(math.pi * 0.475)  # t(0.975, 1 degree of freedom)
+    for metric in ("heldout/reward_margin", "train/loss"):
+        for t in (0, 1):
+            base = [stored[f"tiny-alpha1-s{s}"][t][metric] for s in (0, 1)]
+            cell = [stored[f"tiny-alpha0.8-s{s}"][t][metric] for s in (0, 1)]
+            for name, x in (("alpha1", base), ("alpha0.8", cell)):
+                # n = 2: s = |x0 − x1|/√2, half-width t·s/√2 = t·|x0 − x1|/2
+                mean, half = (x[0] + x[1]) / 2, t_975_1 * abs(x[0] - x[1]) / 2
+                row = summary[(metric, name, str(t))]
+                assert float(row["mean"]) == pytest.approx(mean, rel=1e-9, abs=1e-12)
+                assert float(row["ci_high"]) - float(row["mean"]) == pytest.approx(half, rel=1e-6, abs=1e-12)
+            d = [cell[0] - base[0], cell[1] - base[1]]
+            row = differences[(metric, "alpha0.8", str(t))]
+            assert float(row["difference"]) == pytest.approx((d[0] + d[1]) / 2, rel=1e-9, abs=1e-12)
+            assert float(row["ci_high"]) - float(row["difference"]) == pytest.approx(
+                t_975_1 * abs(d[0] - d[1]) / 2, rel=1e-6, abs=1e-12
+            )
+            if t == 0:  # iteration 0 is the same stage in both cells: no difference at all
+                assert d == [0.0, 0.0]
+    text = report.read_text()
+    assert "% saved" in text and "| alpha0.8 | 1 | 2 |" in text
+
+
+def _csv(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
+    import csv
+
+    with path.open() as handle:
+        return {(r["metric"], r["cell"], r["iteration"]): r for r in csv.DictReader(handle)}
