@@ -291,3 +291,23 @@ def test_mean_confidence_interval_edge_cases():
     assert mean_confidence_interval([3.0, 3.0, 3.0])["ci_low"] == 3.0
     with pytest.raises(ValueError):
         mean_confidence_interval([])
+
+
+def test_the_local_judge_ranks_choices_by_their_exact_log_likelihood(tiny_model):
+    """The batched scoring (one forward for the prompt and the choices' common prefix, one for the
+    rest of every choice) equals log p(choice | prompt) from a plain forward of prompt + choice."""
+    import torch
+
+    from alphaspin.benchmarks.local_judge import RATING_CHOICES, LocalJudgeServer
+
+    judge = LocalJudgeServer(tiny_model)
+    prompt = judge._prompt_ids([{"role": "user", "content": "Rate this answer: the sky is green."}])
+    choices = [*RATING_CHOICES, "No", "Rating: fine"]  # different lengths, a shorter common prefix
+    scores = judge._choice_logps(prompt, choices)
+    with torch.no_grad():
+        for choice, score in zip(choices, scores, strict=True):
+            tokens = judge.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            logits = judge.model(input_ids=torch.tensor([prompt + tokens])).logits[0].float()
+            logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+            expected = logp[torch.arange(len(tokens)), torch.tensor(tokens)].sum()
+            assert abs(float(score) - float(expected)) < 1e-4, choice

@@ -10,7 +10,6 @@ judge (a large model behind vLLM or a hosted API); its scores say little about q
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import threading
@@ -108,25 +107,35 @@ class LocalJudgeServer:
 
     @torch.no_grad()
     def _choice_logps(self, prompt: list[int], choices: list[str]) -> torch.Tensor:
-        """Σ log p(choice tokens | prompt) for each choice. The prompt runs once; each choice then
-        continues from a copy of its key/value cache (the prompt is ~100x longer than a choice)."""
-        ids = torch.tensor([prompt], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # only the last position's logits
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        scores = []
-        for choice in choices:
-            tokens = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
-            total = first[tokens[0]]
-            if len(tokens) > 1:
-                cache = copy.deepcopy(out.past_key_values)
-                rest = (
-                    self.model(
-                        input_ids=torch.tensor([tokens[:-1]], device=self.device), past_key_values=cache, use_cache=True
-                    )
-                    .logits[0]
-                    .float()
-                )
-                logp = torch.log_softmax(rest, dim=-1)
-                total = total + logp[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].sum()
-            scores.append(total)
-        return torch.stack(scores)
+        """Σ log p(choice tokens | prompt) for each choice, in two forwards: the prompt with the
+        choices' common prefix ("Rating: [["), then every choice's remaining tokens as one batch
+        continuing from that key/value cache (repeated per choice). Scoring each choice alone from a
+        copy of the cache cost ten forwards and ten cache copies per judgment (~2x slower on CPU)."""
+        tokens = [self.tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in choices]
+        common = 0
+        while all(len(t) > common + 1 for t in tokens) and len({t[common] for t in tokens}) == 1:
+            common += 1
+        ids = torch.tensor([prompt + tokens[0][:common]], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=common + 1)
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)  # positions predicting prefix[0..], then rest[0]
+        prefix = sum((logp[k, tokens[0][k]] for k in range(common)), torch.tensor(0.0))
+        first = logp[common]
+        rests = [t[common:] for t in tokens]
+        scores = torch.stack([prefix + first[rest[0]] for rest in rests])
+        width = max(len(rest) for rest in rests) - 1
+        if width == 0:
+            return scores
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = torch.tensor([rest[:-1] + [pad] * (width - len(rest) + 1) for rest in rests], device=self.device)
+        mask = torch.tensor(
+            [[1] * ids.shape[1] + [1] * (len(rest) - 1) + [0] * (width - len(rest) + 1) for rest in rests],
+            device=self.device,
+        )
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(rests))
+        logits = self.model(input_ids=batch, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        steps = torch.log_softmax(logits.float(), dim=-1)
+        for i, rest in enumerate(rests):
+            for k in range(1, len(rest)):
+                scores[i] = scores[i] + steps[i, k - 1, rest[k]]
+        return scores
