@@ -107,7 +107,9 @@ class TerminalConsole(Console):
     progress line (bar, items done/total, rate, ETA) while a stage runs on a terminal, the
     iteration's metric line, and the failing stage's name when one fails."""
 
-    def __init__(self, stream: TextIO, live: bool | None = None):
+    def __init__(
+        self, stream: TextIO, live: bool | None = None, stage_lines: bool = True, iteration_lines: bool = True
+    ):
         from rich.console import Console as RichConsole
 
         self.out = RichConsole(file=stream, highlight=False, emoji=False)
@@ -122,6 +124,8 @@ class TerminalConsole(Console):
         self.ran = 0
         self._iteration_started = time.monotonic()
         self._links: set[str] = set()
+        self.stage_lines, self.iteration_lines = stage_lines, iteration_lines
+        self.totals: dict[str, int] = {}  # ran / cached / adopted ... since `take_totals`
 
     def print(self, text: str = "", style: str | None = None) -> None:
         # On a terminal a line never wraps (the log file has the whole of it); piped, nothing is cut.
@@ -164,12 +168,22 @@ class TerminalConsole(Console):
     def stage_finished(self, label: str, metrics: dict[str, Any]) -> None:
         self._stop_live()
         self.ran += 1
+        self.totals["ran"] = self.totals.get("ran", 0) + 1
         took = time.monotonic() - self._started.pop(label, time.monotonic())
         self.running = None
-        self.print(f"  ✓ {label:<24} {duration(took):>9}  {summary(metrics, limit=3)}")
+        if self.stage_lines:
+            self.print(f"  ✓ {label:<24} {duration(took):>9}  {summary(metrics, limit=3)}")
 
     def stage_reused(self, label: str, how: str) -> None:
         self.reused[how] = self.reused.get(how, 0) + 1
+        self.totals[how] = self.totals.get(how, 0) + 1
+
+    def take_totals(self) -> str:
+        """ "7 ran, 13 adopted, 2 cached" since the last call (a grid's line per cell)."""
+        ran = self.totals.pop("ran", 0)
+        text = ", ".join([f"{ran} ran", *(f"{n} {how}" for how, n in sorted(self.totals.items()))])
+        self.totals = {}
+        return text
 
     def stage_failed(self, label: str, error: BaseException) -> None:
         self._stop_live()
@@ -181,7 +195,8 @@ class TerminalConsole(Console):
         took = duration(time.monotonic() - self._iteration_started)
         reused = ", ".join(f"{n} {how}" for how, n in sorted(self.reused.items()))
         counts = f"{self.ran} ran" + (f", {reused}" if reused else "")
-        self.print(f"{format_metrics(iteration, metrics)}   [{counts}; {took}]", style="bold")
+        if self.iteration_lines:
+            self.print(f"{format_metrics(iteration, metrics)}   [{counts}; {took}]", style="bold")
         self.ran, self.reused, self._iteration_started = 0, {}, time.monotonic()
 
     def link(self, name: str, url: str) -> None:

@@ -303,16 +303,43 @@ def cmd_grid(args: argparse.Namespace) -> int:
         rows = grid_status(grid)
         print(json.dumps(rows, indent=2) if args.json else format_status(grid, rows))
         return 0
-    if args.no_prefect:
-        if grid.spec.deployment:
-            raise ConfigError(f"grid {grid.name}: deployment {grid.spec.deployment} runs cells through Prefect")
-        failed = run_local(grid, args.concurrency)
-        report = write_grid_report(grid)
-    else:
-        from alphaspin.flows.grid import run_grid_flow
+    if args.no_prefect and grid.spec.deployment:
+        raise ConfigError(f"grid {grid.name}: deployment {grid.spec.deployment} runs cells through Prefect")
+    import time
 
-        failed = {}
-        report = {"url": run_grid_flow(grid, args.config, args.overrides, args.concurrency)["report"]}
+    from alphaspin.console import TerminalConsole, activate, capture_output, duration
+
+    if not args.no_prefect:
+        import prefect  # noqa: F401  (Prefect configures logging on import: take over after it)
+    log_file = _log_dir() / f"grid-{grid.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    started = [time.monotonic()]
+    with capture_output(log_file, verbose=args.verbose, level=level) as terminal:
+        # One line per finished cell (stages ran / adopted from another cell / cached); the live line
+        # shows the running stage on a terminal; every stage's detail is in the log.
+        console = TerminalConsole(terminal, stage_lines=args.verbose, iteration_lines=args.verbose)
+        cells, seeds = len(grid.cell_names), len(grid.spec.seeds)
+        console.print(f"alphaspin grid · {grid.name} · {cells} cells x {seeds} seeds · {args.config}", style="bold")
+        console.print(f"  {'runs':<11} {grid.storage.url}")
+        console.print(f"  {'full log':<11} {log_file}")
+
+        def on_done(cell: Any, error: BaseException | None) -> None:
+            took = duration(time.monotonic() - started[0])
+            outcome = f"failed: {type(error).__name__}: {str(error).strip()[:200]}" if error else ""
+            mark = "✗" if error else "✓"
+            console.print(f"  {mark} {cell.run_id:<32} {took:>10}  {console.take_totals()}  {outcome}".rstrip())
+            started[0] = time.monotonic()
+
+        with activate(console):
+            if args.no_prefect:
+                failed = run_local(grid, args.concurrency, on_done=on_done)
+                report = write_grid_report(grid)
+            else:
+                from alphaspin.flows.grid import run_grid_flow
+
+                failed = {}
+                report = {"url": run_grid_flow(grid, args.config, args.overrides, args.concurrency)["report"]}
+    logging.getLogger("prefect").setLevel(logging.WARNING)
     print(format_status(grid, grid_status(grid)))
     print(f"report written to {report['url']}/report.md", file=sys.stderr)
     if failed:
@@ -492,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--json", action="store_true", help="with --status: as JSON")
     grid.add_argument("--no-prefect", action="store_true", help="run the cells without Prefect (local processes)")
     grid.add_argument("--concurrency", type=int, help="cells at once locally (default: the grid file's)")
+    grid.add_argument(
+        "--verbose", "-v", action="store_true", help="also show every stage and the libraries' output in the terminal"
+    )
     grid.set_defaults(func=cmd_grid)
 
     grid_report = sub.add_parser(
