@@ -400,6 +400,20 @@ class OrchestrationConfig(_Section):
         description="When another process is running a stage of this run: wait for it (true) or stop with an "
         "error naming the holder (false; the CLI's --no-wait).",
     )
+    child_timeout_seconds: float = Field(
+        172800.0,
+        gt=0.0,
+        description="Split orchestration (iteration_deployment): the longest a child flow run may take, queued "
+        "and running; past it the parent cancels the child and fails naming the deployment and its pool. Raise it "
+        "for paper-scale iterations.",
+    )
+    child_heartbeat_timeout_seconds: float = Field(
+        900.0,
+        ge=60.0,
+        description="Split orchestration: a Running child whose flow run sent no heartbeat (Prefect sends one every "
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY s, default 180) for this long is taken as dead (its worker or node is "
+        "gone): the parent marks it Crashed and fails.",
+    )
     grid: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
