@@ -244,7 +244,20 @@ class GenerationConfig(_Section):
         16, gt=0, description="Prompts per stored shard; an interrupted generation resumes by finished shards."
     )
     seed: int | None = Field(None, ge=0, description="Sampler seed; default derives from run.seed and t.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism.")
+    per_request_seeds: bool = Field(
+        True,
+        description="vLLM: give every request its own seed (`request_seed`), so a row's text depends only on its "
+        "seed, never on which rows share its batch: a resumed or regenerated shard gives the same losers. vLLM "
+        "then samples those rows on its per-request-generator path, which costs throughput (not measured here: "
+        "docs/gpu.md). false: one engine-level seed (run.seed, t, member); faster, reproducible for one whole "
+        "uninterrupted generation, but a resumed shard may differ. Part of the generate stage's cache key.",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM tensor parallelism; a split orchestration's child run asks its pool for this many GPUs "
+        "(job variable gpu_count).",
+    )
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory.")
     max_lora_rank: int = Field(16, ge=1, description="vLLM: largest LoRA rank it must serve.")
 
@@ -386,6 +399,20 @@ class OrchestrationConfig(_Section):
         True,
         description="When another process is running a stage of this run: wait for it (true) or stop with an "
         "error naming the holder (false; the CLI's --no-wait).",
+    )
+    child_timeout_seconds: float = Field(
+        172800.0,
+        gt=0.0,
+        description="Split orchestration (iteration_deployment): the longest a child flow run may take, queued "
+        "and running; past it the parent cancels the child and fails naming the deployment and its pool. Raise it "
+        "for paper-scale iterations.",
+    )
+    child_heartbeat_timeout_seconds: float = Field(
+        900.0,
+        ge=60.0,
+        description="Split orchestration: a Running child whose flow run sent no heartbeat (Prefect sends one every "
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY s, default 180) for this long is taken as dead (its worker or node is "
+        "gone): the parent marks it Crashed and fails.",
     )
     grid: str | None = Field(
         None,

@@ -10,7 +10,9 @@ What is sent is exactly what the transformers backend uses:
 - the prompt as token ids (``TokensPrompt``) rendered by *our* tokenizer and chat template
   (`alphaspin.generation.render_prompt_ids`), never a text prompt that vLLM would re-template;
 - a per-request seed (`alphaspin.generation.request_seed`): a row's text depends on its seed
-  only, not on which other rows share its batch, so a regenerated shard gives the same text;
+  only, not on which other rows share its batch, so a regenerated shard gives the same text
+  (``generation.per_request_seeds``, default true; false trades this for vLLM's faster batched
+  sampler, docs/gpu.md);
 - the tokenizer's EOS as a stop token; the text is decoded with our tokenizer, and a row whose
   ``finish_reason`` is ``"length"`` (stopped by ``max_new_tokens``) is reported as truncated.
 
@@ -67,14 +69,18 @@ def lora_spec(adapter_path: str | None) -> dict[str, Any] | None:
 
 
 def sampling_kwargs(config: GenerationConfig, seed: int, stop_token_ids: Sequence[int] = ()) -> dict[str, Any]:
-    """``SamplingParams`` keyword arguments of one request (temperature 0 is greedy in vLLM)."""
+    """``SamplingParams`` keyword arguments of one request (temperature 0 is greedy in vLLM). The
+    request's own ``seed`` only with ``generation.per_request_seeds`` (the default): vLLM samples
+    seeded rows with a generator per row, which keeps a row's text independent of its batch (resume
+    determinism) but is slower than its batched sampler; without it the engine's seed drives every row."""
     kwargs: dict[str, Any] = {
         "n": 1,
         "temperature": config.temperature,
         "top_p": config.top_p,
         "max_tokens": config.max_new_tokens,
-        "seed": seed,
     }
+    if config.per_request_seeds:
+        kwargs["seed"] = seed
     if stop_token_ids:
         kwargs["stop_token_ids"] = [int(t) for t in stop_token_ids]
     return kwargs
@@ -146,6 +152,8 @@ def engine_kwargs(
         "generation_config": "vllm",
         "enable_lora": bool(adapter_paths),
     }
+    if not config.per_request_seeds:  # one engine-level generator for every row (generation.seed, else 0)
+        kwargs["seed"] = config.seed if config.seed is not None else 0
     if adapter_paths:
         kwargs["max_lora_rank"] = serving_lora_rank(config, adapter_paths)
         kwargs["max_loras"] = len(set(adapter_paths))  # every member's adapter resident in one batch

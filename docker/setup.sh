@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One-shot setup of the alphaspin stack (docker/compose.yaml's `setup` service; also usable on any
 # machine whose PREFECT_API_URL and AWS_* variables point at the stack): the bucket, the work pools,
-# the GPU limits, a result-storage block next to the runs, and the deployments. Idempotent.
+# the GPU limits, a result-storage block next to the runs, the zombie-flow automation and the
+# deployments. Idempotent.
 set -euo pipefail
 cd "${ALPHASPIN_HOME:-$(dirname "$0")/..}"
 BUCKET="${ALPHASPIN_BUCKET:-alphaspin}"
-GPUS="${GPU_COUNT:-1}"
+# One flow run per worker of docker/gpu-workers.sh: GPU_COUNT / GPUS_PER_WORKER at once.
+GPUS="$(( ${GPU_COUNT:-1} / ${GPUS_PER_WORKER:-1} ))"
 
 echo "[setup] bucket s3://${BUCKET}"
 python - "$BUCKET" <<'EOF'
@@ -36,6 +38,9 @@ prefect concurrency-limit create gpu "${GPUS}"
 
 echo "[setup] result storage block remote-file-system/alphaspin-results -> s3://${BUCKET}/_prefect"
 python -c "from prefect.filesystems import RemoteFileSystem; RemoteFileSystem(basepath='s3://${BUCKET}/_prefect').save('alphaspin-results', overwrite=True)"
+
+echo "[setup] automation: flow runs that stop heartbeating (dead worker or node) are marked Crashed"
+python -m alphaspin.flows.orchestration
 
 echo "[setup] deployments"
 prefect --no-prompt deploy --all --prefect-file deploy/prefect.yaml

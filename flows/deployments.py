@@ -16,7 +16,11 @@ pool (`run_deployment`). The parent waits for each child and reads the iteration
 run storage (the source of truth), so it needs no access to the child's result storage; the
 child still persists its return value (``persist_result=True``), which other machines can read
 only when result storage is remote (an S3 block: docs/gpu-pool.md). Run storage itself
-(``run.runs_root``) must then be shared too: ``s3://...``.
+(``run.runs_root``) must then be shared too: ``s3://...``. The parent refuses a child deployment on
+its own pool (it would wait for a slot it holds), asks the child's pool for
+``generation.tensor_parallel_size`` GPUs, joins its own children when it is retried, and fails
+(cancelling or crashing the child) when a child never starts, runs too long or stops heartbeating
+(`alphaspin.child_runs`, `alphaspin.flows.orchestration`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 
 from alphaspin.config import AlphaSpinConfig, ConfigError, apply_overrides, config_from_dict, load_config
@@ -151,7 +154,7 @@ def alphaspin_recipe(
     recipe (overrides still apply). force_stages: re-run these stages (and everything downstream)
     in force_iterations (all when empty). fork_from: a run id this run forks. iteration_deployment:
     run each iteration as a run of this deployment (e.g. "alphaspin-run-iteration/gpu") instead of
-    in this flow run.
+    in this flow run; refused when that deployment's pool is this flow run's own pool.
     """
     resolved = resolve_config(recipe, overrides, config)
     get_run_logger().info(
@@ -175,17 +178,29 @@ def _run_iterations_on(
     force_iterations: list[int],
     fork_from: str | None,
 ) -> list[dict[str, Any]]:
-    """Each iteration as a child run of ``deployment`` (on its pool), one after the other."""
+    """Each iteration as a child run of ``deployment`` (on its pool), one after the other, watched
+    until it ends (`alphaspin.flows.orchestration.run_child`)."""
+    from alphaspin.child_runs import check_split_pools, child_idempotency_key, child_job_variables
+    from alphaspin.flows.orchestration import deployment_pool, ensure_zombie_automation, flow_run_pool, run_child
     from alphaspin.tasks import ensure_run, publish_report
 
+    logger = get_run_logger()
+    pool, pool_variables = deployment_pool(deployment)
+    check_split_pools(deployment, flow_run_pool(current_flow_run.id), pool)
+    job_variables = child_job_variables(config, pool_variables)
+    try:  # the server's safety net for children whose worker dies; the parent watches them itself too
+        ensure_zombie_automation()
+    except Exception as error:  # noqa: BLE001 - a missing automation is logged, not fatal
+        logger.warning("could not create the zombie flow-run automation (%s); relying on the parent's watch", error)
     ensure_run(config, fork_from)  # run.json first: the child reads the config from it
     iterations = list(range(config.method.iterations + 1))
     plan = force_plan(config.method.iterations, stages=force_stages, only_iterations=force_iterations)
     forced = {t: sorted(plan.get(t, ())) for t in iterations}
+    parent = str(current_flow_run.id or config.run.run_id)
     results = []
     for t in iterations:
-        child = run_deployment(
-            name=deployment,
+        run_child(
+            deployment,
             parameters={
                 "run_id": config.run.run_id,
                 "runs_root": config.run.runs_root,
@@ -193,11 +208,11 @@ def _run_iterations_on(
                 "force_stages": forced[t],
             },
             flow_run_name=f"{config.run.run_id}-iter-{t}",
-            timeout=None,  # wait as long as the iteration takes (it may queue behind the GPU limit)
+            key=child_idempotency_key(parent, config, t, forced[t]),
+            job_variables=job_variables,
+            pool=pool,
+            config=config,
         )
-        if child.state is None or not child.state.is_completed():
-            state = child.state.name if child.state else "unknown"
-            raise RuntimeError(f"iteration {t} ({deployment}, flow run {child.id}) ended {state}")
         metrics = Run(config).stored_record(Node("evaluate", t)).metrics
         results.append({"iteration": t, **metrics})
     publish_report(config)

@@ -244,10 +244,11 @@ def test_compose_server_postgres_s3_and_workers(compose: dict) -> None:
     pools = {
         d["work_pool"]["name"] for d in yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
     }
-    for service, pool in (("worker", "gpu"), ("worker-cpu", "cpu")):
-        command = services[service]["command"]
-        assert command[:3] == ["prefect", "worker", "start"] and command[command.index("--pool") + 1] == pool
-        assert pool in pools
+    command = services["worker-cpu"]["command"]
+    assert command[:3] == ["prefect", "worker", "start"] and command[command.index("--pool") + 1] == "cpu"
+    assert services["worker"]["command"] == ["bash", "docker/gpu-workers.sh"]  # one worker per GPU, pool gpu
+    assert {"cpu", "gpu"} <= pools
+    for service in ("worker", "worker-cpu"):
         assert services[service]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
     [device] = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
@@ -272,3 +273,87 @@ def test_compose_config_validates(compose: dict) -> None:
         pytest.skip("the docker compose plugin is not installed")
     done = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# -- one GPU per concurrent flow run, caches on volumes, non-root ----------------------------------
+IMAGE_UID = 10001
+
+
+def _gpu_workers(**env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        ["bash", str(ROOT / "docker" / "gpu-workers.sh")],
+        env={**os.environ, "DRY_RUN": "1", "WORKER_NAME_PREFIX": "h", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_compose_gives_every_concurrent_run_its_own_gpu(compose: dict) -> None:
+    worker = compose["services"]["worker"]
+    assert worker["environment"]["GPU_COUNT"] == "${GPU_COUNT:-1}"
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+    lines = _gpu_workers(GPU_COUNT="3").stdout.splitlines()
+    assert lines == [
+        f"CUDA_VISIBLE_DEVICES={i} prefect worker start --pool gpu --limit 1 --name h-gpu-{i}" for i in range(3)
+    ]
+    pairs = _gpu_workers(GPU_COUNT="4", GPUS_PER_WORKER="2").stdout.splitlines()
+    assert [line.split()[0] for line in pairs] == ["CUDA_VISIBLE_DEVICES=0,1", "CUDA_VISIBLE_DEVICES=2,3"]
+    refused = _gpu_workers(GPU_COUNT="3", GPUS_PER_WORKER="2")
+    assert refused.returncode == 2 and "not a multiple" in refused.stderr
+    # the pool and the tag limit get one slot per worker
+    setup = (ROOT / "docker" / "setup.sh").read_text()
+    assert 'GPUS="$(( ${GPU_COUNT:-1} / ${GPUS_PER_WORKER:-1} ))"' in setup
+    assert "python -m alphaspin.flows.orchestration" in setup  # the zombie-flow automation
+
+
+def test_dockerfile_devel_base_caches_on_volumes_non_root(dockerfile: list[Instruction], compose: dict) -> None:
+    args = _arg_defaults(dockerfile)
+    [base] = [ins for ins in dockerfile if ins.name == "FROM"]
+    assert "-devel-" in _substitute(base.value, args)  # nvcc for vLLM's JIT kernels (FlashInfer)
+    env = _env(dockerfile)
+    caches = ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE")
+    assert env["HF_HOME"] == "/cache/huggingface" and all(env[c].startswith("/cache/compile") for c in caches)
+    mounts = {v.split(":")[1] for v in compose["services"]["worker"]["volumes"]}
+    assert {"/cache/huggingface", "/cache/compile"} <= mounts
+    docker_template = json.loads((ROOT / "deploy" / "docker-gpu-job-template.json").read_text())
+    assert {v.split(":")[1] for v in docker_template["variables"]["properties"]["volumes"]["default"]} == {
+        "/cache/huggingface",
+        "/cache/compile",
+    }
+    # the last USER is a fixed numeric non-root uid, the one the Kubernetes template runs as
+    user = [ins.value for ins in dockerfile if ins.name == "USER"][-1]
+    assert _substitute(user, args) == f"{IMAGE_UID}:{IMAGE_UID}" and int(args["APP_UID"]) == IMAGE_UID
+    k8s = json.loads((ROOT / "deploy" / "k8s-gpu-job-template.json").read_text())
+    security = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["securityContext"]
+    assert security == {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID}
+    assert all(
+        v.split(":")[1] == "/home/alphaspin/.prefect"
+        for service in ("worker", "worker-cpu")
+        for v in compose["services"][service]["volumes"]
+        if "prefect" in v
+    )
+
+
+def test_compose_server_keeps_concurrency_leases_on_disk(compose: dict) -> None:
+    """Prefect 3.8 frees a dead task's `gpu` tag slot when its lease expires (the server's repossessor);
+    in-memory lease storage would forget the leases on a server restart and leak the slots."""
+    server = compose["services"]["prefect-server"]
+    assert server["environment"]["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"].endswith("lease_storage.filesystem")
+    assert any(v.endswith(":" + server["environment"]["PREFECT_HOME"]) for v in server["volumes"])
+
+
+def test_prefect_frees_a_dead_tasks_tag_slot_by_lease() -> None:
+    """What the walkthrough relies on instead of resetting the `gpu` tag limit by hand: Prefect 3.8
+    acquires a task's tag slots as a lease the task renews, and the server's repossessor (on by
+    default) frees the slots of a lease nobody renews (a task killed mid-train)."""
+    import inspect
+
+    import prefect.task_engine
+    from prefect.settings import get_current_settings
+
+    source = inspect.getsource(prefect.task_engine)
+    assert 'names=[f"tag:{tag}" for tag in self.task_run.tags]' in source and "lease_duration=" in source
+    assert get_current_settings().server.services.repossessor.enabled

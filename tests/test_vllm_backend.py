@@ -104,6 +104,27 @@ def test_seeds_are_per_request_not_per_batch(tokenizer):
     assert len({i["sampling"]["seed"] for i in build_vllm_inputs(requests, CONFIG)}) == len(requests)
 
 
+def test_per_request_seeds_off_leaves_seeding_to_the_engine(tokenizer, tmp_path):
+    """generation.per_request_seeds=false: no row carries a seed (vLLM's batched sampler), the engine
+    gets generation.seed (else 0); the generate stage's cache key changes only then, and only on vLLM."""
+    from alphaspin.config import AlphaSpinConfig
+    from alphaspin.stages.generate import reads
+
+    _, requests = _mixture_requests(tokenizer, {"base": None, "iter-0": "/x/a0", "iter-1": "/x/a1"})
+    batched = CONFIG.model_copy(update={"per_request_seeds": False})
+    assert all("seed" not in i["sampling"] for i in build_vllm_inputs(requests, batched))
+    assert engine_kwargs("/m", batched, "float32", [])["seed"] == 0
+    assert engine_kwargs("/m", batched.model_copy(update={"seed": 5}), "float32", [])["seed"] == 5
+    assert "seed" not in engine_kwargs("/m", CONFIG, "float32", [])  # per-request seeds: engine seed unused
+
+    default = AlphaSpinConfig(generation=CONFIG)
+    assert "generation.per_request_seeds" not in reads(default, 1, "base")  # keys of existing runs unchanged
+    off = AlphaSpinConfig(generation=batched)
+    assert reads(off, 1, "base") == {**reads(default, 1, "base"), "generation.per_request_seeds": False}
+    on_cpu = AlphaSpinConfig(generation=GenerationConfig(per_request_seeds=False))  # transformers: no effect
+    assert reads(on_cpu, 1, "base") == reads(AlphaSpinConfig(), 1, "base")
+
+
 def test_greedy_and_sampling_params_follow_the_config(tokenizer):
     greedy = GenerationConfig(backend="vllm", temperature=0.0, top_p=1.0, max_new_tokens=5)
     request = build_requests(tokenizer, PROMPTS[:1], None, 0, 0, "base")

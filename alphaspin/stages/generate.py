@@ -33,6 +33,16 @@ SHARD = "shards/shard-{index:05d}.parquet"
 EXECUTION_ONLY = ("generation.shard_size", "generation.gpu_memory_utilization")
 # Knobs of what later stages do with the losers, not of sampling them.
 DOWNSTREAM_ONLY = ("generation.truncated_losers",)
+PER_REQUEST_SEEDS = "generation.per_request_seeds"
+
+
+def seeding_fields(config: AlphaSpinConfig) -> dict[str, Any]:
+    """``generation.per_request_seeds`` as a cache-key field, only where it changes what is sampled
+    (vLLM with it off; the transformers backend seeds per batch either way): runs made before the
+    knob existed keep their keys."""
+    if config.generation.backend == "vllm" and not config.generation.per_request_seeds:
+        return {PER_REQUEST_SEEDS: False}
+    return {}
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
@@ -43,8 +53,9 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "model.chat_template",
         "generation",
         "run.seed",
-        exclude=EXECUTION_ONLY + DOWNSTREAM_ONLY,
+        exclude=EXECUTION_ONLY + DOWNSTREAM_ONLY + (PER_REQUEST_SEEDS,),
     )
+    fields.update(seeding_fields(config))
     sampler = member_sampler(member) if member is not None else None
     # A sampler of the geometric mixture π_(t-1)^α·π_base^(1-α); gflownet's is a trained adapter (an
     # input: train_sampler reads α and its knobs), sampled with the sampler's max_new_tokens.
@@ -84,7 +95,7 @@ def sampling_used(config: AlphaSpinConfig, member: str) -> dict[str, Any]:
         "top_p": used.top_p,
         "max_new_tokens": used.max_new_tokens,
         "seed": used.effective_seed(config.run.seed),
-        "per_request_seeds": True,
+        "per_request_seeds": used.per_request_seeds or used.backend != "vllm",
         "batch_size": used.batch_size,
     }
     if sampler == "sir":

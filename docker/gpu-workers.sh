@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One Prefect process worker per GPU group on the `gpu` pool (docker/compose.yaml's `worker`):
+# worker i sees only its own GPUs (CUDA_VISIBLE_DEVICES) and runs one flow run at a time, so
+# concurrent flow runs never share a GPU. A single worker would start every flow run with all GPUs
+# visible, and each would put its models on cuda:0.
+#
+#   GPU_COUNT=4 bash docker/gpu-workers.sh                      4 workers, GPUs 0, 1, 2, 3
+#   GPU_COUNT=4 GPUS_PER_WORKER=2 bash docker/gpu-workers.sh    2 workers, GPUs 0,1 and 2,3 (tensor_parallel_size 2)
+#   DRY_RUN=1 GPU_COUNT=2 bash docker/gpu-workers.sh            print the commands only
+#
+# Exits when any worker exits (the container's restart policy starts them all again); SIGTERM/SIGINT
+# reach every worker.
+set -euo pipefail
+GPUS="${GPU_COUNT:-1}"
+PER_WORKER="${GPUS_PER_WORKER:-1}"
+POOL="${WORK_POOL:-gpu}"
+PREFIX="${WORKER_NAME_PREFIX:-$(hostname)}"
+
+if [ "$PER_WORKER" -lt 1 ] || [ "$GPUS" -lt "$PER_WORKER" ] || [ $((GPUS % PER_WORKER)) -ne 0 ]; then
+  echo "gpu-workers.sh: GPU_COUNT=${GPUS} is not a multiple of GPUS_PER_WORKER=${PER_WORKER}" >&2
+  exit 2
+fi
+
+pids=()
+stop() {
+  for pid in "${pids[@]}"; do kill -INT "$pid" 2> /dev/null || true; done
+}
+trap stop TERM INT
+
+for ((first = 0; first < GPUS; first += PER_WORKER)); do
+  devices="$(seq -s, "$first" $((first + PER_WORKER - 1)))"
+  name="${PREFIX}-gpu-${devices//,/-}"
+  if [ -n "${DRY_RUN:-}" ]; then
+    echo "CUDA_VISIBLE_DEVICES=${devices} prefect worker start --pool ${POOL} --limit 1 --name ${name}"
+    continue
+  fi
+  CUDA_VISIBLE_DEVICES="$devices" prefect worker start --pool "$POOL" --limit 1 --name "$name" &
+  pids+=("$!")
+done
+[ -n "${DRY_RUN:-}" ] && exit 0
+status=0
+wait -n "${pids[@]}" || status=$?
+stop
+wait || true
+exit "$status"

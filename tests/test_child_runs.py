@@ -1,0 +1,207 @@
+"""Split orchestration's child runs: the decisions (`alphaspin.child_runs`, pure), the zombie automation
+as Prefect 3.8 builds it, and the GPU pool templates rendered by Prefect's own job-configuration code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from alphaspin.child_runs import (
+    ChildStatus,
+    check_split_pools,
+    child_failure,
+    child_idempotency_key,
+    child_job_variables,
+    child_verdict,
+)
+from alphaspin.config import AlphaSpinConfig, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _template(name: str) -> dict[str, Any]:
+    return json.loads((ROOT / "deploy" / name).read_text())
+
+
+def _at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+# -- when the parent gives up on a child -----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("status", "now", "verdict"),
+    [
+        (ChildStatus("COMPLETED", True, T0), 10, "done"),
+        (ChildStatus("CRASHED", True, T0), 10**9, "done"),  # final wins over every timeout
+        (ChildStatus("SCHEDULED", False, T0), 999, "wait"),  # queued behind the GPU limit: waits
+        (ChildStatus("SCHEDULED", False, T0), 1001, "never_started"),  # no worker for longer than the timeout
+        (ChildStatus("PENDING", False, T0), 1001, "never_started"),
+        (ChildStatus("RUNNING", False, T0, _at(10), _at(900)), 1001, "timed_out"),  # alive, too long
+        (ChildStatus("RUNNING", False, T0, _at(10)), 10 + 300, "wait"),  # no heartbeat yet: the Running state counts
+        (ChildStatus("RUNNING", False, T0, _at(10)), 10 + 301, "no_heartbeat"),
+        (ChildStatus("RUNNING", False, T0, _at(10), _at(200)), 200 + 300, "wait"),  # the latest beat counts
+        (ChildStatus("RUNNING", False, T0, _at(10), _at(200)), 200 + 301, "no_heartbeat"),
+    ],
+)
+def test_child_verdict(status: ChildStatus, now: float, verdict: str) -> None:
+    assert child_verdict(status, _at(now), timeout_seconds=1000, heartbeat_timeout_seconds=300) == verdict
+
+
+def test_failure_messages_name_the_deployment_the_pool_and_what_to_check() -> None:
+    config = AlphaSpinConfig()
+    args = ("alphaspin-run-iteration/gpu", "gpu", "abc", "Running", config)
+    dead = child_failure("no_heartbeat", *args)
+    assert "alphaspin-run-iteration/gpu" in dead and "work pool gpu" in dead and "no heartbeat for 900 s" in dead
+    queued = child_failure("never_started", *args)
+    assert "prefect worker start --pool gpu" in queued and "orchestration.child_timeout_seconds=172800" in queued
+    assert "Raise the timeout" in child_failure("timed_out", *args)
+
+
+# -- no deadlock, no duplicate child, the GPUs it needs --------------------------------------------
+def test_split_run_on_its_own_pool_is_refused_in_one_line() -> None:
+    check_split_pools("alphaspin-run-iteration/gpu", "cpu", "gpu")
+    check_split_pools("alphaspin-run-iteration/gpu", None, "gpu")  # not started by a worker (a local call)
+    with pytest.raises(ConfigError, match="work pool 'gpu', the pool this flow run occupies") as error:
+        check_split_pools("alphaspin-run-iteration/gpu", "gpu", "gpu")
+    assert "\n" not in str(error.value)
+
+
+def test_idempotency_key_joins_retries_of_one_parent_only() -> None:
+    config = AlphaSpinConfig()
+    key = child_idempotency_key("parent-1", config, 1, ["train"])
+    assert key == child_idempotency_key("parent-1", config, 1, ["train"])  # the parent's retry joins its child
+    assert key.startswith("alphaspin-parent-1-iter-1-")
+    others = {
+        child_idempotency_key("parent-2", config, 1, ["train"]),  # another parent flow run
+        child_idempotency_key("parent-1", config, 2, ["train"]),  # another iteration
+        child_idempotency_key("parent-1", config, 1, []),  # other forced stages
+        child_idempotency_key(
+            "parent-1", config.model_copy(update={"run": config.run.model_copy(update={"seed": 1})}), 1, ["train"]
+        ),
+    }
+    assert key not in others and len(others) == 4
+
+
+def test_tensor_parallel_size_reaches_the_pools_gpu_count() -> None:
+    config = AlphaSpinConfig.model_validate({"generation": {"tensor_parallel_size": 2}})
+    for name in ("docker-gpu-job-template.json", "k8s-gpu-job-template.json"):
+        variables = _template(name)["variables"]["properties"]
+        assert child_job_variables(config, variables) == {"gpu_count": 2}, name
+        assert child_job_variables(AlphaSpinConfig(), variables) == {"gpu_count": 1}, name
+    from prefect.workers.process import ProcessWorker
+
+    process = ProcessWorker.get_default_base_job_template()["variables"]["properties"]
+    assert child_job_variables(config, process) == {}  # a process worker's GPUs are its CUDA_VISIBLE_DEVICES
+    pinned = {**_template("docker-gpu-job-template.json")["variables"]["properties"]}
+    pinned["gpu_device_ids"] = {**pinned["gpu_device_ids"], "default": ["1"]}
+    assert child_job_variables(AlphaSpinConfig(), pinned) == {}  # a pool per GPU keeps its pin
+    with pytest.raises(ConfigError, match="pinned to GPU"):
+        child_job_variables(config, pinned)
+
+
+# -- the server's safety net: Prefect's zombie-flow automation -------------------------------------
+def test_zombie_automation_crashes_flow_runs_that_stop_heartbeating() -> None:
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.schemas.automations import Posture
+    from prefect.settings import get_current_settings
+
+    from alphaspin.flows.orchestration import ZOMBIE_AFTER_SECONDS, zombie_automation
+
+    automation = zombie_automation()
+    trigger = automation.trigger
+    assert trigger.posture == Posture.Proactive and trigger.threshold == 1
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert trigger.expect == {
+        "prefect.flow-run.heartbeat",
+        *(f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")),
+    }
+    assert trigger.for_each == {"prefect.resource.id"}  # one countdown per flow run
+    # Prefect 3.8 heartbeats every flow run (180 s by default): the window covers three beats
+    frequency = get_current_settings().flows.heartbeat_frequency
+    assert frequency is not None and trigger.within == timedelta(seconds=ZOMBIE_AFTER_SECONDS) >= timedelta(
+        seconds=3 * frequency
+    )
+    [action] = automation.actions
+    assert action.type == "change-flow-run-state" and action.state == StateType.CRASHED
+    # the child's own watch must not give up before the server's automation would
+    assert AlphaSpinConfig().orchestration.child_heartbeat_timeout_seconds >= ZOMBIE_AFTER_SECONDS
+
+
+# -- the pool templates, rendered as a worker renders them -----------------------------------------
+def _render(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The job configuration a worker builds for a flow run: Prefect's `from_template_and_values`
+    (variable defaults, the flow run's job variables, env merged), kept as a plain dict."""
+    from prefect.workers.base import BaseJobConfiguration
+
+    class Rendered(BaseJobConfiguration, extra="allow"):
+        pass
+
+    config = asyncio.run(Rendered.from_template_and_values(template, values, client=object()))
+    return config.model_dump()
+
+
+def test_docker_template_requests_gpus_and_shared_memory() -> None:
+    import docker.models.containers as containers
+
+    template = _template("docker-gpu-job-template.json")
+    assert "container_wait_timeout" not in template["job_configuration"]  # not a field of the Docker worker
+    assert "container_wait_timeout" not in template["variables"]["properties"]
+
+    def host_config(values: dict[str, Any]) -> dict[str, Any]:
+        kwargs = _render(template, values)["container_create_kwargs"]
+        # what docker-py makes of the worker's create kwargs (the worker passes them to containers.create)
+        return containers._create_container_args({"image": "x", "version": "1.44", **kwargs})["host_config"]
+
+    default = host_config({})
+    assert default["DeviceRequests"] == [
+        {"Driver": "nvidia", "Count": 1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
+    ]
+    assert default["ShmSize"] == 8 * 1024**3
+    assert host_config({"gpu_count": 2})["DeviceRequests"][0]["Count"] == 2
+    pinned = host_config({"gpu_count": 0, "gpu_device_ids": ["1"]})["DeviceRequests"][0]
+    assert (pinned["Count"], pinned["DeviceIDs"]) == (0, ["1"])
+
+    rendered = _render(template, {"runs_root": "s3://b/runs", "env": {"HF_TOKEN": "t"}})
+    assert rendered["env"] == {"ALPHASPIN_RUNS_ROOT": "s3://b/runs", "HF_TOKEN": "t"}
+    assert "ALPHASPIN_RUNS_ROOT" not in (_render(template, {})["env"] or {})  # unset: the image's default
+    assert {v.split(":")[1] for v in rendered["volumes"]} == {"/cache/huggingface", "/cache/compile"}
+
+
+def test_docker_template_with_the_real_docker_worker() -> None:
+    worker = pytest.importorskip("prefect_docker.worker")
+    config = asyncio.run(
+        worker.DockerWorkerJobConfiguration.from_template_and_values(
+            _template("docker-gpu-job-template.json"), {"gpu_count": 2}, client=object()
+        )
+    )
+    assert config.container_create_kwargs["device_requests"][0]["count"] == 2
+    fields = set(worker.DockerWorkerJobConfiguration.model_fields)
+    assert set(_template("docker-gpu-job-template.json")["job_configuration"]) <= fields
+
+
+def test_k8s_template_runs_root_cache_and_non_root() -> None:
+    template = _template("k8s-gpu-job-template.json")
+    rendered = _render(template, {"gpu_count": 2, "runs_root": "s3://b/runs"})
+    assert rendered["env"] == {"ALPHASPIN_RUNS_ROOT": "s3://b/runs"}
+    pod = rendered["job_manifest"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert pod["securityContext"]["runAsNonRoot"] is True  # the uid is the image's (test_docker_files)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    assert mounts["cache"] == "/cache" and claims["cache"] == "alphaspin-cache"
+
+
+def test_templates_suggest_secret_blocks_not_plain_credentials() -> None:
+    for name in ("docker-gpu-job-template.json", "k8s-gpu-job-template.json"):
+        text = (ROOT / "deploy" / name).read_text()
+        assert "{{ prefect.blocks.secret." in text, name
+    docs = (ROOT / "docs" / "gpu-pool.md").read_text()
+    assert '"AWS_SECRET_ACCESS_KEY": "..."' not in docs
+    assert "prefect.blocks.secret." in docs
