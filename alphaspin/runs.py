@@ -81,7 +81,7 @@ class Run:
         comparable = _comparable(resolved)
         existing = self.record()
         if existing is not None:
-            before = _comparable(existing.get("config", {}))
+            before = _comparable(_upgraded(existing.get("config", {}), self.run_json))
             if before != comparable:
                 changed = sorted(_diff(before, comparable))
                 raise RunConflictError(
@@ -146,6 +146,15 @@ def stored_config(run_id: str, runs_root: str) -> AlphaSpinConfig:
     config = config_from_dict(storage.read_json(path)["config"], f"{storage.url}/run.json")
     config.run.runs_root = runs_root
     return config
+
+
+def _upgraded(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """A stored config as this version reads it: knobs added since it was written take their
+    defaults (which keep the old behaviour), so upgrading alphaspin does not orphan existing runs."""
+    try:
+        return dump_config(config_from_dict(config, where))
+    except ConfigError:  # a knob since removed or renamed: compare as stored, the diff names it
+        return config
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

@@ -375,3 +375,19 @@ def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config)
     assert (
         ctx.dir(Node("reference_logps", 0)).read_table("reference.parquet").log_partition == 0
     ).all()  # Z = 1 at t = 0
+
+
+def test_a_run_written_before_a_knob_existed_is_the_same_run(make_config, tmp_path):
+    """Upgrading alphaspin adds knobs; a run.json written without one (its default keeps the old
+    behaviour) still belongs to the same run, while a real change is still refused."""
+    config = make_config()
+    run_ = Run(config)
+    record = run_.ensure()
+    del record["config"]["generation"]["per_request_seeds"]  # as an older version wrote it
+    del record["config"]["method"]["opponent"]
+    run_.storage.write_json(run_.run_json, record)
+    assert Run(config).ensure()["created"] == record["created"]
+    changed = config.model_copy(deep=True)
+    changed.method.alpha = 0.5
+    with pytest.raises(RunConflictError, match=r"method\.alpha"):
+        Run(changed).ensure()
