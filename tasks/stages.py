@@ -71,20 +71,32 @@ def execute_stage(config: AlphaSpinConfig, prepared: Prepared) -> StageRecord:
     return record
 
 
-def _make_task(spec: StageSpec) -> Task:
+def _make_task(spec: StageSpec, tagged: bool = True) -> Task:
+    tags = (["alphaspin", "gpu"] if spec.gpu else ["alphaspin"]) if tagged else None
     return task(
         execute_stage,
         name=spec.name,
         description=spec.description,
         cache_key_fn=_cache_key_fn,
         persist_result=True,
-        tags=["alphaspin", "gpu"] if spec.gpu else ["alphaspin"],
+        tags=tags,
         retries=2 if spec.gpu else 0,
         retry_delay_seconds=10 if spec.gpu else 0,
     )
 
 
 STAGE_TASKS: dict[str, Task] = {name: _make_task(spec) for name, spec in REGISTRY.items()}
+# For a temporary server (no PREFECT_API_URL): it starts empty, so no tag concurrency limit can exist,
+# and its UI is gone at exit. Prefect still asks it for tag slots before every tagged task — a write that
+# collides with its own log and event writes on SQLite (503 "busy", retried after ~2 s: ~10 s per
+# iteration of the quickstart). The `gpu` tag matters where a server keeps limits; there the tasks carry it.
+_UNTAGGED_TASKS: dict[str, Task] = {name: _make_task(spec, tagged=False) for name, spec in REGISTRY.items()}
+
+
+def _stage_task(stage: str) -> Task:
+    from prefect.settings import PREFECT_API_URL
+
+    return (STAGE_TASKS if PREFECT_API_URL.value() else _UNTAGGED_TASKS)[stage]
 
 
 def run_stage(config: AlphaSpinConfig, node: Node, inputs: Inputs, force: bool = False) -> StageRecord:
@@ -97,7 +109,7 @@ def run_stage(config: AlphaSpinConfig, node: Node, inputs: Inputs, force: bool =
         options.update(
             retries=config.orchestration.retries, retry_delay_seconds=config.orchestration.retry_delay_seconds
         )
-    state = STAGE_TASKS[node.stage].with_options(**options)(config=config, prepared=prepared, return_state=True)
+    state = _stage_task(node.stage).with_options(**options)(config=config, prepared=prepared, return_state=True)
     record = state.result()  # raises the stage's error when it failed
     if state.name == "Cached":  # Prefect answered from its cache: the runner never saw the node
         console.current().stage_reused(node.label, "cached")
