@@ -62,6 +62,8 @@ def _progress(label: str):
 
 def execute_stage(config: AlphaSpinConfig, prepared: Prepared) -> StageRecord:
     """Execute one prepared node of the run (the body of every stage task)."""
+    what = {"run": "running", "adopt": "adopting"}.get(prepared.status, prepared.status)
+    get_run_logger().info("%s: %s (%s)", prepared.node.label, what, prepared.reason)
     workspace = Workspace(config, progress=_progress(prepared.node.label))
     try:
         record = Runner(Run(config), workspace).execute(prepared)

@@ -145,6 +145,7 @@ def test_the_console_of_a_run_stays_within_its_budget_and_the_log_has_everything
             log.message
             for log in client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[train.id])))
         ]
+    assert messages[0] == "iter-1/train: running (not run yet)", messages
     assert any("iter-1/train: step" in m for m in messages), messages
     assert any(m.startswith("iter-1/train: train/loss=") for m in messages), messages
     assert len(messages) <= 10 and not any("{'loss'" in m or "co_code" in m for m in messages), messages
