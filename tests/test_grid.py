@@ -233,3 +233,29 @@ def _csv(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
 
     with path.open() as handle:
         return {(r["metric"], r["cell"], r["iteration"]): r for r in csv.DictReader(handle)}
+
+
+@pytest.mark.slow
+def test_the_grid_flow_runs_its_cells_through_prefect_and_shares_iteration_0(tmp_path, tiny_model, prefect_server):
+    """The default path (`alphaspin grid` without --no-prefect): the `alphaspin-grid` flow runs every
+    cell as a task with its run's subflows; the second cell adopts iteration 0 from the first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    from alphaspin.flows.cli import main
+
+    path = tiny_grid(tmp_path, tiny_model)
+    spec = yaml.safe_load(path.read_text())
+    spec.update(seeds=[0], base={**spec["base"], "method.iterations": 0})
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["grid", "-c", str(path)]) == 0
+    runs = tmp_path / "runs"
+    for stage in ("sample_prompts", "generate-base", "build_pairs", "reference_logps", "train", "evaluate"):
+        adopted = _manifest(runs, "tiny-alpha0.8-s0", 0, stage)["metrics"]
+        assert adopted["adopted_from"].endswith(f"tiny-alpha1-s0/iter-0/{stage}")
+    assert (runs / "tiny" / "report.md").exists()
+    with get_client(sync_client=True) as client:
+        grids = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["alphaspin-grid"])))
+        runs_of = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["alphaspin-run"])))
+    assert [g.state.name for g in grids] == ["Completed"]
+    assert sorted(r.name for r in runs_of if r.name.startswith("tiny-")) == ["tiny-alpha0.8-s0", "tiny-alpha1-s0"]
