@@ -26,14 +26,10 @@ RETRIES_OF_A_FAILED_CELL = 20  # earlier failed flow runs of a cell skipped befo
 
 
 @task(name="run_cell", persist_result=False, cache_policy=NO_CACHE)
-def run_cell(config: AlphaSpinConfig, deployment: str | None, key: str) -> str:
-    """One cell: a flow run of ``deployment`` (waited for), or an alphaspin-run subflow here.
-    ``key``: the cell's idempotency key (`alphaspin.grid.idempotency_key`)."""
-    from alphaspin.flows.alphaspin_run import alphaspin_run
-
-    if deployment is None:
-        alphaspin_run(config=config)
-        return "Completed"
+def run_cell(config: AlphaSpinConfig, deployment: str, key: str) -> str:
+    """One cell: a flow run of ``deployment``, waited for. ``key``: the cell's idempotency key
+    (`alphaspin.grid.idempotency_key`). Local cells are subflows of the grid flow, not tasks: a stage
+    task inside a task's transaction has its result record written only when the outer task ends."""
     from prefect.deployments import run_deployment
 
     run_id = config.run.run_id
@@ -62,6 +58,7 @@ def run_cell(config: AlphaSpinConfig, deployment: str | None, key: str) -> str:
 def alphaspin_grid(
     grid_file: str,
     overrides: list[str] = [],  # noqa: B006 (never mutated)
+    concurrency: int | None = None,
 ) -> dict[str, Any]:
     """Every cell × seed of a grid file (cached stages skipped, identical stages computed once),
     then the grid report (mean and 95% CI across seeds, differences against the baseline cell)."""
@@ -71,17 +68,20 @@ def alphaspin_grid(
     grid = load_grid(grid_file, list(overrides))
     write_grid_record(grid)
     logger.info("grid %s: %d cells x %d seeds", grid.name, len(grid.cell_names), len(grid.spec.seeds))
-    futures = {
-        cell.run_id: run_cell.with_options(task_run_name=cell.run_id).submit(
-            cell.config, grid.spec.deployment, idempotency_key(grid, cell)
-        )
-        for cell in grid.cells
-    }
-    failed = {}
-    for run_id, future in futures.items():
-        future.wait()
-        if not future.state.is_completed():
-            failed[run_id] = future.state.name
+    if grid.spec.deployment:
+        futures = {
+            cell.run_id: run_cell.with_options(task_run_name=cell.run_id).submit(
+                cell.config, grid.spec.deployment, idempotency_key(grid, cell)
+            )
+            for cell in grid.cells
+        }
+        failed = {}
+        for run_id, future in futures.items():
+            future.wait()
+            if not future.state.is_completed():
+                failed[run_id] = future.state.name
+    else:
+        failed = _run_cells_here(grid, concurrency)
     rows = grid_status(grid)
     create_table_artifact(table=rows, key=f"{_slug(grid.name)}-grid-status", description=f"grid {grid.name}: cells")
     report = write_grid_report(grid)
@@ -95,12 +95,35 @@ def alphaspin_grid(
     return {"grid": grid.name, "report": report["url"], "sharing": report["sharing"]}
 
 
+def _run_cells_here(grid: Grid, concurrency: int | None) -> dict[str, str]:
+    """Every cell as an alphaspin-run subflow of the grid flow, ``concurrency`` at a time (threads,
+    each with a copy of the flow's context so its subflow is the grid's child). A failed cell is
+    reported with the others; the rest still run."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alphaspin.flows.alphaspin_run import alphaspin_run
+
+    def one(cell: Any) -> str | None:
+        state = alphaspin_run(config=cell.config, return_state=True)
+        return None if state.is_completed() else state.name
+
+    workers = concurrency or grid.spec.concurrency
+    if workers <= 1:
+        outcome = {cell.run_id: one(cell) for cell in grid.cells}
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {cell.run_id: pool.submit(contextvars.copy_context().run, one, cell) for cell in grid.cells}
+            outcome = {run_id: future.result() for run_id, future in futures.items()}
+    return {run_id: state for run_id, state in outcome.items() if state is not None}
+
+
 def run_grid_flow(grid: Grid, grid_file: str, overrides: list[str], concurrency: int | None = None) -> dict[str, Any]:
     """The grid flow with room for its cells: every cell at once on a deployment (the pool limits
     them), else ``concurrency`` (the grid file's by default)."""
-    workers = len(grid.cells) if grid.spec.deployment else (concurrency or grid.spec.concurrency)
+    workers = len(grid.cells) if grid.spec.deployment else 1
     runner = alphaspin_grid.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-    return runner(grid_file=grid_file, overrides=overrides)
+    return runner(grid_file=grid_file, overrides=overrides, concurrency=concurrency)
 
 
 def _slug(name: str) -> str:
