@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,11 @@ def contend(make_lease, workers: int, rounds: int, hold: float) -> list[tuple[fl
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    stuck = [thread for thread in threads if thread.is_alive()]
+    if stuck:  # say where they hang (a storage call that never returns?) instead of only "0 sections"
+        frames = sys._current_frames()
+        stacks = "\n".join("".join(traceback.format_stack(frames[t.ident])) for t in stuck if t.ident in frames)
+        pytest.fail(f"{len(stuck)} of {workers} threads still inside the lease after 60 s:\n{stacks}")
     assert not errors, errors
     assert len(sections) == workers * rounds
     return sections
