@@ -544,6 +544,16 @@ def config_from_dict(data: dict[str, Any], source: str = "(dict)") -> AlphaSpinC
         raise ConfigError(_format_errors(error, source)) from None
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; a missing file or bad YAML is a ConfigError naming ``what`` and the path."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path}: not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {path}: not valid YAML: {error}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AlphaSpinConfig:
     """Load a YAML recipe (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
     data: dict[str, Any] = {}
@@ -551,12 +561,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path}: not valid YAML: {error}") from None
+        loaded = read_yaml(path, "config file")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -157,15 +157,10 @@ def _label(key: str, value: Any) -> str:
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     """Read and check a grid file; ``overrides`` ("key=value", as --set) apply to every cell's base."""
-    from alphaspin.config import apply_overrides, load_config
+    from alphaspin.config import apply_overrides, load_config, read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {path}: not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"grid file {path}: not valid YAML: {error}") from None
+    raw = read_yaml(path, "grid file")
     try:
         spec = GridFile.model_validate(raw or {})
     except ValidationError as error:

@@ -14,11 +14,14 @@ alphaspin grid-report -c configs/grid-cpu.yaml              (mean ± 95% CI acro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from alphaspin.config import AlphaSpinConfig, ConfigError, load_config
 from alphaspin.dag import parse_force
@@ -119,20 +122,35 @@ def _header(
         console.print(f"  {'Prefect':<11} temporary local server (set PREFECT_API_URL to keep runs in a UI)")
 
 
-def _run_in_console(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[int, set[str]], command: str) -> int:
-    """Run with a person's console: header, stage lines, iteration lines; all else in the log file."""
-    import time
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
-    from alphaspin.console import TerminalConsole, activate, capture_output, duration
+
+@contextlib.contextmanager
+def _captured(args: argparse.Namespace, log_file: Path) -> Iterator[TextIO]:
+    """The libraries' output goes to ``log_file`` (and the terminal too with --verbose); yields the
+    terminal stream for the console. `run`, `rerun` and `grid` run inside it."""
+    from alphaspin.console import capture_output
 
     if not args.no_prefect:
         import prefect  # noqa: F401  (Prefect configures logging on import: take over after it)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    try:
+        with capture_output(log_file, verbose=args.verbose, level=level) as terminal:
+            yield terminal
+    finally:
+        logging.getLogger("prefect").setLevel(logging.WARNING)  # not "Stopping temporary server" after the end
+
+
+def _run_in_console(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[int, set[str]], command: str) -> int:
+    """Run with a person's console: header, stage lines, iteration lines; all else in the log file."""
+    from alphaspin.console import TerminalConsole, activate, duration
+
+    stamp = _stamp()
     log_file = _log_dir() / f"{config.run.run_id}-{stamp}.log"
     started = time.monotonic()
-    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
     failure: tuple[str | None, BaseException] | None = None
-    with capture_output(log_file, verbose=args.verbose, level=level) as terminal:
+    with _captured(args, log_file) as terminal:
         console = TerminalConsole(terminal)
         _header(console, config, command, getattr(args, "config", None), log_file, args.no_prefect)
         logger.info("resolved config:\n%s", json.dumps(config.model_dump(mode="json"), indent=2))
@@ -145,7 +163,6 @@ def _run_in_console(config: AlphaSpinConfig, args: argparse.Namespace, force: di
             logger.exception("the run failed")
             failure = (console.failed or console.running, error)
         kept = _keep_log(config, log_file, f"{stamp}-{command}.log")
-    logging.getLogger("prefect").setLevel(logging.WARNING)  # not "Stopping temporary server" after the end
     if failure is not None:
         stage, error = failure
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -305,16 +322,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
         return 0
     if args.no_prefect and grid.spec.deployment:
         raise ConfigError(f"grid {grid.name}: deployment {grid.spec.deployment} runs cells through Prefect")
-    import time
+    from alphaspin.console import TerminalConsole, activate, duration
 
-    from alphaspin.console import TerminalConsole, activate, capture_output, duration
-
-    if not args.no_prefect:
-        import prefect  # noqa: F401  (Prefect configures logging on import: take over after it)
-    log_file = _log_dir() / f"grid-{grid.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
-    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    log_file = _log_dir() / f"grid-{grid.name}-{_stamp()}.log"
     started = [time.monotonic()]
-    with capture_output(log_file, verbose=args.verbose, level=level) as terminal:
+    with _captured(args, log_file) as terminal:
         # One line per finished cell (stages ran / adopted from another cell / cached); the live line
         # shows the running stage on a terminal; every stage's detail is in the log.
         console = TerminalConsole(terminal, stage_lines=args.verbose, iteration_lines=args.verbose)
@@ -339,7 +351,6 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
                 failed = {}
                 report = {"url": run_grid_flow(grid, args.config, args.overrides, args.concurrency)["report"]}
-    logging.getLogger("prefect").setLevel(logging.WARNING)
     print(format_status(grid, grid_status(grid)))
     print(f"report written to {report['url']}/report.md", file=sys.stderr)
     if failed:
