@@ -322,6 +322,18 @@ def _stage(task_run_name: str) -> str:
     return folder.split("-", 1)[0] if folder.startswith("generate-") else folder
 
 
+def _settled_iteration_runs(client, parent_id: str, seconds: float = 30.0) -> list[tuple[str, dict[str, Any]]]:
+    """`_iteration_runs` once no task run is still Pending or Running: task states reach the server as
+    events, recorded a moment after the flow run's own (API-set) final state."""
+    deadline = time.monotonic() + seconds
+    while True:
+        runs = _iteration_runs(client, parent_id)
+        settled = all(st.name not in ("Pending", "Running") for _, stages in runs for st in stages.values())
+        if settled or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
 def _iteration_runs(client, parent_id: str) -> list[tuple[str, dict[str, Any]]]:
     """(state, {stage: task run state}) of each iteration subflow run of ``parent_id``, oldest first."""
     from prefect.client.schemas.filters import (
@@ -410,7 +422,7 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
             lap("failing run")
             assert failed.state.is_failed(), failed.state
             assert failed.name == RUN_ID  # the UI shows the run id as the flow run's name
-            [(child_state, stages)] = _iteration_runs(client, run_id)
+            [(child_state, stages)] = _settled_iteration_runs(client, run_id)
             assert child_state == "Failed"
             assert {s: st.name for s, st in stages.items()} == {
                 **dict.fromkeys(STAGE_TASKS[:-1], "Completed"),
@@ -425,7 +437,7 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
             lap("retry")
             assert retried.state.is_completed(), retried.state
             assert retried.run_count == 2
-            runs = _iteration_runs(client, run_id)
+            runs = _settled_iteration_runs(client, run_id)
             assert [state for state, _ in runs] == ["Failed", "Completed"]
             assert {s: st.name for s, st in runs[-1][1].items()} == {
                 **dict.fromkeys(STAGE_TASKS[:-1], "Cached"),
