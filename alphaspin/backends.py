@@ -26,5 +26,5 @@ def make_backend(
     if config.backend == "vllm":
         from alphaspin.vllm_backend import VllmBackend
 
-        return VllmBackend(model_path, tokenizer, config, dtype=dtype, adapter_paths=adapter_paths)
+        return VllmBackend(model_path, tokenizer, config, dtype=dtype, adapter_paths=adapter_paths, device=device)
     return TransformersBackend(model_path, tokenizer, config, dtype=dtype, device=device)

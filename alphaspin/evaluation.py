@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alphaspin.generation import left_pad
+from alphaspin.config import GenerationConfig
+from alphaspin.generation import GenerationRequest, left_pad
 from alphaspin.reference import dpo_margin
 from alphaspin.storage import StageDir
 from alphaspin.workspace import Workspace
@@ -117,6 +118,13 @@ def synthetic_metrics(ws: Workspace, model, heldout: pd.DataFrame, stage: StageD
     }
 
 
+def vllm_environment(generation: GenerationConfig, device: str) -> dict[str, str]:
+    """What lm-eval's vllm backend needs in its environment: the CPU KV cache size on a CPU."""
+    if str(device).startswith("cpu"):
+        return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(generation.vllm_cpu_kvcache_gib)))}
+    return {}
+
+
 def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: StageDir) -> dict:
     """lm-eval tasks and the judged chat on base + adapter t; their files go into the stage.
     Any failure raises: a stage is never marked done with missing numbers."""
@@ -139,17 +147,20 @@ def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: Stage
             backend=config.benchmark_backend,
             output_dir=str(out / "lm_eval"),
             adapter_label=f"iter-{t}/train/adapter",
+            max_lora_rank=ws.config.generation.max_lora_rank,
+            vllm_python=ws.config.generation.vllm_python,
+            vllm_env=vllm_environment(ws.config.generation, ws.device),
         )
         metrics.update(leaderboard_metrics(result))
     if config.judge.enabled:
         ws.progress(0.5, "judged chat")
-        metrics.update(_judged_chat(ws, model, out / "judge"))
+        metrics.update(_judged_chat(ws, model, adapter_path, out / "judge"))
     if out.exists():
         stage.put_dir(out, "benchmarks")
     return metrics
 
 
-def _judged_chat(ws: Workspace, model, out) -> dict:
+def _judged_chat(ws: Workspace, model, adapter_path: str, out) -> dict:
     from alphaspin.benchmarks import judge as chat
     from alphaspin.benchmarks import mt_bench
     from alphaspin.benchmarks.local_judge import RATING_CHOICES, LocalJudgeServer
@@ -171,8 +182,9 @@ def _judged_chat(ws: Workspace, model, out) -> dict:
         questions = chat.load_questions(
             settings.questions, categories=settings.categories, per_category=settings.per_category
         )
+    answer = _vllm_chat if ws.config.generation.backend == "vllm" else _generate_chat
     answers = chat.answer_questions(
-        lambda chats: _generate_chat(ws, model, chats, settings.answer_max_new_tokens), questions
+        lambda chats: answer(ws, model, chats, settings.answer_max_new_tokens, adapter_path), questions
     )
     extra = {"guided_choice": RATING_CHOICES} if settings.guided_choice else None
 
@@ -204,20 +216,40 @@ def _judged_chat(ws: Workspace, model, out) -> dict:
     return chat.judge_metrics(aggregated)
 
 
+def _chat_ids(tokenizer, chat: list[dict]) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"]
+    )
+
+
+def _vllm_chat(ws: Workspace, model, chats: list[list[dict]], max_new_tokens: int, adapter_path: str) -> list[str]:
+    """Greedy replies of θ_t to chats from the generation engine (generation.backend: vllm), the
+    adapter as a LoRA request: the same engine the generate stages use."""
+    from alphaspin.backends import make_backend
+
+    config = ws.config.generation.model_copy(
+        update={"temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_new_tokens}
+    )
+    backend = make_backend(config, ws.model_path, ws.tokenizer, ws.dtype, ws.device, [adapter_path])
+    try:
+        requests = [
+            GenerationRequest(f"chat-{i}", tuple(_chat_ids(ws.tokenizer, c)), adapter_path, 0)
+            for i, c in enumerate(chats)
+        ]
+        return [c.text for c in backend.complete(requests)]
+    finally:
+        backend.close()
+
+
 @torch.no_grad()
-def _generate_chat(ws: Workspace, model, chats: list[list[dict]], max_new_tokens: int) -> list[str]:
+def _generate_chat(
+    ws: Workspace, model, chats: list[list[dict]], max_new_tokens: int, adapter_path: str | None = None
+) -> list[str]:
     """Greedy replies of θ_t to chats, with the training chat template (left-padded batches)."""
     tokenizer, replies = ws.tokenizer, []
     size = ws.config.evaluation.batch_size
     for start in range(0, len(chats), size):
-        prompts = [
-            list(
-                tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, add_generation_prompt=True)[
-                    "input_ids"
-                ]
-            )
-            for c in chats[start : start + size]
-        ]
+        prompts = [_chat_ids(tokenizer, c) for c in chats[start : start + size]]
         pad = tokenizer.pad_token_id
         ids, mask = left_pad(prompts, pad, ws.device)
         width = ids.shape[1]

@@ -1,33 +1,29 @@
 """vLLM generation: one engine serving the base policy and every opponent member's LoRA adapter.
 
 With LoRA every opponent member is the base plus an adapter (DESIGN.md), so one vLLM engine
-(``enable_lora=True``) answers the whole arithmetic mixture: each request carries its member's
-``LoRARequest`` (None for the base), and requests of different members may share one
-``generate`` call — vLLM batches them together and applies each row's adapter (multi-LoRA).
+(``--enable-lora``) answers the whole arithmetic mixture: each request names its member's adapter
+(``base`` for the base), and requests of different members may be in flight together — vLLM
+batches them and applies each row's adapter (multi-LoRA). The engine is vLLM's own
+OpenAI-compatible server in vLLM's own environment (`alphaspin.vllm_server` says why).
 
 What is sent is exactly what the transformers backend uses:
 
-- the prompt as token ids (``TokensPrompt``) rendered by *our* tokenizer and chat template
+- the prompt as token ids rendered by *our* tokenizer and chat template
   (`alphaspin.generation.render_prompt_ids`), never a text prompt that vLLM would re-template;
 - a per-request seed (`alphaspin.generation.request_seed`): a row's text depends on its seed
   only, not on which other rows share its batch, so a regenerated shard gives the same text
   (``generation.per_request_seeds``, default true; false trades this for vLLM's faster batched
   sampler, docs/gpu.md);
-- the tokenizer's EOS as a stop token; the text is decoded with our tokenizer, and a row whose
-  ``finish_reason`` is ``"length"`` (stopped by ``max_new_tokens``) is reported as truncated.
+- the tokenizer's EOS as a stop token; the generated token ids come back and are decoded with our
+  tokenizer, and a row whose ``finish_reason`` is ``"length"`` (stopped by ``max_new_tokens``) is
+  reported as truncated.
 
-The pure half, `build_vllm_inputs` and `engine_kwargs`, builds plain dicts and is tested
-without vLLM or a GPU; `VllmBackend` turns them into vLLM objects.
-
-GPU memory: `VllmBackend.close` shuts the engine down and releases its memory (engine-core
-process, distributed state, CUDA cache), so the next GPU stage of the same process (reference
-log-probs, training) starts with the GPU free. See docs/gpu.md.
+The pure half, `build_vllm_inputs` and `engine_settings`, builds plain values and is tested
+without vLLM; `VllmBackend` sends them to the engine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -41,6 +37,15 @@ from transformers import PreTrainedTokenizerBase
 
 from alphaspin.config import GenerationConfig
 from alphaspin.generation import Completion, GenerationRequest
+from alphaspin.vllm_server import (
+    BASE_NAME,
+    EngineSettings,
+    completion_body,
+    find_vllm_python,
+    parse_completion,
+    release,
+    shared_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,54 +143,34 @@ def serving_lora_rank(config: GenerationConfig, adapter_paths: Sequence[str]) ->
     return served
 
 
-def engine_kwargs(
-    model_path: str, config: GenerationConfig, dtype: torch.dtype | str, adapter_paths: Sequence[str]
-) -> dict[str, Any]:
-    """Keyword arguments of the one ``vllm.LLM`` engine that serves the base and every adapter."""
-    kwargs: dict[str, Any] = {
-        "model": model_path,
-        "tokenizer": model_path,
-        "dtype": dtype_name(dtype),
-        "tensor_parallel_size": config.tensor_parallel_size,
-        "gpu_memory_utilization": config.gpu_memory_utilization,
-        # Sampling is fully defined by our SamplingParams, not by the model's generation_config.json.
-        "generation_config": "vllm",
-        "enable_lora": bool(adapter_paths),
-    }
-    if not config.per_request_seeds:  # one engine-level generator for every row (generation.seed, else 0)
-        kwargs["seed"] = config.seed if config.seed is not None else 0
-    if adapter_paths:
-        kwargs["max_lora_rank"] = serving_lora_rank(config, adapter_paths)
-        kwargs["max_loras"] = len(set(adapter_paths))  # every member's adapter resident in one batch
-        kwargs["max_cpu_loras"] = kwargs["max_loras"]
-    return kwargs
-
-
-def release_gpu_memory() -> None:
-    """Free what a finished vLLM engine left: distributed state, Python garbage, the CUDA cache."""
-    try:
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-    except ImportError:
-        cleanup_dist_env_and_memory = None
-    if cleanup_dist_env_and_memory is not None:
-        try:
-            cleanup_dist_env_and_memory()
-        except Exception as error:  # cleanup must never fail a finished stage
-            logger.warning("vLLM distributed cleanup failed: %s", error)
-    else:
-        with contextlib.suppress(Exception):
-            from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
-
-            destroy_model_parallel()
-            destroy_distributed_environment()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def engine_settings(
+    model_path: str,
+    config: GenerationConfig,
+    dtype: torch.dtype | str,
+    device: str,
+    adapter_paths: Sequence[str] = (),
+) -> EngineSettings:
+    """The settings of the one engine that serves the base and every adapter (`alphaspin.vllm_server`).
+    Adapters are loaded at run time, so the engine does not depend on which ones a stage uses (and
+    is shared by the stages of a process); only their rank does, checked against ``max_lora_rank``."""
+    return EngineSettings(
+        python=find_vllm_python(config.vllm_python),
+        model_path=model_path,
+        dtype=dtype_name(dtype),
+        device="cpu" if str(device).startswith("cpu") else "cuda",
+        max_lora_rank=serving_lora_rank(config, adapter_paths),
+        tensor_parallel_size=config.tensor_parallel_size,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        cpu_kvcache_gib=config.vllm_cpu_kvcache_gib,
+        # One engine-level generator for every row (generation.seed, else 0) when rows carry no seed.
+        seed=None if config.per_request_seeds else (config.seed if config.seed is not None else 0),
+    )
 
 
 class VllmBackend:
-    """`alphaspin.generation.GenerationBackend` on one vLLM engine serving the base policy and the
-    LoRA adapters of ``adapter_paths`` (every opponent member the engine will be asked for)."""
+    """`alphaspin.generation.GenerationBackend` on one vLLM engine (vLLM's OpenAI-compatible server in
+    its own environment, `alphaspin.vllm_server`) serving the base policy and the LoRA adapters of
+    ``adapter_paths``; requests of different members may be mixed in one call."""
 
     def __init__(
         self,
@@ -194,28 +179,18 @@ class VllmBackend:
         config: GenerationConfig,
         dtype: torch.dtype | str = torch.bfloat16,
         adapter_paths: Sequence[str] = (),
+        device: str = "cpu",
     ):
-        try:
-            from vllm import LLM
-        except ImportError as error:
-            raise ImportError(
-                "generation.backend: vllm needs the vllm package and a CUDA GPU (pip install 'alphaspin[gpu]'); "
-                "use generation.backend: transformers on CPU"
-            ) from error
         self.config = config
         self.tokenizer = tokenizer
         self.adapter_paths = [_normalise_adapter_path(p) for p in dict.fromkeys(adapter_paths)]
         self._stop_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        kwargs = engine_kwargs(model_path, config, dtype, self.adapter_paths)
-        # vLLM sizes its KV cache from gpu_memory_utilization × total memory and refuses to start
-        # when that is not free: return what earlier stages of this process left in torch's cache.
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info()
-            logger.info("GPU memory free before vLLM starts: %.1f of %.1f GiB", free / 2**30, total / 2**30)
-        logger.info("starting vLLM: %s", {k: v for k, v in kwargs.items() if k != "tokenizer"})
-        self.llm = LLM(**kwargs)
+        settings = engine_settings(model_path, config, dtype, device, self.adapter_paths)
+        self.device = settings.device
+        self.server = shared_server(settings, config.vllm_start_timeout_seconds)
+        for path in self.adapter_paths:
+            spec = lora_spec(path)
+            self.server.load_adapter(spec["name"], spec["path"])
 
     def generate(
         self, requests: Sequence[GenerationRequest], on_batch: Callable[[int], None] | None = None
@@ -227,49 +202,31 @@ class VllmBackend:
         self, requests: Sequence[GenerationRequest], on_batch: Callable[[int], None] | None = None
     ) -> list[Completion]:
         """The completion of each request, in order; requests of different members (base and
-        adapters) may be mixed in one call."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
-
+        adapters) may be mixed in one call: they are in flight together and vLLM batches them."""
         if not requests:
             return []
         inputs = build_vllm_inputs(requests, self.config, self._stop_token_ids)
         unknown = {i["lora"]["path"] for i in inputs if i["lora"]} - set(self.adapter_paths)
         if unknown:
             raise ValueError(f"adapters not served by this engine (pass them as adapter_paths): {sorted(unknown)}")
-        prompts = [TokensPrompt(prompt_token_ids=i["prompt_token_ids"]) for i in inputs]
-        params = [SamplingParams(**i["sampling"]) for i in inputs]
-        loras = [
-            LoRARequest(i["lora"]["name"], i["lora"]["id"], i["lora"]["path"]) if i["lora"] else None for i in inputs
+        bodies = [
+            completion_body(i["lora"]["name"] if i["lora"] else BASE_NAME, i["prompt_token_ids"], i["sampling"])
+            for i in inputs
         ]
-        lora_request = loras if any(lora is not None for lora in loras) else None
-        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
-        if len(outputs) != len(requests):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
-        # finish_reason "length": stopped by max_tokens (generation.max_new_tokens), not by the EOS stop token.
-        completions = [
-            Completion(
-                self.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True).strip(),
-                out.outputs[0].finish_reason == "length",
-            )
-            for out in outputs
-        ]
+        responses = self.server.complete(bodies, concurrency=self.config.vllm_concurrency)
+        completions = []
+        for response in responses:
+            # finish_reason "length": stopped by max_tokens (generation.max_new_tokens), not by the EOS stop token.
+            token_ids, truncated = parse_completion(response)
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+            completions.append(Completion(text, truncated))
         if on_batch:
             on_batch(len(requests))
         return completions
 
     def close(self) -> None:
-        """Shut the engine down and free its GPU memory before the next GPU stage starts."""
-        llm = self.__dict__.pop("llm", None)
-        if llm is None:
-            return
-        engine = getattr(llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)  # vLLM V1: the engine-core process holds the GPU
-        if core is not None and hasattr(core, "shutdown"):
-            try:
-                core.shutdown()
-            except Exception as error:
-                logger.warning("vLLM engine shutdown failed: %s", error)
-        del llm, engine, core
-        release_gpu_memory()
+        """On a GPU, stop the engine so the next stage of this process gets the GPU; on a CPU keep it
+        for the next stage (stopped when the process exits)."""
+        server = self.__dict__.pop("server", None)
+        if server is not None and self.device != "cpu":
+            release(server)

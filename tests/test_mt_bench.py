@@ -185,7 +185,7 @@ def test_judged_chat_on_mt_bench_with_the_local_judge(make_config, tmp_path):
         "evaluation.judge.answer_max_new_tokens=4",
     )
     with Workspace(config) as ws:
-        metrics = _judged_chat(ws, ws.load_policy(None), tmp_path / "judge")
+        metrics = _judged_chat(ws, ws.load_policy(None), None, tmp_path / "judge")
     assert set(metrics) >= {"judge/writing", "judge/math", "judge/overall", "mt_bench/turn_1", "mt_bench/turn_2"}
     assert metrics["mt_bench/failed_judgments"] == 0  # guided_choice: always a rating
     assert all(1.0 <= metrics[f"judge/{c}"] <= 10.0 for c in ("writing", "math"))

