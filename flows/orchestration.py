@@ -2,9 +2,11 @@
 
 `run_child` starts (or, on a retry of the parent, joins) one child flow run of a deployment and
 polls it: its state, and its heartbeats while Running. A child that stops heartbeating (its worker,
-container or node died) is marked Crashed; one that never starts or runs past
-``orchestration.child_timeout_seconds`` is cancelled; either way the parent fails with a message
-that names the deployment, the pool and what to check (`alphaspin.child_runs`).
+container or node died) is marked Crashed and started again (``orchestration.child_retries``; its
+finished stages come back Cached); one that never starts or runs past
+``orchestration.child_timeout_seconds`` is cancelled. A child that cannot be recovered fails the
+parent with a message that names the deployment, the pool and what to check (`alphaspin.child_runs`).
+Split runs (`flows.deployments`) and grid cells on a deployment (`flows.grid`) both go through it.
 
 `ensure_zombie_automation` creates, once per server, Prefect's "detect zombie flows" automation: a
 flow run that heartbeated and then sends neither a heartbeat nor a final state within
@@ -124,9 +126,24 @@ def _status(client: Any, flow_run: FlowRun) -> ChildStatus:
     )
 
 
+class ChildLost(RuntimeError):
+    """A child flow run that will not finish (no heartbeat, never started, ran too long); the parent's
+    watch has already marked it Crashed or Cancelled. ``crashed``: its process is gone (no heartbeat)."""
+
+    def __init__(self, message: str, flow_run: FlowRun, crashed: bool) -> None:
+        super().__init__(message)
+        self.flow_run = flow_run
+        self.crashed = crashed
+
+
+def _poll_seconds(config: AlphaSpinConfig) -> float:
+    """How often the parent looks at its child: every POLL_SECONDS, at least six times per heartbeat timeout."""
+    return min(POLL_SECONDS, config.orchestration.child_heartbeat_timeout_seconds / 6.0)
+
+
 def wait_for_child(flow_run_id: UUID, deployment: str, pool: str | None, config: AlphaSpinConfig) -> FlowRun:
     """Poll a child until it ends; a dead child is marked Crashed, one that never starts or runs too
-    long is cancelled, and both raise RuntimeError naming the deployment, its pool and what to check."""
+    long is cancelled, and both raise `ChildLost` naming the deployment, its pool and what to check."""
     orchestration = config.orchestration
     with get_client(sync_client=True) as client:
         while True:
@@ -145,8 +162,15 @@ def wait_for_child(flow_run_id: UUID, deployment: str, pool: str | None, config:
                 # a dead process cannot act on Cancelling; a queued run has nothing to stop
                 end = {"no_heartbeat": Crashed, "never_started": Cancelled}.get(verdict, Cancelling)
                 client.set_flow_run_state(flow_run_id, end(message=message[:500]), force=True)
-                raise RuntimeError(message)
-            time.sleep(POLL_SECONDS)
+                raise ChildLost(message, client.read_flow_run(flow_run_id), crashed=verdict == "no_heartbeat")
+            time.sleep(_poll_seconds(config))
+
+
+def _logger() -> Any:
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow or task run (a plain call, a unit test)
+        return logger
 
 
 def run_child(
@@ -157,12 +181,19 @@ def run_child(
     job_variables: dict[str, Any],
     pool: str | None,
     config: AlphaSpinConfig,
+    earlier_attempts: int = RETRIES_OF_A_FAILED_CHILD,
 ) -> FlowRun:
-    """Start the child flow run under idempotency ``key`` (a retried parent joins the child it
-    started, running or finished) and wait for it. An earlier child of that key that failed is
-    started again under ``key-retry<n>``; one started by this call that fails raises."""
+    """Start the child flow run under idempotency ``key`` and wait for it (`wait_for_child`).
+
+    A retried parent joins the child it started, running or finished; an earlier child of that key
+    that failed (at most ``earlier_attempts`` of them) is started again under ``key-retry<n>``. A child
+    started by this call whose process died (no heartbeat, or Crashed: its worker, container or node
+    is gone) is started again, up to ``orchestration.child_retries`` times; its finished stages come
+    back Cached. Any other failure of a child started here raises, naming the deployment and its pool."""
     started = time.time()
-    for attempt in range(RETRIES_OF_A_FAILED_CHILD + 1):
+    restarts = 0
+    allowed = config.orchestration.child_retries
+    for attempt in range(earlier_attempts + allowed + 1):
         child = run_deployment(
             name=deployment,
             parameters=parameters,
@@ -171,18 +202,35 @@ def run_child(
             job_variables=job_variables or None,
             timeout=0,  # started; watched below
         )
-        child = wait_for_child(child.id, deployment, pool, config)
+        try:
+            child = wait_for_child(child.id, deployment, pool, config)
+            lost: ChildLost | None = None
+        except ChildLost as error:
+            child, lost = error.flow_run, error
         state = child.state
-        if state is not None and state.is_completed():
+        if lost is None and state is not None and state.is_completed():
             return child
-        created = child.created.timestamp() if child.created is not None else started
         name = state.name if state else "unknown"
-        if created >= started - 1.0:  # started by this call, and it failed
-            raise RuntimeError(child_failure("done", deployment, pool, str(child.id), name, config))
-        get_run_logger().info(
-            "%s: earlier child flow run %s ended %s; starting it again", flow_run_name, child.id, name
+        created = child.created.timestamp() if child.created is not None else started
+        if created < started - 1.0:  # an earlier parent attempt's child that did not complete
+            _logger().info("%s: earlier child flow run %s ended %s; starting it again", flow_run_name, child.id, name)
+            continue
+        crashed = lost.crashed if lost is not None else state is not None and state.is_crashed()
+        message = (
+            str(lost) if lost is not None else child_failure("done", deployment, pool, str(child.id), name, config)
         )
-    raise RuntimeError(f"{flow_run_name}: {RETRIES_OF_A_FAILED_CHILD} earlier child flow runs failed; not retrying")
+        if crashed and restarts < allowed:
+            restarts += 1
+            _logger().warning(
+                "%s: %s; starting the child again (%d of orchestration.child_retries=%d), its finished stages cached",
+                flow_run_name,
+                message,
+                restarts,
+                allowed,
+            )
+            continue
+        raise RuntimeError(message)
+    raise RuntimeError(f"{flow_run_name}: {earlier_attempts} earlier child flow runs failed; not retrying")
 
 
 if __name__ == "__main__":
