@@ -2,7 +2,7 @@
 
 `run_child` starts (or, on a retry of the parent, joins) one child flow run of a deployment and
 polls it: its state, and its heartbeats while Running. A child that stops heartbeating (its worker,
-container or node died) is marked Crashed and started again (``orchestration.child_retries``; its
+container or node died) is stopped (Cancelling, then Crashed when nothing answers) and started again (``orchestration.child_retries``; its
 finished stages come back Cached); one that never starts or runs past
 ``orchestration.child_timeout_seconds`` is cancelled. A child that cannot be recovered fails the
 parent with a message that names the deployment, the pool and what to check (`alphaspin.child_runs`).
@@ -45,6 +45,8 @@ ZOMBIE_AFTER_SECONDS = 600
 HEARTBEAT = "prefect.flow-run.heartbeat"
 FINAL_EVENTS = ("Completed", "Failed", "Cancelled", "Crashed")
 POLL_SECONDS = 10.0
+# A silent child is asked to stop (Cancelling) and given this long before it is marked Crashed.
+STOP_GRACE_SECONDS = 20.0
 RETRIES_OF_A_FAILED_CHILD = 5  # earlier failed children of the same key skipped before giving up
 
 
@@ -128,7 +130,8 @@ def _status(client: Any, flow_run: FlowRun) -> ChildStatus:
 
 class ChildLost(RuntimeError):
     """A child flow run that will not finish (no heartbeat, never started, ran too long); the parent's
-    watch has already marked it Crashed or Cancelled. ``crashed``: its process is gone (no heartbeat)."""
+    watch has already stopped it (Cancelled, Cancelling or Crashed). ``crashed``: it stopped
+    heartbeating (its worker, container or node is gone, or it was stopped as if it were)."""
 
     def __init__(self, message: str, flow_run: FlowRun, crashed: bool) -> None:
         super().__init__(message)
@@ -159,11 +162,31 @@ def wait_for_child(flow_run_id: UUID, deployment: str, pool: str | None, config:
             if verdict != "wait":
                 state = flow_run.state.name if flow_run.state else "unknown"
                 message = child_failure(verdict, deployment, pool, str(flow_run_id), state, config)
-                # a dead process cannot act on Cancelling; a queued run has nothing to stop
-                end = {"no_heartbeat": Crashed, "never_started": Cancelled}.get(verdict, Cancelling)
-                client.set_flow_run_state(flow_run_id, end(message=message[:500]), force=True)
-                raise ChildLost(message, client.read_flow_run(flow_run_id), crashed=verdict == "no_heartbeat")
+                if verdict == "no_heartbeat":
+                    flow_run = _stop_silent_child(client, flow_run_id, message, config)
+                else:  # a queued run has nothing to stop; a running one is asked to stop
+                    end = Cancelled if verdict == "never_started" else Cancelling
+                    client.set_flow_run_state(flow_run_id, end(message=message[:500]), force=True)
+                    flow_run = client.read_flow_run(flow_run_id)
+                raise ChildLost(message, flow_run, crashed=verdict == "no_heartbeat")
             time.sleep(_poll_seconds(config))
+
+
+def _stop_silent_child(client: Any, flow_run_id: UUID, message: str, config: AlphaSpinConfig) -> FlowRun:
+    """A Running child without heartbeats is most likely gone, but its heartbeats may only be late
+    (events reach a busy server late). Before it is replaced it must be stopped, or two processes
+    would write the same stages on the same GPU: ask for Cancelling (a live worker kills the flow
+    run's process and reports Cancelled); if nothing answers within STOP_GRACE_SECONDS, the worker
+    is gone too: mark it Crashed."""
+    client.set_flow_run_state(flow_run_id, Cancelling(message=message[:500]), force=True)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(min(_poll_seconds(config), STOP_GRACE_SECONDS))
+        flow_run = client.read_flow_run(flow_run_id)
+        if flow_run.state is not None and flow_run.state.is_final():
+            return flow_run  # stopped by its (live) worker
+    client.set_flow_run_state(flow_run_id, Crashed(message=message[:500]), force=True)
+    return client.read_flow_run(flow_run_id)
 
 
 def _logger() -> Any:

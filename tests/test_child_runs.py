@@ -211,7 +211,8 @@ def test_templates_suggest_secret_blocks_not_plain_credentials() -> None:
 class _ScriptedPrefect:
     """`run_deployment` and the sync client as `alphaspin.flows.orchestration` uses them, over scripted
     children: each new idempotency key gets the next script, ``"dead"`` (Running since long ago, no
-    heartbeat: its worker was SIGKILLed), ``"completed"`` or ``"failed"``."""
+    heartbeat: its worker was SIGKILLed), ``"late"`` (the same, but its worker is alive and answers
+    Cancelling with Cancelled: only its heartbeats were late), ``"completed"`` or ``"failed"``."""
 
     def __init__(self, scripts: list[str]) -> None:
         self.scripts = list(scripts)
@@ -219,6 +220,7 @@ class _ScriptedPrefect:
         self.by_key: dict[str, Any] = {}
         self.calls: list[dict[str, Any]] = []
         self.forced: list[tuple[Any, str]] = []
+        self.live: set[Any] = set()  # children whose worker answers
 
     def run_deployment(self, name: str, **kwargs: Any) -> Any:
         from uuid import uuid4
@@ -233,12 +235,15 @@ class _ScriptedPrefect:
         if key not in self.by_key:
             script = self.scripts.pop(0)
             now = datetime.now(UTC)
-            state = {"dead": Running(), "completed": Completed(), "failed": Failed(message="stage error")}[script]
-            if script == "dead":
+            states = {"dead": Running(), "late": Running(), "completed": Completed(), "failed": Failed(message="x")}
+            state = states[script]
+            if script in ("dead", "late"):
                 state.timestamp = now - timedelta(hours=1)
             run = FlowRun(id=uuid4(), name=kwargs["flow_run_name"], flow_id=uuid4(), state=state, created=now)
             self.runs[run.id] = run
             self.by_key[key] = run.id
+            if script == "late":
+                self.live.add(run.id)
         return self.runs[self.by_key[key]]
 
     # the sync client
@@ -257,7 +262,11 @@ class _ScriptedPrefect:
         return SimpleNamespace(events=[])  # no heartbeat since it started Running
 
     def set_flow_run_state(self, flow_run_id: Any, state: Any, force: bool = False) -> None:
+        from prefect.states import Cancelled
+
         self.forced.append((flow_run_id, state.name))
+        if state.name == "Cancelling" and flow_run_id in self.live:
+            state = Cancelled(message="stopped by its worker")
         self.runs[flow_run_id] = self.runs[flow_run_id].model_copy(update={"state": state})
 
 
@@ -274,6 +283,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(orchestration, "get_client", lambda sync_client=True: fake)
         monkeypatch.setattr(orchestration, "deployment_pool", lambda deployment: ("gpu", {}))
         monkeypatch.setattr(orchestration, "POLL_SECONDS", 0.0)
+        monkeypatch.setattr(orchestration, "STOP_GRACE_SECONDS", 0.05)
         return fake
 
     return install
@@ -292,8 +302,8 @@ def test_grid_cell_whose_worker_died_is_crashed_and_reported_not_waited_for(scri
     with pytest.raises(RuntimeError, match=r"cell grid-a-s0: flow run .* on work pool gpu is Running but sent no "):
         run_cell.fn(_cell_config(retries=0), "alphaspin-recipe/gpu", "grid-key")
     assert [call["timeout"] for call in fake.calls] == [0]  # started, then watched
-    [(dead, state)] = fake.forced
-    assert state == "Crashed" and fake.runs[dead].state.is_crashed()
+    [(dead, asked), (_, state)] = fake.forced  # asked to stop first (nobody answers: its worker is gone)
+    assert (asked, state) == ("Cancelling", "Crashed") and fake.runs[dead].state.is_crashed()
 
 
 def test_a_child_whose_worker_died_is_started_again_and_a_failed_one_is_not(scripted) -> None:
@@ -303,14 +313,26 @@ def test_a_child_whose_worker_died_is_started_again_and_a_failed_one_is_not(scri
     fake = scripted("dead", "completed")  # the cell's worker dies; its second flow run completes
     assert run_cell.fn(_cell_config(retries=1), "alphaspin-recipe/gpu", "grid-key") == "Completed"
     assert [call["idempotency_key"] for call in fake.calls] == ["grid-key", "grid-key-retry1"]
-    assert [state for _, state in fake.forced] == ["Crashed"]
+    assert [state for _, state in fake.forced] == ["Cancelling", "Crashed"]
 
     fake = scripted("dead", "dead")  # restarts are bounded by orchestration.child_retries
     with pytest.raises(RuntimeError, match="sent no heartbeat"):
         run_child("alphaspin-run-iteration/gpu", {}, "r-iter-0", "key", {}, "gpu", _cell_config(retries=1))
-    assert len(fake.calls) == 2 and [state for _, state in fake.forced] == ["Crashed", "Crashed"]
+    assert len(fake.calls) == 2 and [state for _, state in fake.forced] == ["Cancelling", "Crashed"] * 2
 
     fake = scripted("failed", "completed")  # a stage error is not an infrastructure loss: no restart
     with pytest.raises(RuntimeError, match="ended Failed"):
         run_child("alphaspin-run-iteration/gpu", {}, "r-iter-0", "key", {}, "gpu", _cell_config(retries=2))
     assert len(fake.calls) == 1 and fake.forced == []
+
+
+def test_a_child_whose_heartbeats_are_only_late_is_stopped_by_its_worker_before_it_is_replaced(scripted) -> None:
+    """Heartbeats reach a busy server late: a live child taken for dead must not keep running next to
+    its replacement (two processes on one stage and one GPU). It is asked to stop; its worker does."""
+    from alphaspin.flows.orchestration import run_child
+
+    fake = scripted("late", "completed")
+    run_child("alphaspin-run-iteration/gpu", {}, "r-iter-0", "key", {}, "gpu", _cell_config(retries=1))
+    [(first, asked)] = fake.forced  # never forced to Crashed: its worker stopped it
+    assert asked == "Cancelling" and fake.runs[first].state.name == "Cancelled"
+    assert len(fake.calls) == 2
