@@ -45,8 +45,9 @@ ZOMBIE_AFTER_SECONDS = 600
 HEARTBEAT = "prefect.flow-run.heartbeat"
 FINAL_EVENTS = ("Completed", "Failed", "Cancelled", "Crashed")
 POLL_SECONDS = 10.0
-# A silent child is asked to stop (Cancelling) and given this long before it is marked Crashed.
-STOP_GRACE_SECONDS = 20.0
+# A silent child is asked to stop (Cancelling) and given this fraction of the heartbeat timeout (the
+# Cancelling event may reach its worker as late as its heartbeats reached us) before it is marked Crashed.
+STOP_GRACE_FRACTION = 1 / 3
 RETRIES_OF_A_FAILED_CHILD = 5  # earlier failed children of the same key skipped before giving up
 
 
@@ -176,12 +177,13 @@ def _stop_silent_child(client: Any, flow_run_id: UUID, message: str, config: Alp
     """A Running child without heartbeats is most likely gone, but its heartbeats may only be late
     (events reach a busy server late). Before it is replaced it must be stopped, or two processes
     would write the same stages on the same GPU: ask for Cancelling (a live worker kills the flow
-    run's process and reports Cancelled); if nothing answers within STOP_GRACE_SECONDS, the worker
-    is gone too: mark it Crashed."""
+    run's process and reports Cancelled); if nothing answers within a third of the heartbeat timeout
+    (STOP_GRACE_FRACTION), the worker is gone too: mark it Crashed."""
     client.set_flow_run_state(flow_run_id, Cancelling(message=message[:500]), force=True)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    grace = config.orchestration.child_heartbeat_timeout_seconds * STOP_GRACE_FRACTION
+    deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        time.sleep(min(_poll_seconds(config), STOP_GRACE_SECONDS))
+        time.sleep(min(_poll_seconds(config), grace))
         flow_run = client.read_flow_run(flow_run_id)
         if flow_run.state is not None and flow_run.state.is_final():
             return flow_run  # stopped by its (live) worker

@@ -283,7 +283,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(orchestration, "get_client", lambda sync_client=True: fake)
         monkeypatch.setattr(orchestration, "deployment_pool", lambda deployment: ("gpu", {}))
         monkeypatch.setattr(orchestration, "POLL_SECONDS", 0.0)
-        monkeypatch.setattr(orchestration, "STOP_GRACE_SECONDS", 0.05)
+        monkeypatch.setattr(orchestration, "STOP_GRACE_FRACTION", 1e-4)
         return fake
 
     return install
