@@ -105,7 +105,7 @@ def _manifests(fs, prefix: str) -> dict[str, bytes]:
     return {path.split("/")[-2]: fs.cat_file(path) for path in fs.glob(f"{prefix}/iter-0/*/_MANIFEST.json")}
 
 
-@pytest.mark.slow  # a real server, two pools, three workers, SeaweedFS (4-5 minutes on 2 busy cores)
+@pytest.mark.slow  # a real server, two pools, three workers, SeaweedFS (4.5-5 minutes on 2 cores shared with other test runs)
 def test_split_run_on_cpu_and_gpu_pools_survives_a_killed_gpu_worker(tmp_path: Path) -> None:
     import s3fs
 
