@@ -425,16 +425,24 @@ class OrchestrationConfig(_Section):
     child_timeout_seconds: float = Field(
         172800.0,
         gt=0.0,
-        description="Split orchestration (iteration_deployment): the longest a child flow run may take, queued "
-        "and running; past it the parent cancels the child and fails naming the deployment and its pool. Raise it "
+        description="Split orchestration (iteration_deployment) and grid cells on a deployment: the longest a child "
+        "flow run may take, queued and running; past it the parent cancels the child and fails naming the deployment and its pool. Raise it "
         "for paper-scale iterations.",
     )
     child_heartbeat_timeout_seconds: float = Field(
         900.0,
         ge=60.0,
-        description="Split orchestration: a Running child whose flow run sent no heartbeat (Prefect sends one every "
+        description="Split orchestration and grid cells on a deployment: a Running child flow run that sent no heartbeat (Prefect sends one every "
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY s, default 180) for this long is taken as dead (its worker or node is "
-        "gone): the parent marks it Crashed and fails.",
+        "gone): the parent marks it Crashed and starts it again (orchestration.child_retries).",
+    )
+    child_retries: int = Field(
+        2,
+        ge=0,
+        description="Split orchestration and grid cells on a deployment: a child flow run whose process died (no "
+        "heartbeat, or Crashed: its worker, container or node is gone) is started again this many times at most; "
+        "its finished stages come back Cached, the interrupted one resumes from its last stored checkpoint or shard. "
+        "A child that fails (a stage error) is not restarted.",
     )
     grid: str | None = Field(
         None,

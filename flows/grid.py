@@ -4,14 +4,16 @@ With a ``deployment`` in the grid file each cell is a flow run of that deploymen
 ``alphaspin-recipe/gpu``: the GPU pool's concurrency limit runs one cell per GPU), started with
 `run_deployment` under an idempotency key made from the grid, the cell and its config: a retried
 grid joins a cell's flow run that is still going, takes a finished one as it is, and starts a new
-run only for a cell whose earlier run failed. Without one, each cell is an ``alphaspin-run`` subflow
+run only for a cell whose earlier run failed. Each cell's flow run is watched as split
+orchestration watches its children (`alphaspin.flows.orchestration.run_child`): one whose worker
+died is marked Crashed and started again, one that never starts is cancelled; none is waited for
+for ever. Without one, each cell is an ``alphaspin-run`` subflow
 in this process, ``concurrency`` at a time. Either way the cells' stages are cached and shared
 (`alphaspin.sharing`), so re-running the grid resumes it.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -27,31 +29,33 @@ RETRIES_OF_A_FAILED_CELL = 20  # earlier failed flow runs of a cell skipped befo
 
 @task(name="run_cell", persist_result=False, cache_policy=NO_CACHE)
 def run_cell(config: AlphaSpinConfig, deployment: str, key: str) -> str:
-    """One cell: a flow run of ``deployment``, waited for. ``key``: the cell's idempotency key
-    (`alphaspin.grid.idempotency_key`). Local cells are subflows of the grid flow, not tasks: a stage
-    task inside a task's transaction has its result record written only when the outer task ends."""
-    from prefect.deployments import run_deployment
+    """One cell: a flow run of ``deployment``, watched until it ends as split orchestration watches its
+    children (`alphaspin.flows.orchestration.run_child`): a cell whose worker died (no heartbeat for
+    ``orchestration.child_heartbeat_timeout_seconds``) is marked Crashed and started again
+    (``orchestration.child_retries``), one that never starts or runs past
+    ``orchestration.child_timeout_seconds`` is cancelled and reported; it never waits for ever. ``key``:
+    the cell's idempotency key (`alphaspin.grid.idempotency_key`). Local cells are subflows of the grid
+    flow, not tasks: a stage task inside a task's transaction has its result record written only when
+    the outer task ends."""
+    from alphaspin.child_runs import child_job_variables
+    from alphaspin.flows.orchestration import deployment_pool, run_child
 
     run_id = config.run.run_id
-    started = time.time()
-    for attempt in range(RETRIES_OF_A_FAILED_CELL + 1):
-        child = run_deployment(
-            name=deployment,
+    pool, pool_variables = deployment_pool(deployment)
+    try:
+        child = run_child(
+            deployment,
             parameters={"config": config.model_dump(mode="json")},
             flow_run_name=run_id,
-            idempotency_key=key + (f"-retry{attempt}" if attempt else ""),
-            timeout=None,  # as long as the cell takes (it may queue behind the pool's limit)
+            key=key,
+            job_variables=child_job_variables(config, pool_variables),
+            pool=pool,
+            config=config,
+            earlier_attempts=RETRIES_OF_A_FAILED_CELL,
         )
-        state = child.state
-        if state is not None and state.is_completed():
-            return state.name
-        created = child.created.timestamp() if child.created is not None else started
-        if created >= started - 1.0:  # started by this call, and it failed: the grid reports it
-            raise RuntimeError(
-                f"cell {run_id}: flow run {child.id} of {deployment} ended {state.name if state else '?'}"
-            )
-        get_run_logger().info("cell %s: earlier flow run %s ended %s; starting it again", run_id, child.id, state)
-    raise RuntimeError(f"cell {run_id}: {RETRIES_OF_A_FAILED_CELL} earlier flow runs failed; not retrying")
+    except RuntimeError as error:  # the grid reports the cell with the others
+        raise RuntimeError(f"cell {run_id}: {error}") from None
+    return child.state.name if child.state else "Completed"
 
 
 @flow(name="alphaspin-grid", flow_run_name="grid-{grid_file}", log_prints=False)

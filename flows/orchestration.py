@@ -2,9 +2,11 @@
 
 `run_child` starts (or, on a retry of the parent, joins) one child flow run of a deployment and
 polls it: its state, and its heartbeats while Running. A child that stops heartbeating (its worker,
-container or node died) is marked Crashed; one that never starts or runs past
-``orchestration.child_timeout_seconds`` is cancelled; either way the parent fails with a message
-that names the deployment, the pool and what to check (`alphaspin.child_runs`).
+container or node died) is stopped (Cancelling, then Crashed when nothing answers) and started again (``orchestration.child_retries``; its
+finished stages come back Cached); one that never starts or runs past
+``orchestration.child_timeout_seconds`` is cancelled. A child that cannot be recovered fails the
+parent with a message that names the deployment, the pool and what to check (`alphaspin.child_runs`).
+Split runs (`flows.deployments`) and grid cells on a deployment (`flows.grid`) both go through it.
 
 `ensure_zombie_automation` creates, once per server, Prefect's "detect zombie flows" automation: a
 flow run that heartbeated and then sends neither a heartbeat nor a final state within
@@ -43,6 +45,9 @@ ZOMBIE_AFTER_SECONDS = 600
 HEARTBEAT = "prefect.flow-run.heartbeat"
 FINAL_EVENTS = ("Completed", "Failed", "Cancelled", "Crashed")
 POLL_SECONDS = 10.0
+# A silent child is asked to stop (Cancelling) and given this fraction of the heartbeat timeout (the
+# Cancelling event may reach its worker as late as its heartbeats reached us) before it is marked Crashed.
+STOP_GRACE_FRACTION = 1 / 3
 RETRIES_OF_A_FAILED_CHILD = 5  # earlier failed children of the same key skipped before giving up
 
 
@@ -124,9 +129,25 @@ def _status(client: Any, flow_run: FlowRun) -> ChildStatus:
     )
 
 
+class ChildLost(RuntimeError):
+    """A child flow run that will not finish (no heartbeat, never started, ran too long); the parent's
+    watch has already stopped it (Cancelled, Cancelling or Crashed). ``crashed``: it stopped
+    heartbeating (its worker, container or node is gone, or it was stopped as if it were)."""
+
+    def __init__(self, message: str, flow_run: FlowRun, crashed: bool) -> None:
+        super().__init__(message)
+        self.flow_run = flow_run
+        self.crashed = crashed
+
+
+def _poll_seconds(config: AlphaSpinConfig) -> float:
+    """How often the parent looks at its child: every POLL_SECONDS, at least six times per heartbeat timeout."""
+    return min(POLL_SECONDS, config.orchestration.child_heartbeat_timeout_seconds / 6.0)
+
+
 def wait_for_child(flow_run_id: UUID, deployment: str, pool: str | None, config: AlphaSpinConfig) -> FlowRun:
     """Poll a child until it ends; a dead child is marked Crashed, one that never starts or runs too
-    long is cancelled, and both raise RuntimeError naming the deployment, its pool and what to check."""
+    long is cancelled, and both raise `ChildLost` naming the deployment, its pool and what to check."""
     orchestration = config.orchestration
     with get_client(sync_client=True) as client:
         while True:
@@ -142,11 +163,39 @@ def wait_for_child(flow_run_id: UUID, deployment: str, pool: str | None, config:
             if verdict != "wait":
                 state = flow_run.state.name if flow_run.state else "unknown"
                 message = child_failure(verdict, deployment, pool, str(flow_run_id), state, config)
-                # a dead process cannot act on Cancelling; a queued run has nothing to stop
-                end = {"no_heartbeat": Crashed, "never_started": Cancelled}.get(verdict, Cancelling)
-                client.set_flow_run_state(flow_run_id, end(message=message[:500]), force=True)
-                raise RuntimeError(message)
-            time.sleep(POLL_SECONDS)
+                if verdict == "no_heartbeat":
+                    flow_run = _stop_silent_child(client, flow_run_id, message, config)
+                else:  # a queued run has nothing to stop; a running one is asked to stop
+                    end = Cancelled if verdict == "never_started" else Cancelling
+                    client.set_flow_run_state(flow_run_id, end(message=message[:500]), force=True)
+                    flow_run = client.read_flow_run(flow_run_id)
+                raise ChildLost(message, flow_run, crashed=verdict == "no_heartbeat")
+            time.sleep(_poll_seconds(config))
+
+
+def _stop_silent_child(client: Any, flow_run_id: UUID, message: str, config: AlphaSpinConfig) -> FlowRun:
+    """A Running child without heartbeats is most likely gone, but its heartbeats may only be late
+    (events reach a busy server late). Before it is replaced it must be stopped, or two processes
+    would write the same stages on the same GPU: ask for Cancelling (a live worker kills the flow
+    run's process and reports Cancelled); if nothing answers within a third of the heartbeat timeout
+    (STOP_GRACE_FRACTION), the worker is gone too: mark it Crashed."""
+    client.set_flow_run_state(flow_run_id, Cancelling(message=message[:500]), force=True)
+    grace = config.orchestration.child_heartbeat_timeout_seconds * STOP_GRACE_FRACTION
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        time.sleep(min(_poll_seconds(config), grace))
+        flow_run = client.read_flow_run(flow_run_id)
+        if flow_run.state is not None and flow_run.state.is_final():
+            return flow_run  # stopped by its (live) worker
+    client.set_flow_run_state(flow_run_id, Crashed(message=message[:500]), force=True)
+    return client.read_flow_run(flow_run_id)
+
+
+def _logger() -> Any:
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow or task run (a plain call, a unit test)
+        return logger
 
 
 def run_child(
@@ -157,12 +206,19 @@ def run_child(
     job_variables: dict[str, Any],
     pool: str | None,
     config: AlphaSpinConfig,
+    earlier_attempts: int = RETRIES_OF_A_FAILED_CHILD,
 ) -> FlowRun:
-    """Start the child flow run under idempotency ``key`` (a retried parent joins the child it
-    started, running or finished) and wait for it. An earlier child of that key that failed is
-    started again under ``key-retry<n>``; one started by this call that fails raises."""
+    """Start the child flow run under idempotency ``key`` and wait for it (`wait_for_child`).
+
+    A retried parent joins the child it started, running or finished; an earlier child of that key
+    that failed (at most ``earlier_attempts`` of them) is started again under ``key-retry<n>``. A child
+    started by this call whose process died (no heartbeat, or Crashed: its worker, container or node
+    is gone) is started again, up to ``orchestration.child_retries`` times; its finished stages come
+    back Cached. Any other failure of a child started here raises, naming the deployment and its pool."""
     started = time.time()
-    for attempt in range(RETRIES_OF_A_FAILED_CHILD + 1):
+    restarts = 0
+    allowed = config.orchestration.child_retries
+    for attempt in range(earlier_attempts + allowed + 1):
         child = run_deployment(
             name=deployment,
             parameters=parameters,
@@ -171,18 +227,35 @@ def run_child(
             job_variables=job_variables or None,
             timeout=0,  # started; watched below
         )
-        child = wait_for_child(child.id, deployment, pool, config)
+        try:
+            child = wait_for_child(child.id, deployment, pool, config)
+            lost: ChildLost | None = None
+        except ChildLost as error:
+            child, lost = error.flow_run, error
         state = child.state
-        if state is not None and state.is_completed():
+        if lost is None and state is not None and state.is_completed():
             return child
-        created = child.created.timestamp() if child.created is not None else started
         name = state.name if state else "unknown"
-        if created >= started - 1.0:  # started by this call, and it failed
-            raise RuntimeError(child_failure("done", deployment, pool, str(child.id), name, config))
-        get_run_logger().info(
-            "%s: earlier child flow run %s ended %s; starting it again", flow_run_name, child.id, name
+        created = child.created.timestamp() if child.created is not None else started
+        if created < started - 1.0:  # an earlier parent attempt's child that did not complete
+            _logger().info("%s: earlier child flow run %s ended %s; starting it again", flow_run_name, child.id, name)
+            continue
+        crashed = lost.crashed if lost is not None else state is not None and state.is_crashed()
+        message = (
+            str(lost) if lost is not None else child_failure("done", deployment, pool, str(child.id), name, config)
         )
-    raise RuntimeError(f"{flow_run_name}: {RETRIES_OF_A_FAILED_CHILD} earlier child flow runs failed; not retrying")
+        if crashed and restarts < allowed:
+            restarts += 1
+            _logger().warning(
+                "%s: %s; starting the child again (%d of orchestration.child_retries=%d), its finished stages cached",
+                flow_run_name,
+                message,
+                restarts,
+                allowed,
+            )
+            continue
+        raise RuntimeError(message)
+    raise RuntimeError(f"{flow_run_name}: {earlier_attempts} earlier child flow runs failed; not retrying")
 
 
 if __name__ == "__main__":

@@ -205,3 +205,134 @@ def test_templates_suggest_secret_blocks_not_plain_credentials() -> None:
     docs = (ROOT / "docs" / "gpu-pool.md").read_text()
     assert '"AWS_SECRET_ACCESS_KEY": "..."' not in docs
     assert "prefect.blocks.secret." in docs
+
+
+# -- the watch itself, against a scripted Prefect API: split runs and grid cells alike --------------
+class _ScriptedPrefect:
+    """`run_deployment` and the sync client as `alphaspin.flows.orchestration` uses them, over scripted
+    children: each new idempotency key gets the next script, ``"dead"`` (Running since long ago, no
+    heartbeat: its worker was SIGKILLed), ``"late"`` (the same, but its worker is alive and answers
+    Cancelling with Cancelled: only its heartbeats were late), ``"completed"`` or ``"failed"``."""
+
+    def __init__(self, scripts: list[str]) -> None:
+        self.scripts = list(scripts)
+        self.runs: dict[Any, Any] = {}  # id -> FlowRun
+        self.by_key: dict[str, Any] = {}
+        self.calls: list[dict[str, Any]] = []
+        self.forced: list[tuple[Any, str]] = []
+        self.live: set[Any] = set()  # children whose worker answers
+
+    def run_deployment(self, name: str, **kwargs: Any) -> Any:
+        from uuid import uuid4
+
+        from prefect.client.schemas.objects import FlowRun
+        from prefect.states import Completed, Failed, Running
+
+        self.calls.append({"name": name, **kwargs})
+        if kwargs.get("timeout", "unset") is None:
+            raise AssertionError("run_deployment(timeout=None) waits for ever on a child whose worker died")
+        key = kwargs["idempotency_key"]
+        if key not in self.by_key:
+            script = self.scripts.pop(0)
+            now = datetime.now(UTC)
+            states = {"dead": Running(), "late": Running(), "completed": Completed(), "failed": Failed(message="x")}
+            state = states[script]
+            if script in ("dead", "late"):
+                state.timestamp = now - timedelta(hours=1)
+            run = FlowRun(id=uuid4(), name=kwargs["flow_run_name"], flow_id=uuid4(), state=state, created=now)
+            self.runs[run.id] = run
+            self.by_key[key] = run.id
+            if script == "late":
+                self.live.add(run.id)
+        return self.runs[self.by_key[key]]
+
+    # the sync client
+    def __enter__(self) -> _ScriptedPrefect:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def read_flow_run(self, flow_run_id: Any) -> Any:
+        return self.runs[flow_run_id]
+
+    def read_events(self, *args: Any, **kwargs: Any) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(events=[])  # no heartbeat since it started Running
+
+    def set_flow_run_state(self, flow_run_id: Any, state: Any, force: bool = False) -> None:
+        from prefect.states import Cancelled
+
+        self.forced.append((flow_run_id, state.name))
+        if state.name == "Cancelling" and flow_run_id in self.live:
+            state = Cancelled(message="stopped by its worker")
+        self.runs[flow_run_id] = self.runs[flow_run_id].model_copy(update={"state": state})
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch):
+    import prefect.deployments
+
+    import alphaspin.flows.orchestration as orchestration
+
+    def install(*scripts: str) -> _ScriptedPrefect:
+        fake = _ScriptedPrefect(list(scripts))
+        monkeypatch.setattr(orchestration, "run_deployment", fake.run_deployment)
+        monkeypatch.setattr(prefect.deployments, "run_deployment", fake.run_deployment)  # a direct import sees it too
+        monkeypatch.setattr(orchestration, "get_client", lambda sync_client=True: fake)
+        monkeypatch.setattr(orchestration, "deployment_pool", lambda deployment: ("gpu", {}))
+        monkeypatch.setattr(orchestration, "POLL_SECONDS", 0.0)
+        monkeypatch.setattr(orchestration, "STOP_GRACE_FRACTION", 1e-4)
+        return fake
+
+    return install
+
+
+def _cell_config(retries: int) -> AlphaSpinConfig:
+    return AlphaSpinConfig.model_validate({"run": {"run_id": "grid-a-s0"}, "orchestration": {"child_retries": retries}})
+
+
+def test_grid_cell_whose_worker_died_is_crashed_and_reported_not_waited_for(scripted) -> None:
+    """`alphaspin-grid` on a deployment: a cell's flow run whose worker was killed stays Running on a
+    self-hosted server; the grid must mark it Crashed and report the cell, never wait for ever."""
+    from alphaspin.flows.grid import run_cell
+
+    fake = scripted("dead")
+    with pytest.raises(RuntimeError, match=r"cell grid-a-s0: flow run .* on work pool gpu is Running but sent no "):
+        run_cell.fn(_cell_config(retries=0), "alphaspin-recipe/gpu", "grid-key")
+    assert [call["timeout"] for call in fake.calls] == [0]  # started, then watched
+    [(dead, asked), (_, state)] = fake.forced  # asked to stop first (nobody answers: its worker is gone)
+    assert (asked, state) == ("Cancelling", "Crashed") and fake.runs[dead].state.is_crashed()
+
+
+def test_a_child_whose_worker_died_is_started_again_and_a_failed_one_is_not(scripted) -> None:
+    from alphaspin.flows.grid import run_cell
+    from alphaspin.flows.orchestration import run_child
+
+    fake = scripted("dead", "completed")  # the cell's worker dies; its second flow run completes
+    assert run_cell.fn(_cell_config(retries=1), "alphaspin-recipe/gpu", "grid-key") == "Completed"
+    assert [call["idempotency_key"] for call in fake.calls] == ["grid-key", "grid-key-retry1"]
+    assert [state for _, state in fake.forced] == ["Cancelling", "Crashed"]
+
+    fake = scripted("dead", "dead")  # restarts are bounded by orchestration.child_retries
+    with pytest.raises(RuntimeError, match="sent no heartbeat"):
+        run_child("alphaspin-run-iteration/gpu", {}, "r-iter-0", "key", {}, "gpu", _cell_config(retries=1))
+    assert len(fake.calls) == 2 and [state for _, state in fake.forced] == ["Cancelling", "Crashed"] * 2
+
+    fake = scripted("failed", "completed")  # a stage error is not an infrastructure loss: no restart
+    with pytest.raises(RuntimeError, match="ended Failed"):
+        run_child("alphaspin-run-iteration/gpu", {}, "r-iter-0", "key", {}, "gpu", _cell_config(retries=2))
+    assert len(fake.calls) == 1 and fake.forced == []
+
+
+def test_a_child_whose_heartbeats_are_only_late_is_stopped_by_its_worker_before_it_is_replaced(scripted) -> None:
+    """Heartbeats reach a busy server late: a live child taken for dead must not keep running next to
+    its replacement (two processes on one stage and one GPU). It is asked to stop; its worker does."""
+    from alphaspin.flows.orchestration import run_child
+
+    fake = scripted("late", "completed")
+    run_child("alphaspin-run-iteration/gpu", {}, "r-iter-0", "key", {}, "gpu", _cell_config(retries=1))
+    [(first, asked)] = fake.forced  # never forced to Crashed: its worker stopped it
+    assert asked == "Cancelling" and fake.runs[first].state.name == "Cancelled"
+    assert len(fake.calls) == 2

@@ -20,15 +20,11 @@ import asyncio
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,17 +32,19 @@ from typing import Any
 
 import pytest
 import yaml
+from prefect_stack import (
+    DEPLOY_COMMAND,
+    POOL_COMMANDS,
+    PREFECT_FILE,
+    ROOT,
+    Stack,
+    api_client,
+    free_port,
+    stage_of,
+    tail,
+    wait_final,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-PREFECT_FILE = ROOT / "deploy" / "prefect.yaml"
-# Exactly the command of docs/gpu-pool.md, run from the repository root.
-DEPLOY_COMMAND = "prefect --no-prompt deploy --all --prefect-file deploy/prefect.yaml"
-POOL_COMMANDS = [  # the walkthrough's pools and tag limit (docs/gpu-pool.md)
-    "prefect work-pool create cpu --type process",
-    "prefect work-pool create gpu --type process",
-    "prefect work-pool set-concurrency-limit gpu 1",
-    "prefect concurrency-limit create gpu 1",
-]
 EXPECTED_DEPLOYMENTS = {
     "alphaspin-recipe/quickstart",
     "alphaspin-recipe/gpu",
@@ -58,46 +56,6 @@ EXPECTED_DEPLOYMENTS = {
 }
 STAGE_TASKS = ("sample_prompts", "generate", "build_pairs", "reference_logps", "train", "evaluate")
 RUN_ID = "deploy-test"
-
-
-def _prefect_exe() -> str:
-    beside = Path(sys.executable).parent / "prefect"
-    return str(beside) if beside.exists() else (shutil.which("prefect") or "prefect")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _stop_group(process: subprocess.Popen, interrupts: int, grace: float) -> None:
-    """SIGINT ``interrupts`` times (a process worker needs two), then SIGKILL to its process group
-    (it was started in its own session, so the group holds only what it started)."""
-    if process.poll() is None:
-        for _ in range(interrupts):
-            try:
-                os.kill(process.pid, signal.SIGINT)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # leftovers: flow-run subprocesses, uvicorn children
-    except (ProcessLookupError, PermissionError):
-        pass
-    if process.poll() is None:
-        process.wait(timeout=30)
 
 
 # -- PostgreSQL (initdb + pg_ctl on 127.0.0.1, a free port, a temp dir) ---------------------------
@@ -130,7 +88,7 @@ class Postgres:
         self.bindir = _postgres_bin()
         self.dir = Path(tempfile.mkdtemp(prefix="alphaspin-pg-"))  # /tmp: the postgres user can reach it
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.as_user: list[str] = []
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
@@ -203,125 +161,6 @@ def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
         postgres.stop()
 
 
-# -- Prefect server, CLI and worker ---------------------------------------------------------------
-class Stack:
-    """A Prefect server on 127.0.0.1 with a private PREFECT_HOME, its CLI, and workers."""
-
-    def __init__(self, workdir: Path, database_url: str | None) -> None:
-        self.workdir = workdir
-        self.port = _free_port()
-        self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "ALPHASPIN_HOME"}
-        self.env.update(
-            {
-                "PREFECT_HOME": str(workdir / "prefect-home"),
-                "PREFECT_API_URL": self.api_url,
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_SERVER_UI_ENABLED": "false",  # the API is what is tested; the UI costs startup time
-                "PREFECT_WORKER_QUERY_SECONDS": "1",
-                "PREFECT_CLI_WRAP_LINES": "false",
-                "DO_NOT_TRACK": "1",
-                "HF_HUB_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-                "COLUMNS": "200",
-            }
-        )
-        if database_url:
-            self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
-        self.processes: list[tuple[subprocess.Popen, int, float]] = []
-
-    def spawn(self, name: str, args: list[str], interrupts: int, grace: float) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "wb")
-        process = subprocess.Popen(
-            args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self.processes.append((process, interrupts, grace))
-        return process
-
-    def start_server(self, timeout: float = 180) -> None:
-        server = self.spawn(
-            "server",
-            [_prefect_exe(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            interrupts=1,
-            grace=20,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise AssertionError(f"prefect server exited ({server.returncode}):\n{_tail(self.log('server'))}")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"prefect server not up after {timeout} s:\n{_tail(self.log('server'))}")
-
-    def start_worker(self, pool: str) -> subprocess.Popen:
-        return self.spawn(f"worker-{pool}", [_prefect_exe(), "worker", "start", "--pool", pool], interrupts=2, grace=10)
-
-    def log(self, name: str) -> Path:
-        return self.workdir / f"{name}.log"
-
-    def cli(self, command: str, timeout: float = 180) -> str:
-        """Run a documented ``prefect ...`` command line from the repository root; its output."""
-        args = command.split()
-        args[0] = _prefect_exe()
-        done = subprocess.run(args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
-        output = done.stdout + done.stderr
-        assert done.returncode == 0, f"`{command}` failed ({done.returncode}):\n{output[-4000:]}"
-        return output
-
-    def cli_args(self, args: list[str], timeout: float = 180) -> str:
-        done = subprocess.run(
-            [_prefect_exe(), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        output = done.stdout + done.stderr
-        assert done.returncode == 0, f"`prefect {' '.join(args)}` failed ({done.returncode}):\n{output[-4000:]}"
-        return output
-
-    def run_deployment(self, name: str, parameters: dict[str, Any]) -> str:
-        """``prefect deployment run NAME -p key=<json> ...``; the new flow run's id."""
-        args = ["deployment", "run", name]
-        for key, value in parameters.items():
-            args += ["-p", f"{key}={json.dumps(value)}"]
-        output = self.cli_args(args)
-        found = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
-        assert found, f"no flow run id in:\n{output}"
-        return found.group(1)
-
-    def stop(self) -> None:
-        for process, interrupts, grace in reversed(self.processes):  # workers first, server last
-            _stop_group(process, interrupts, grace)
-
-
-def _client(api_url: str):
-    from prefect.client.orchestration import SyncPrefectClient
-
-    return SyncPrefectClient(api_url)
-
-
-def _wait_final(client, flow_run_id: str, stack: Stack, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        flow_run = client.read_flow_run(flow_run_id)
-        if flow_run.state is not None and flow_run.state.is_final():
-            return flow_run
-        time.sleep(2)
-    raise AssertionError(
-        f"flow run {flow_run_id} not finished after {timeout} s (state {flow_run.state.name if flow_run.state else None})"
-        f"\n--- worker log:\n{_tail(stack.log('worker-cpu'), 80)}"
-    )
-
-
-def _stage(task_run_name: str) -> str:
-    folder = task_run_name.split("/", 1)[-1]  # "iter-0/generate-base" -> "generate-base"
-    return folder.split("-", 1)[0] if folder.startswith("generate-") else folder
-
-
 def _settled_iteration_runs(client, parent_id: str, seconds: float = 30.0) -> list[tuple[str, dict[str, Any]]]:
     """`_iteration_runs` once no task run is still Pending or Running: task states reach the server as
     events, recorded a moment after the flow run's own (API-set) final state."""
@@ -353,7 +192,7 @@ def _iteration_runs(client, parent_id: str) -> list[tuple[str, dict[str, Any]]]:
         tasks = client.read_task_runs(
             task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[child.id]))
         )
-        out.append((child.state.name, {_stage(t.name): t.state for t in tasks if _stage(t.name) in STAGE_TASKS}))
+        out.append((child.state.name, {stage_of(t.name): t.state for t in tasks if stage_of(t.name) in STAGE_TASKS}))
     return out
 
 
@@ -404,7 +243,7 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
         stack.start_worker("cpu")
         deployed = stack.cli(DEPLOY_COMMAND, timeout=300)
         lap("deploy")
-        with _client(stack.api_url) as client:
+        with api_client(stack.api_url) as client:
             names = _deployment_names(client)
             assert names == EXPECTED_DEPLOYMENTS, deployed[-3000:]
             assert client.read_work_pool("gpu").concurrency_limit == 1
@@ -418,7 +257,7 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
             blocker.parent.mkdir(parents=True)
             blocker.write_text("in the way")
             run_id = stack.run_deployment("alphaspin-recipe/quickstart", {"overrides": _tiny_overrides(runs_root)})
-            failed = _wait_final(client, run_id, stack, timeout=420)
+            failed = wait_final(client, run_id, stack, timeout=420)
             lap("failing run")
             assert failed.state.is_failed(), failed.state
             assert failed.name == RUN_ID  # the UI shows the run id as the flow run's name
@@ -433,7 +272,7 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
             # 2. Fix the cause, retry the flow run as the UI's Retry button does.
             blocker.unlink()
             stack.cli(f"prefect flow-run retry {run_id}")
-            retried = _wait_final(client, run_id, stack, timeout=300)
+            retried = wait_final(client, run_id, stack, timeout=300)
             lap("retry")
             assert retried.state.is_completed(), retried.state
             assert retried.run_count == 2
@@ -450,7 +289,7 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
             #    once (SQLite) to keep the file short: the database has nothing new to show here.
             if database is None:
                 evaluation_id = stack.run_deployment("alphaspin-evaluate-run/cpu", {"runs_root": str(runs_root)})
-                evaluation = _wait_final(client, evaluation_id, stack, timeout=300)
+                evaluation = wait_final(client, evaluation_id, stack, timeout=300)
                 lap("evaluate-only")
                 assert evaluation.state.is_completed(), evaluation.state
                 assert evaluation.name == "latest-evaluate"
@@ -458,8 +297,8 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
                 assert tasks.get("evaluate") == "Completed", tasks
     except BaseException:
         print(
-            f"timings so far: {timings}\n--- server log:\n{_tail(stack.log('server'))}"
-            f"\n--- worker log:\n{_tail(stack.log('worker-cpu'), 120)}"
+            f"timings so far: {timings}\n--- server log:\n{tail(stack.log('server'))}"
+            f"\n--- worker log:\n{tail(stack.log('worker-cpu'), 120)}"
         )
         raise
     finally:
@@ -478,7 +317,7 @@ def _task_states(client, flow_run_id: str) -> dict[str, str]:
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
     tasks = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
-    return {_stage(t.name): t.state.name for t in tasks}
+    return {stage_of(t.name): t.state.name for t in tasks}
 
 
 def _check_recipe_form(client) -> None:
