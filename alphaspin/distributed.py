@@ -329,6 +329,8 @@ def worker(spec_url: str, workdir: Path) -> None:
             handle.write(json.dumps({"fraction": fraction, "message": message}) + "\n")
 
     with Workspace(config, progress=progress if is_rank_zero else None) as ws:
+        if ws.device.startswith("cuda"):  # "cuda" is GPU 0 in every rank: load each rank's model onto its own GPU
+            ws.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         pairs = stage.read_table(PAIRS)
         previous = None
         if spec["previous"] is not None:  # every rank its own copy (ranks of one machine may not share a disk)
