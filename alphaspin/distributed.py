@@ -190,7 +190,8 @@ def run_distributed(job: Job, pairs: pd.DataFrame, previous: Artifact | None) ->
     workdir = ws.scratch / f"distributed-{job.iteration}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    port = training.main_process_port or (_free_port() if training.num_machines == 1 else 29500)
+    # 0: accelerate picks a free port (one machine); other machines must know the port in advance.
+    port = training.main_process_port or (0 if training.num_machines == 1 else 29500)
     command = launch_command(training, ws.device, spec_url, workdir, 0, port)
     progress = _ProgressReader(workdir / PROGRESS, ws.progress)
     supervise(command, workdir, f"iter-{job.iteration}/train", on_poll=progress.poll)
@@ -253,14 +254,6 @@ def _root_cause(tail: str) -> str:
 def _tail(path: Path, lines: int) -> str:
     text = path.read_text(errors="replace").splitlines() if path.exists() else []
     return "\n".join(text[-lines:]) or "(no output on stderr)"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _ProgressReader:
