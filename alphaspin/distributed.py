@@ -96,7 +96,7 @@ def check_launch(training: TrainingConfig, device: str) -> None:
                 f"machine has {gpus} GPU(s) (one process per GPU)"
             )
     else:
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         if per_machine > cores:
             raise ValueError(
                 f"training.num_processes={training.num_processes}: {per_machine} processes per machine but this "
@@ -117,6 +117,11 @@ def check_launch(training: TrainingConfig, device: str) -> None:
                 f"training.deepspeed_config={training.deepspeed_config}: deepspeed is not installed "
                 "(pip install deepspeed)"
             )
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def launch_command(
@@ -157,7 +162,7 @@ def launch_command(
         command += ["--multi_gpu"]  # accelerate's torchrun launcher; see the module docstring for CPU
     if not device.startswith("cuda"):
         # torchrun would give every rank 1 thread; share this machine's cores between its ranks instead.
-        threads = max(1, (os.cpu_count() or 1) // per_machine)
+        threads = max(1, usable_cores() // per_machine)
         command += ["--num_cpu_threads_per_process", str(threads)]
     return [*command, "-m", "alphaspin.distributed", "worker", spec_url, str(workdir)]
 
