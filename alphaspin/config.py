@@ -347,7 +347,56 @@ class TrainingConfig(_Section):
         4, gt=0, description="Checkpoint into storage every N optimizer steps; a retried train stage resumes there."
     )
     reference_batch_size: int = Field(8, gt=0, description="Pairs per forward when computing reference log-probs.")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes over all machines (data parallel: the effective batch is "
+        "per_device_train_batch_size × num_processes × gradient_accumulation_steps). 1 trains inside the pipeline's "
+        "process; more (or a deepspeed_config) run the train stage as a child `accelerate launch` (gloo on CPU, "
+        "NCCL on GPUs). At most one per GPU, or per CPU core without a GPU.",
+    )
+    num_machines: int = Field(
+        1,
+        ge=1,
+        description="Machines the training processes span (num_processes / num_machines each). The pipeline's machine "
+        "is rank 0; each other one runs `python -m alphaspin.distributed join <job spec URL> --machine-rank R`.",
+    )
+    main_process_ip: str | None = Field(
+        None, description="Address of machine 0 that the others rendezvous with (needed when num_machines > 1)."
+    )
+    main_process_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Rendezvous port on machine 0; default a free port on one machine, 29500 across machines.",
+    )
+    rendezvous_timeout_seconds: float = Field(
+        600.0,
+        gt=0.0,
+        description="How long training processes (and joining machines) wait for each other before failing.",
+    )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast precision of training; auto = bf16 on a GPU that supports it, else no (fp16 needs a "
+        "GPU; bf16 on AVX2-only CPUs is ~30× slower than fp32).",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="Path to a DeepSpeed ZeRO JSON (stage 1 or 2) on the training machines; GPU only, launched with "
+        "`accelerate launch --use_deepspeed` even for one process.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> TrainingConfig:
+        if self.num_processes % self.num_machines:
+            raise ValueError(
+                f"training.num_processes: {self.num_processes} is not a multiple of training.num_machines = "
+                f"{self.num_machines} (each machine runs the same number of processes)"
+            )
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("training.main_process_ip: needed when training.num_machines > 1 (machine 0's address)")
+        return self
 
 
 class JudgeConfig(_Section):

@@ -85,8 +85,8 @@ def dpo_config(training: TrainingConfig, output_dir: str, seed: int, use_cpu: bo
         seed=seed,
         data_seed=seed,
         use_cpu=use_cpu,
-        bf16=not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        fp16=False,
+        bf16=mixed_precision(training, use_cpu) == "bf16",
+        fp16=mixed_precision(training, use_cpu) == "fp16",
         report_to=[],
         logging_steps=1,
         save_strategy="steps",
@@ -98,6 +98,13 @@ def dpo_config(training: TrainingConfig, output_dir: str, seed: int, use_cpu: bo
     )
     values.update(overrides)
     return DPOConfig(**values)
+
+
+def mixed_precision(training: TrainingConfig, use_cpu: bool) -> str:
+    """``training.mixed_precision`` resolved: ``auto`` is bf16 on a GPU that supports it, else ``no``."""
+    if training.mixed_precision != "auto":
+        return training.mixed_precision
+    return "bf16" if not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:

@@ -7,6 +7,7 @@ import json
 import logging
 import posixpath
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from alphaspin.model_card import model_card
 from alphaspin.stage_spec import Artifact, Job
 from alphaspin.storage import SCRATCH, StageDir
 from alphaspin.tracking import Tracker, check_tracking
-from alphaspin.workspace import Progress
+from alphaspin.workspace import Progress, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +27,29 @@ CHECKPOINTS = f"{SCRATCH}/checkpoints"
 
 class StorageCheckpointCallback(TrainerCallback):
     """After the Trainer saves ``checkpoint-N`` locally, upload it into the stage's scratch area
-    and delete older remote checkpoints (uploaded first, deleted after: one always survives)."""
+    and delete older remote checkpoints (uploaded first, deleted after: one always survives).
+
+    With several processes (`alphaspin.distributed`) every rank calls it: rank 0 uploads the folder,
+    a rank on another machine uploads its own ``rng_state_<rank>.pth`` (absent from rank 0's folder),
+    and the completion marker is written only once every rank's files are stored."""
 
     def __init__(self, stage: StageDir, output_dir: Path, progress: Progress, total_steps: int):
         self.stage, self.output_dir, self.progress, self.total_steps = stage, output_dir, progress, total_steps
 
     def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
         name = f"checkpoint-{state.global_step}"
         local = self.output_dir / name
-        if local.is_dir():
+        ranks = PartialState()  # the Trainer's process group; its barriers are no-ops in one process
+        ranks.wait_for_everyone()  # every rank has written its files of checkpoint N
+        if state.is_world_process_zero and local.is_dir():
             self.stage.put_dir(local, posixpath.join(CHECKPOINTS, name))
+        elif args.process_index != args.local_process_index:  # a machine other than rank 0's
+            rng = f"rng_state_{args.process_index}.pth"
+            self.stage.write_bytes(posixpath.join(CHECKPOINTS, name, rng), (local / rng).read_bytes())
+        ranks.wait_for_everyone()
+        if state.is_world_process_zero and local.is_dir():
             self.stage.write_json(posixpath.join(CHECKPOINTS, name, "_COMPLETE.json"), {"step": state.global_step})
             for old in _remote_checkpoints(self.stage):
                 if old != name:
@@ -44,7 +58,8 @@ class StorageCheckpointCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.progress(state.global_step / max(1, self.total_steps), f"step {state.global_step}/{self.total_steps}")
+        if state.is_world_process_zero:
+            self.progress(state.global_step / max(1, self.total_steps), f"step {state.global_step}/{self.total_steps}")
         return control
 
 
@@ -101,32 +116,85 @@ def _summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Fitted:
+    """What training left on the local disk of rank 0: the adapter folder, TRL's log, the resumed checkpoint."""
+
+    adapter_dir: Path
+    history: list[dict[str, Any]]
+    resumed_from: str | None
+
+
 def run_training(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> dict:
     """Train θ_t from θ_(t-1) (a fresh LoRA at t = 0) on ``pairs`` (with their reference columns),
-    resuming from the last checkpoint stored in ``job.out``; the adapter goes to ``job.out/adapter``."""
-    from peft import LoraConfig, PeftModel
+    resuming from the last checkpoint stored in ``job.out``; the adapter goes to ``job.out/adapter``.
 
-    from alphaspin.dpo import REFERENCE_COLUMNS, GeometricReferenceDPOTrainer, pairs_to_dataset
-    from alphaspin.models import load_base_model
+    One process (``training.num_processes: 1``) trains here; more run `fit` in every rank of a child
+    ``accelerate launch`` (`alphaspin.distributed`), and this process stores what rank 0 wrote."""
+    from alphaspin import distributed
 
     t, stage, ws, config = job.iteration, job.out, job.workspace, job.config
     if pairs.empty:
         raise ValueError(f"iter-{t}/train: no training pairs (all dropped by training.max_length?)")
     if ws.tracker.enabled:  # a worker without the tracking extra, or cut off from the server: fail before training
         check_tracking(config)
-    output_dir = ws.scratch / f"train-{t}"
-    shutil.rmtree(output_dir, ignore_errors=True)
-    resume_from = None
+    if distributed.is_launched(config.training):
+        fitted = distributed.run_distributed(job, pairs, previous)
+    else:
+        fitted = fit(
+            ws,
+            stage,
+            pairs,
+            ws.local_adapter(previous) if previous is not None else None,
+            t,
+            ws.scratch / f"train-{t}",
+            ws.scratch / f"adapter-out-{t}",
+        )
+    adapter_dir, history = fitted.adapter_dir, fitted.history
+    _normalise_adapter_config(adapter_dir / "adapter_config.json")
+    metrics = {**_summarise(history), "pairs": len(pairs), "resumed_from": fitted.resumed_from}
+    # Replaces PEFT's template card (which names the base model's local folder). Only the integer
+    # metrics: floats differ in the last bits across CPUs, and the card's bytes are digested.
+    counts = {k: v for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool)}
+    (adapter_dir / "README.md").write_text(model_card(config, t, counts, pair_counts(pairs), None))
+    stage.put_dir(adapter_dir, "adapter")
+    stage.write_json("train_log.json", history)
+    return metrics
+
+
+def fit(
+    ws: Workspace,
+    stage: StageDir,
+    pairs: pd.DataFrame,
+    previous_adapter: str | None,
+    iteration: int,
+    output_dir: Path,
+    adapter_dir: Path,
+    **dpo_overrides: Any,
+) -> Fitted:
+    """TRL DPO with LoRA in this process, as one rank of the job when launched by `alphaspin.distributed`
+    (``output_dir`` is then shared by the ranks of one machine). Resumes from the newest checkpoint stored in
+    ``stage``; rank 0 saves θ_t into ``adapter_dir``."""
+    from peft import LoraConfig, PeftModel
+
+    from alphaspin.dpo import REFERENCE_COLUMNS, GeometricReferenceDPOTrainer, pairs_to_dataset
+    from alphaspin.models import load_base_model
+
+    config = ws.config
+    args = ws.dpo_args(output_dir=str(output_dir), **dpo_overrides)
     remote = _remote_checkpoints(stage)
-    if remote:
-        resume_from = output_dir / remote[-1]
-        stage.get_dir(posixpath.join(CHECKPOINTS, remote[-1]), resume_from)
-        logger.info("iter-%d/train: resuming from %s", t, remote[-1])
+    resume_from = output_dir / remote[-1] if remote else None
+    with args.main_process_first(local=True, desc="checkpoint download"):  # one download per machine
+        if args.local_process_index == 0:
+            shutil.rmtree(output_dir, ignore_errors=True)
+            if resume_from is not None:
+                stage.get_dir(posixpath.join(CHECKPOINTS, remote[-1]), resume_from)
+                logger.info("iter-%d/train: resuming from %s", iteration, remote[-1])
 
     base = load_base_model(config.model.name_or_path, config.model.dtype, ws.device)
     lora = config.training.lora
     peft_config = None
-    if previous is None:
+    if previous_adapter is None:
         peft_config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.lora_alpha,
@@ -136,36 +204,26 @@ def run_training(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> di
         )
         model = base
     else:  # θ_t starts from θ_(t-1)
-        model = PeftModel.from_pretrained(base, ws.local_adapter(previous), is_trainable=True)
-    args = ws.dpo_args(output_dir=str(output_dir))
+        model = PeftModel.from_pretrained(base, previous_adapter, is_trainable=True)
     # The trainer tokenizes it with `alphaspin.dpo.prepare_like_trl`, as the reference stage did.
     dataset = pairs_to_dataset(pairs, REFERENCE_COLUMNS, losers_as_prefixes=config.generation.losers_as_prefixes)
     trainer = GeometricReferenceDPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=ws.tokenizer, peft_config=peft_config
     )
-    total = trainer.get_train_dataloader().__len__()
+    total = trainer.get_train_dataloader().__len__()  # per process: the loader is sharded over the ranks
     total_steps = max(
         1, int(round(total * config.training.num_train_epochs / config.training.gradient_accumulation_steps))
     )
     trainer.add_callback(StorageCheckpointCallback(stage, output_dir, ws.progress, total_steps))
-    if ws.tracker.enabled:
-        trainer.add_callback(TrackingCallback(ws.tracker, t))
+    if trainer.is_world_process_zero() and ws.tracker.enabled:
+        trainer.add_callback(TrackingCallback(ws.tracker, iteration))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-    adapter_dir = ws.scratch / f"adapter-out-{t}"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    # TRL keeps a frozen copy of θ_(t-1) as adapter "ref"; only "default" (θ_t) is the result.
-    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
-    _normalise_adapter_config(adapter_dir / "adapter_config.json")
-    history = trainer.state.log_history
-    metrics = {**_summarise(history), "pairs": len(pairs), "resumed_from": remote[-1] if remote else None}
-    # Replaces PEFT's template card (which names the base model's local folder). Only the integer
-    # metrics: floats differ in the last bits across CPUs, and the card's bytes are digested.
-    counts = {k: v for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool)}
-    (adapter_dir / "README.md").write_text(model_card(config, t, counts, pair_counts(pairs), None))
-    stage.put_dir(adapter_dir, "adapter")
-    stage.write_json("train_log.json", history)
-    return metrics
+    if trainer.is_world_process_zero():
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        # TRL keeps a frozen copy of θ_(t-1) as adapter "ref"; only "default" (θ_t) is the result.
+        trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    return Fitted(adapter_dir, trainer.state.log_history, remote[-1] if remote else None)
 
 
 def pair_counts(pairs: pd.DataFrame) -> dict[str, int]:

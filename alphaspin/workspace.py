@@ -120,12 +120,14 @@ class Workspace:
         return model if trainable else model.eval()
 
     # -- TRL --------------------------------------------------------------------------------------
-    def dpo_args(self, output_dir: str | None = None):
+    def dpo_args(self, output_dir: str | None = None, **overrides: Any):
         """TRL's DPOConfig for this run (the one place it is assembled)."""
         from alphaspin.dpo import dpo_config
 
         output_dir = output_dir or str(self.scratch / "trl")
-        return dpo_config(self.config.training, output_dir, self.config.run.seed, use_cpu=self.device == "cpu")
+        return dpo_config(
+            self.config.training, output_dir, self.config.run.seed, use_cpu=self.device == "cpu", **overrides
+        )
 
     def tokenize_pairs(self, frame: pd.DataFrame) -> datasets.Dataset:
         """Pairs (id, prompt, chosen, rejected[, rejected_truncated]) tokenized exactly as the trainer

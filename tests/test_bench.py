@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import common, cpu_stages, dpo_throughput, generation, reference_cache, resume  # noqa: E402
+from bench import common, cpu_stages, dpo_distributed, dpo_throughput, generation, reference_cache, resume  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,6 +60,18 @@ def test_dpo_throughput_smoke():
     assert s["step1_losses_agree"] and s["same_lora_init"]
     assert s["step1_loss"]["geometric"] == pytest.approx(math.log(2), abs=1e-5)  # policy = base at step 1
     assert all(len(r["step_seconds"]) == 2 for rs in data["results"]["runs"].values() for r in rs)
+
+
+def test_dpo_distributed_smoke():
+    data = dpo_distributed.run(model="tiny", steps=2, batch_size=1, max_length=48)
+    _check_common(data, "dpo_distributed")
+    s = data["summary"]
+    assert _finite(s["ratio_samples_per_second"]) and s["ratio_samples_per_second"] > 0
+    assert [r["processes"] for r in data["results"]["runs"]["two_processes"]] == [2]
+    curves = s["loss_curves"]
+    assert len(curves["one_process"]) == len(curves["two_processes"]) == 2
+    assert curves["one_process"][0] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference at step 1
+    assert s["max_abs_loss_diff"] < 1e-4  # the same training, two ways (tests/test_distributed_training.py)
 
 
 def test_reference_cache_smoke():

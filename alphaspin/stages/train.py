@@ -10,7 +10,19 @@ from alphaspin.config import AlphaSpinConfig
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
 
 # Knobs that change how training is executed, not what it writes.
-EXECUTION_ONLY = ("training.reference_batch_size", "training.save_steps")
+EXECUTION_ONLY = (
+    "training.reference_batch_size",
+    "training.save_steps",
+    "training.num_machines",
+    "training.main_process_ip",
+    "training.main_process_port",
+    "training.rendezvous_timeout_seconds",
+    "training.deepspeed_config",
+)
+# Knobs that change what training writes but were added after runs existed: they enter the key only
+# when set away from their default, so the train stages of existing runs keep their keys (stay cached).
+# num_processes multiplies the effective batch; mixed_precision changes the arithmetic.
+KEYED_WHEN_SET = {"training.num_processes": 1, "training.mixed_precision": "auto"}
 # Knobs of the log Z(x) estimate: reference_logps reads them, train sees their effect through its input.
 REFERENCE_ONLY = ("training.partition_samples", "training.partition_max_new_tokens")
 
@@ -23,8 +35,9 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "model.chat_template",
         "training",
         "run.seed",
-        exclude=EXECUTION_ONLY + REFERENCE_ONLY,
+        exclude=EXECUTION_ONLY + REFERENCE_ONLY + tuple(KEYED_WHEN_SET),
     )
+    fields.update({k: v for k, v in pick(config, *KEYED_WHEN_SET).items() if v != KEYED_WHEN_SET[k]})
     if config.generation.losers_as_prefixes:  # the trainer tokenizes cut-off losers without end-of-turn
         fields.update(pick(config, "generation.truncated_losers"))
     return fields
