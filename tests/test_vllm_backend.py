@@ -10,11 +10,11 @@ missing environment fails them, so CI never passes by skipping."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_vllm
 
 from alphaspin.backends import make_backend
 from alphaspin.config import GenerationConfig
@@ -190,7 +190,11 @@ def test_server_command_and_environment(tmp_path, monkeypatch):
     command = server_command(gpu, 8123)
     assert command[:3] == [str(tmp_path / "python"), "-m", "vllm.entrypoints.openai.api_server"]
     args = command[3:]
-    flags = {a: (b if not b.startswith("--") else None) for a, b in zip(args, [*args[1:], "--"]) if a.startswith("--")}
+    flags = {
+        a: (b if not b.startswith("--") else None)
+        for a, b in zip(args, [*args[1:], "--"], strict=True)
+        if a.startswith("--")
+    }
     assert flags["--model"] == "/models/m" and flags["--served-model-name"] == "base"
     assert flags["--host"] == "127.0.0.1" and flags["--port"] == "8123"
     assert flags["--max-lora-rank"] == "16" and flags["--tensor-parallel-size"] == "2"
@@ -246,15 +250,6 @@ def test_missing_or_broken_vllm_environment_is_one_clear_error(tokenizer, tmp_pa
 
 
 # -- the real engine: vLLM's server from vLLM's own environment --------------------------------------
-def _vllm_python() -> str:
-    try:
-        return find_vllm_python(None)
-    except VllmError as error:
-        if os.environ.get("ALPHASPIN_VLLM_PYTHON"):
-            raise
-        pytest.skip(str(error))
-
-
 def _random_adapters(model_path: str, folder: Path, count: int = 2) -> list[str]:
     """Random (non-zero) LoRA adapters, so each member really differs from the base."""
     from peft import LoraConfig, get_peft_model
@@ -276,7 +271,7 @@ def real_engine(tmp_path_factory):
     from alphaspin.models import resolve_model_path
     from alphaspin.vllm_server import stop_all
 
-    _vllm_python()
+    require_vllm()
     model_path = resolve_model_path("builtin:smollm2-135m-instruct")
     adapters = _random_adapters(model_path, tmp_path_factory.mktemp("adapters"))
     device = "cuda" if torch.cuda.is_available() else "cpu"

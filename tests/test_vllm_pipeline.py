@@ -11,7 +11,6 @@ environment), and a generation killed with SIGKILL on it that resumes to the sam
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import require_vllm, tiny_overrides
 
 from alphaspin.config import load_config
 from alphaspin.runs import Run
@@ -41,14 +40,8 @@ VLLM = [
 @pytest.fixture(scope="module")
 def vllm_model() -> str:
     from alphaspin.testing.tiny_model import tiny_model_path
-    from alphaspin.vllm_server import VllmError, find_vllm_python
 
-    try:
-        find_vllm_python(None)
-    except VllmError as error:
-        if os.environ.get("ALPHASPIN_VLLM_PYTHON"):
-            raise
-        pytest.skip(str(error))
+    require_vllm()
     return tiny_model_path(head_dim=32)  # vLLM's CPU attention runs head sizes from 32 up
 
 
@@ -59,7 +52,10 @@ def _servers() -> set[int]:
 
 def _drive(point: str, overrides: list[str]) -> int:
     command = [sys.executable, str(ROOT / "tests" / "crash_driver.py"), point, *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, timeout=900).returncode
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if done.returncode not in (0, -signal.SIGKILL):
+        print(done.stderr[-5000:])  # shown by pytest with the failure
+    return done.returncode
 
 
 @pytest.fixture(scope="module")
