@@ -7,6 +7,7 @@ import json
 import logging
 import posixpath
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,21 +126,25 @@ class Fitted:
     resumed_from: str | None
 
 
-def run_training(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> dict:
+def run_training(
+    job: Job,
+    pairs: pd.DataFrame,
+    previous: Artifact | None,
+    launch: Callable[[Job, pd.DataFrame, Artifact | None], Fitted] | None = None,
+) -> dict:
     """Train θ_t from θ_(t-1) (a fresh LoRA at t = 0) on ``pairs`` (with their reference columns),
     resuming from the last checkpoint stored in ``job.out``; the adapter goes to ``job.out/adapter``.
 
-    One process (``training.num_processes: 1``) trains here; more run `fit` in every rank of a child
-    ``accelerate launch`` (`alphaspin.distributed`), and this process stores what rank 0 wrote."""
-    from alphaspin import distributed
-
+    Without ``launch`` (``training.num_processes: 1``) `fit` trains in this process; the train stage
+    passes `alphaspin.distributed.run_distributed` for several processes, which runs `fit` in every rank
+    of a child ``accelerate launch``, and this process stores what rank 0 wrote."""
     t, stage, ws, config = job.iteration, job.out, job.workspace, job.config
     if pairs.empty:
         raise ValueError(f"iter-{t}/train: no training pairs (all dropped by training.max_length?)")
     if ws.tracker.enabled:  # a worker without the tracking extra, or cut off from the server: fail before training
         check_tracking(config)
-    if distributed.is_launched(config.training):
-        fitted = distributed.run_distributed(job, pairs, previous)
+    if launch is not None:
+        fitted = launch(job, pairs, previous)
     else:
         fitted = fit(
             ws,

@@ -1,7 +1,7 @@
 """DPO training throughput on 2 processes vs 1 (the train stage with ``training.num_processes``).
 
 Side by side in one run, on the same pairs, seed, LoRA init and data order, through the train stage's
-own function (`alphaspin.training.run_training`, storage on a local folder):
+own function (`alphaspin.stages.train.train_pairs`, storage on a local folder):
 
 - ``one_process``: ``training.num_processes: 1``, batch 2b per step, trained inside this process;
 - ``two_processes``: ``training.num_processes: 2``, batch b per rank, a child ``accelerate launch`` of
@@ -52,8 +52,8 @@ def _reference(frame, model: str, max_length: int, batch_size: int):
 def _train(kind: str, model: str, frame, batch_size: int, max_length: int, lora_r: int, seed: int, root: Path):
     from alphaspin.config import AlphaSpinConfig
     from alphaspin.stage_spec import Job, Node
+    from alphaspin.stages.train import train_pairs
     from alphaspin.storage import RunStorage
-    from alphaspin.training import run_training
     from alphaspin.workspace import Workspace
 
     processes = 2 if kind == "two_processes" else 1
@@ -75,7 +75,7 @@ def _train(kind: str, model: str, frame, batch_size: int, max_length: int, lora_
     stage = RunStorage(config.run.runs_root, "bench").stage(0, "train")
     with Workspace(config) as ws:
         started = time.perf_counter()
-        metrics = run_training(Job(Node("train", 0), config, stage, ws, kind), frame, None)
+        metrics = train_pairs(Job(Node("train", 0), config, stage, ws, kind), frame, None)
         wall = time.perf_counter() - started
     history = stage.read_json("train_log.json")
     end = next(h for h in history if "train_runtime" in h)

@@ -1,7 +1,7 @@
 """The train stage on several processes (`alphaspin.distributed`): a child ``accelerate launch`` of
 real TRL DPO ranks on CPU (gloo), checked against the one-process trainer.
 
-The stage function (`alphaspin.training.run_training`) runs here on made-up pairs with made-up reference
+The stage function (`alphaspin.stages.train.train_pairs`) runs here on made-up pairs with made-up reference
 log-probs: what is checked is how training is executed, not what the pairs say. Failures are injected into
 the ranks through ``tests/distributed_inject/sitecustomize.py``; the product code is unchanged.
 """
@@ -23,8 +23,8 @@ from safetensors.torch import load
 from alphaspin import distributed
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.stage_spec import Job, Node
+from alphaspin.stages.train import train_pairs
 from alphaspin.storage import RunStorage
-from alphaspin.training import run_training
 from alphaspin.workspace import Workspace
 
 ROOT = Path(__file__).parents[1]
@@ -54,7 +54,7 @@ def train(config: AlphaSpinConfig, progress: list | None = None) -> tuple[dict, 
     hook = (lambda fraction, message: progress.append((fraction, message))) if progress is not None else None
     with Workspace(config, progress=hook) as ws:
         job = Job(node=Node("train", 0), config=config, out=stage, workspace=ws, key="test")
-        metrics = run_training(job, pairs_frame(), None)
+        metrics = train_pairs(job, pairs_frame(), None)
     return metrics, load(stage.read_bytes("adapter/adapter_model.safetensors"))
 
 
@@ -104,7 +104,7 @@ def test_too_many_processes_fail_before_anything_is_written(make_config):
     config = make_config(f"training.num_processes={(os.cpu_count() or 1) + 1}")
     stage = RunStorage(config.run.runs_root, "run").stage(0, "train")
     with Workspace(config) as ws, pytest.raises(ValueError, match=r"^training\.num_processes=\d+: .*CPU core") as e:
-        run_training(Job(Node("train", 0), config, stage, ws, "test"), pairs_frame(), None)
+        train_pairs(Job(Node("train", 0), config, stage, ws, "test"), pairs_frame(), None)
     assert "\n" not in str(e.value)
     assert stage.list_files() == []
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
 
@@ -43,11 +45,19 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
     return fields
 
 
-def train(job: Job, reference: Artifact, previous: Artifact | None) -> dict[str, Any]:
-    from alphaspin.training import run_training
+def train_pairs(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> dict[str, Any]:
+    """`alphaspin.training.run_training` in this process, or in the ranks of a child ``accelerate
+    launch`` when ``training.num_processes`` (or machines, or a DeepSpeed config) asks for it."""
+    from alphaspin import distributed
+    from alphaspin.training import run_training  # looked up at call time (bench.resume wraps it)
 
+    launch = distributed.run_distributed if distributed.is_launched(job.config.training) else None
+    return run_training(job, pairs, previous, launch)
+
+
+def train(job: Job, reference: Artifact, previous: Artifact | None) -> dict[str, Any]:
     frame = reference.read_table("reference.parquet")
-    metrics = run_training(job, frame[frame.split == "train"].reset_index(drop=True), previous)
+    metrics = train_pairs(job, frame[frame.split == "train"].reset_index(drop=True), previous)
     job.out.clear_scratch()
     return metrics
 
