@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from alphaspin.config import GenerationConfig
+from alphaspin.config import AlphaSpinConfig, ConfigError, GenerationConfig
 from alphaspin.generation import GenerationBackend, TransformersBackend
 
 
@@ -28,3 +28,20 @@ def make_backend(
 
         return VllmBackend(model_path, tokenizer, config, dtype=dtype, adapter_paths=adapter_paths, device=device)
     return TransformersBackend(model_path, tokenizer, config, dtype=dtype, device=device)
+
+
+def check_engines(config: AlphaSpinConfig, device: str) -> None:
+    """What a run executed here needs besides its model and data, checked before its first stage:
+    vLLM's environment (``generation.backend`` or ``evaluation.benchmark_backend``: vllm) and the
+    training launcher (``training.num_processes`` and the rest, `alphaspin.distributed.check_launch`).
+    Each problem is a `ConfigError` naming the knob: one line, nothing written yet."""
+    from alphaspin import distributed
+    from alphaspin.vllm_server import VllmError, find_vllm_python
+
+    try:
+        if config.generation.backend == "vllm" or config.evaluation.benchmark_backend == "vllm":
+            find_vllm_python(config.generation.vllm_python)
+        if distributed.is_launched(config.training):
+            distributed.check_launch(config.training, device)
+    except (VllmError, ValueError) as error:
+        raise ConfigError(str(error)) from error

@@ -58,8 +58,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[int, set[str]]) -> list[dict]:
+    from alphaspin.backends import check_engines
+    from alphaspin.workspace import default_device
+
     if getattr(args, "no_wait", False):
         config.orchestration.wait_for_running_stage = False
+    # Every stage of `alphaspin run` executes in this process: vLLM or the training launcher missing is
+    # one line now, not a failed stage later.
+    check_engines(config, config.model.device or default_device())
     if args.no_prefect:
         from alphaspin.pipeline import run
 

@@ -330,3 +330,33 @@ def test_lm_eval_vllm_backend_matches_hf_with_the_adapter(real_engine, tmp_path)
     rows = {(r["task"], r["metric"]): r["value"] for r in vllm["table"]}
     assert rows == {(r["task"], r["metric"]): r["value"] for r in hf["table"]}
     assert (tmp_path / "out" / "lm_eval_results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["generation.backend=vllm", "generation.vllm_python=/nowhere/python"],
+            "alphaspin: error: generation.vllm_python: /nowhere/python is not an executable Python",
+        ),
+        (
+            ["evaluation.benchmark_backend=vllm", "generation.vllm_python=/nowhere/python"],
+            "alphaspin: error: generation.vllm_python: /nowhere/python is not an executable Python",
+        ),
+        (["training.num_processes=64"], "alphaspin: error: training.num_processes=64: "),
+    ],
+)
+def test_the_cli_refuses_a_missing_engine_before_any_stage(tmp_path, capsys, tiny_model, overrides, message):
+    """`alphaspin run` executes every stage in its own process: vLLM's environment or the training
+    launcher it cannot have is one line, exit 2, before a stage runs or a run is recorded."""
+    from alphaspin.flows.cli import main
+
+    runs = tmp_path / "runs"
+    args = ["run", "--no-prefect", "-c", "configs/quickstart.yaml", "--set", f"run.runs_root={runs}"]
+    args += ["--set", f"model.name_or_path={tiny_model}"]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+    assert not runs.exists()
