@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -554,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A temporary Prefect server is this command's private database: it sends no usage telemetry (on
+    # a machine without internet access its telemetry service prints an ERROR, or a "database is
+    # locked" traceback, into the terminal). A user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -149,3 +149,13 @@ def test_the_console_of_a_run_stays_within_its_budget_and_the_log_has_everything
     assert any("iter-1/train: step" in m for m in messages), messages
     assert any(m.startswith("iter-1/train: train/loss=") for m in messages), messages
     assert len(messages) <= 10 and not any("{'loss'" in m or "co_code" in m for m in messages), messages
+
+
+def test_the_cli_turns_prefect_server_telemetry_off_unless_told(monkeypatch, capsys):
+    """Offline, the temporary server's telemetry service prints an ERROR into the person's terminal."""
+    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)
+    assert main(["config"]) == 0
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
+    assert main(["config"]) == 0
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
