@@ -121,7 +121,9 @@ def synthetic_metrics(ws: Workspace, model, heldout: pd.DataFrame, stage: StageD
 def vllm_environment(generation: GenerationConfig, device: str) -> dict[str, str]:
     """What lm-eval's vllm backend needs in its environment: the CPU KV cache size on a CPU."""
     if str(device).startswith("cpu"):
-        return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(generation.vllm_cpu_kvcache_gib)))}
+        from alphaspin.vllm_server import cpu_kvcache_env
+
+        return cpu_kvcache_env(generation.vllm_cpu_kvcache_gib)
     return {}
 
 

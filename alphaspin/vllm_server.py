@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +135,11 @@ def server_command(settings: EngineSettings, port: int) -> list[str]:
     return command + list(settings.extra_args)
 
 
+def cpu_kvcache_env(gib: float) -> dict[str, str]:
+    """vLLM's CPU KV cache size (``generation.vllm_cpu_kvcache_gib``), which it reads in whole GiB."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(gib)))}
+
+
 def server_env(settings: EngineSettings, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The server's environment: offline, runtime LoRA loading on, the CPU KV cache size."""
     env = dict(os.environ if base is None else base)
@@ -145,7 +150,7 @@ def server_env(settings: EngineSettings, base: Mapping[str, str] | None = None) 
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
         HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
-        VLLM_CPU_KVCACHE_SPACE=str(max(1, round(settings.cpu_kvcache_gib))),
+        **cpu_kvcache_env(settings.cpu_kvcache_gib),
     )
     return env
 
@@ -276,10 +281,6 @@ class VllmServer:
         except (OSError, urllib.error.URLError):
             return False
 
-    @property
-    def alive(self) -> bool:
-        return self.process is None and self._healthy() or self.process is not None and self.process.poll() is None
-
     def stop(self, grace: float = 30.0) -> None:
         """Stop the server's process group (SIGTERM, then SIGKILL after ``grace`` seconds)."""
         process, self.process = self.process, None
@@ -387,18 +388,3 @@ def stop_all() -> None:
         _SERVERS.clear()
     for server in servers:
         server.stop(grace=10)
-
-
-@contextlib.contextmanager
-def engine(settings: EngineSettings, start_timeout: float = 600.0) -> Iterator[VllmServer]:
-    """A private engine for the duration of a block (benchmarks, tests)."""
-    server = VllmServer(settings, start_timeout)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-if __name__ == "__main__":  # pragma: no cover - a manual check: python -m alphaspin.vllm_server MODEL
-    with engine(EngineSettings(python=find_vllm_python(None), model_path=sys.argv[1], dtype="float32")) as srv:
-        print(srv.url, srv.alive)

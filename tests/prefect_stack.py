@@ -31,6 +31,29 @@ POOL_COMMANDS = [  # the walkthrough's pools and tag limit (docs/gpu-pool.md)
 ]
 
 
+def tiny_run_overrides(runs_root: Path | str, run_id: str) -> list[str]:
+    """The ``overrides`` parameter of a tiny one-iteration run through a deployment: the tiny model,
+    no lm-eval and no judged chat (they take minutes on CPU); each test adds its own."""
+    from alphaspin.testing.tiny_model import tiny_model_path
+
+    return [
+        f"model.name_or_path={tiny_model_path()}",
+        f"run.runs_root={runs_root}",
+        f"run.run_id={run_id}",
+        "method.iterations=0",
+        "method.pairs_first_iteration=6",
+        "method.pairs_per_iteration=6",
+        "data.heldout_size=4",
+        "generation.max_new_tokens=8",
+        "training.save_steps=1",
+        "training.per_device_train_batch_size=2",
+        "training.max_length=96",
+        "training.lora.r=4",
+        "evaluation.benchmarks=[]",
+        "evaluation.judge.enabled=false",
+    ]
+
+
 def prefect_exe() -> str:
     beside = Path(sys.executable).parent / "prefect"
     return str(beside) if beside.exists() else (shutil.which("prefect") or "prefect")

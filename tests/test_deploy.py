@@ -42,6 +42,7 @@ from prefect_stack import (
     free_port,
     stage_of,
     tail,
+    tiny_run_overrides,
     wait_final,
 )
 
@@ -196,28 +197,6 @@ def _iteration_runs(client, parent_id: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _tiny_overrides(runs_root: Path) -> list[str]:
-    from alphaspin.testing.tiny_model import tiny_model_path
-
-    return [
-        f"model.name_or_path={tiny_model_path()}",
-        f"run.runs_root={runs_root}",
-        f"run.run_id={RUN_ID}",
-        "method.iterations=0",
-        "method.pairs_first_iteration=6",
-        "method.pairs_per_iteration=6",
-        "data.heldout_size=4",
-        "generation.max_new_tokens=8",
-        "training.save_steps=1",
-        "training.per_device_train_batch_size=2",
-        "training.max_length=96",
-        "training.lora.r=4",
-        "evaluation.benchmarks=[]",  # the quickstart's lm-eval and judged chat take minutes on CPU
-        "evaluation.judge.enabled=false",
-        "orchestration.retries=0",  # fail at once: the test retries the flow run, not the task
-    ]
-
-
 # -- the tests -------------------------------------------------------------------------------------
 @pytest.mark.slow  # real Prefect servers, workers and deployments (minutes)
 def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> None:
@@ -256,7 +235,10 @@ def test_deploy_run_fail_retry_cached(database: str | None, tmp_path: Path) -> N
             blocker = runs_root / RUN_ID / "iter-0" / "evaluate" / "_scratch"
             blocker.parent.mkdir(parents=True)
             blocker.write_text("in the way")
-            run_id = stack.run_deployment("alphaspin-recipe/quickstart", {"overrides": _tiny_overrides(runs_root)})
+            run_id = stack.run_deployment(
+                "alphaspin-recipe/quickstart",
+                {"overrides": [*tiny_run_overrides(runs_root, RUN_ID), "orchestration.retries=0"]},
+            )
             failed = wait_final(client, run_id, stack, timeout=420)
             lap("failing run")
             assert failed.state.is_failed(), failed.state

@@ -29,7 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect_stack import DEPLOY_COMMAND, POOL_COMMANDS, ROOT, Stack, api_client, kill_tree, stage_of, tail
+from prefect_stack import (
+    DEPLOY_COMMAND,
+    POOL_COMMANDS,
+    ROOT,
+    Stack,
+    api_client,
+    kill_tree,
+    stage_of,
+    tail,
+    tiny_run_overrides,
+)
 
 RUN_ID = "pools-test"
 BUCKET = "alphaspin"
@@ -48,24 +58,9 @@ RESULT_BLOCK = (
 
 
 def _overrides(runs_root: str) -> list[str]:
-    from alphaspin.testing.tiny_model import tiny_model_path
-
     return [
-        f"model.name_or_path={tiny_model_path()}",
-        f"run.runs_root={runs_root}",
-        f"run.run_id={RUN_ID}",
-        "method.iterations=0",
-        "method.pairs_first_iteration=6",
-        "method.pairs_per_iteration=6",
-        "data.heldout_size=4",
-        "generation.max_new_tokens=8",
-        "training.per_device_train_batch_size=2",
+        *tiny_run_overrides(runs_root, RUN_ID),
         "training.num_train_epochs=4",  # 12 steps: a train stage long enough to be killed in the middle
-        "training.save_steps=1",
-        "training.max_length=96",
-        "training.lora.r=4",
-        "evaluation.benchmarks=[]",
-        "evaluation.judge.enabled=false",
         "orchestration.result_storage=remote-file-system/alphaspin-results",
         f"orchestration.child_heartbeat_timeout_seconds={CHILD_HEARTBEAT_TIMEOUT}",
     ]
