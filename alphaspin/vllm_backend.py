@@ -187,6 +187,8 @@ class VllmBackend:
         self._stop_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         settings = engine_settings(model_path, config, dtype, device, self.adapter_paths)
         self.device = settings.device
+        # An engine with its own seed is never shared (`shared_server`): it is this backend's alone.
+        self._private_engine = settings.seed is not None
         self.server = shared_server(settings, config.vllm_start_timeout_seconds)
         for path in self.adapter_paths:
             spec = lora_spec(path)
@@ -225,8 +227,8 @@ class VllmBackend:
         return completions
 
     def close(self) -> None:
-        """On a GPU, stop the engine so the next stage of this process gets the GPU; on a CPU keep it
-        for the next stage (stopped when the process exits)."""
+        """On a GPU, stop the engine so the next stage of this process gets the GPU; on a CPU keep a
+        shared engine for the next stage (stopped when the process exits), and stop a private one."""
         server = self.__dict__.pop("server", None)
-        if server is not None and self.device != "cpu":
+        if server is not None and (self.device != "cpu" or self._private_engine):
             release(server)

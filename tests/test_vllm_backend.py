@@ -360,3 +360,32 @@ def test_the_cli_refuses_a_missing_engine_before_any_stage(tmp_path, capsys, tin
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
     assert not runs.exists()
+
+
+def test_closing_stops_a_private_engine_and_keeps_a_shared_one_on_cpu(tokenizer, tmp_path, monkeypatch):
+    """A seeded engine (per_request_seeds false) belongs to one backend: closing it stops the engine,
+    or every such stage would leave one running. A shared engine on a CPU stays up for the next stage."""
+    monkeypatch.setenv("ALPHASPIN_VLLM_PYTHON", _fake_python(tmp_path))
+    stopped = []
+
+    class Engine:  # stands in for the server process; only its lifecycle is under test here
+        def load_adapter(self, name, path):
+            pass
+
+        def stop(self, grace=30.0):
+            stopped.append(self)
+
+    monkeypatch.setattr("alphaspin.vllm_backend.shared_server", lambda settings, timeout: Engine())
+    shared = VllmBackend("/m", tokenizer, CONFIG, dtype=torch.float32, device="cpu")
+    shared.close()
+    assert stopped == []
+    private = VllmBackend(
+        "/m", tokenizer, CONFIG.model_copy(update={"per_request_seeds": False}), dtype=torch.float32, device="cpu"
+    )
+    engine = private.server
+    private.close()
+    assert stopped == [engine]
+    on_gpu = VllmBackend("/m", tokenizer, CONFIG, dtype=torch.float32, device="cuda")
+    engine = on_gpu.server
+    on_gpu.close()
+    assert stopped[-1] is engine
