@@ -71,6 +71,20 @@ def _client_errors() -> tuple[type[BaseException], ...]:
 _CLIENT_ERRORS = _client_errors()
 
 
+def _timeout_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [TimeoutError]  # fsspec's FSTimeoutError: the deadline passed
+    try:
+        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+    except ImportError:
+        pass
+    else:
+        errors += [ConnectTimeoutError, ReadTimeoutError]  # every attempt timed out
+    return tuple(errors)
+
+
+_TIMEOUT_ERRORS = _timeout_errors()
+
+
 def _status(error: BaseException) -> int | None:
     """The HTTP status of a botocore ClientError (None if there is none)."""
     response = getattr(error, "response", None) or {}
@@ -143,12 +157,17 @@ class S3Limits:
             attempts=int(values["AWS_MAX_ATTEMPTS"]),
         )
 
-    def bound(self, size: int = 0) -> float:
-        """Seconds after which one request of ``size`` bytes has surely failed (all attempts)."""
+    def deadline(self, size: int = 0) -> float:
+        """Seconds one request of ``size`` bytes may take, all attempts: then it is cancelled."""
         per_attempt = self.connect_timeout + self.read_timeout + size / MIN_THROUGHPUT
         # botocore's standard mode sleeps at most 2 ** attempt seconds (random) between attempts
         backoff = sum(min(2.0**attempt, 20.0) for attempt in range(self.attempts - 1))
-        return self.attempts * per_attempt + backoff + 1.0
+        return self.attempts * per_attempt + backoff
+
+    def bound(self, size: int = 0) -> float:
+        """Seconds after which one request of ``size`` bytes has surely failed: its deadline, plus 1 s
+        for fsspec's event loop to hand the cancellation back."""
+        return self.deadline(size) + 1.0
 
     def describe(self) -> str:
         return (
@@ -233,10 +252,10 @@ class RunStorage:
 
     def _bounded(self, size: int = 0) -> dict[str, Any]:
         """``timeout=`` for one s3fs call (fsspec's sync cancels the request past it); {} elsewhere."""
-        return {"timeout": self.limits.bound(size)} if self.limits is not None else {}
+        return {"timeout": self.limits.deadline(size)} if self.limits is not None else {}
 
     def _error(self, verb: str, path: str, error: BaseException) -> StorageError:
-        if isinstance(error, TimeoutError) and self.limits is not None:
+        if isinstance(error, _TIMEOUT_ERRORS) and self.limits is not None:
             detail = f"no answer from {self.endpoint} within the limits ({self.limits.describe()})"
         else:
             detail = f"{type(error).__name__}: {error}" if not str(error) else str(error)
@@ -302,7 +321,7 @@ class RunStorage:
                     response["Body"].close()
             return response
 
-        return sync(self.fs.loop, call, timeout=self.limits.bound(timeout_size) if self.limits else None)
+        return sync(self.fs.loop, call, timeout=self.limits.deadline(timeout_size) if self.limits else None)
 
     def read_tagged(self, path: str) -> tuple[bytes, str]:
         """(content, ETag) of the object at ``path``, fresh from the server (no cache is involved);
@@ -637,3 +656,88 @@ class StageDir:
 
     def clear_scratch(self) -> None:
         self.storage.remove(self.file(SCRATCH), recursive=True)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+CHECK_TIMEOUT = 5.0  # seconds for each of connect and read in check_storage: one attempt, no retries
+
+
+def check_storage(runs_root: str, field: str = "run.runs_root") -> None:
+    """Before a run writes anything: is ``runs_root`` reachable with these credentials? One request
+    (HeadBucket, then a one-key listing to name an auth error), one attempt, CHECK_TIMEOUT-second
+    timeouts, so a bucket that does not exist, refused credentials or an endpoint that refuses
+    connections is one line naming ``field`` and the cause within seconds, not after the client's
+    retries. ConfigError. Only S3 is checked (a local folder is created when first written)."""
+    from alphaspin.config import ConfigError
+
+    if not runs_root.startswith(("s3://", "s3a://")):
+        return
+    try:
+        storage = RunStorage(runs_root, "_")
+    except (StorageError, ValueError) as error:
+        raise ConfigError(f"{field}: {runs_root}: {error}") from error
+    bucket = storage.fs.split_path(storage.root)[0]
+    endpoint = storage.endpoint
+    try:
+        import botocore.config
+        import botocore.exceptions
+        import botocore.session
+    except ImportError as error:  # s3fs without botocore cannot happen; say so rather than crash
+        raise ConfigError(f"{field}: {runs_root}: S3 support is not installed ({error})") from error
+
+    def fail(cause: str) -> ConfigError:
+        return ConfigError(f"{field}: {runs_root}: {cause}")
+
+    session = botocore.session.get_session()
+    credentials: dict[str, Any] = {}
+    if getattr(storage.fs, "key", None):  # s3fs options win over the environment, as in s3fs
+        credentials = {"aws_access_key_id": storage.fs.key, "aws_secret_access_key": storage.fs.secret}
+    client = session.create_client(
+        "s3",
+        endpoint_url=getattr(storage.fs, "endpoint_url", None),
+        region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        config=botocore.config.Config(
+            connect_timeout=CHECK_TIMEOUT,
+            read_timeout=CHECK_TIMEOUT,
+            retries={"max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": "path"},
+        ),
+        **credentials,
+    )
+    try:
+        client.head_bucket(Bucket=bucket)
+        return
+    except botocore.exceptions.NoCredentialsError as error:
+        raise fail("no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from error
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as error:
+        raise fail(
+            f"cannot connect to the S3 endpoint {endpoint} ({error}); check AWS_ENDPOINT_URL_S3 and that the "
+            "server is up"
+        ) from error
+    except botocore.exceptions.ReadTimeoutError as error:
+        raise fail(
+            f"the S3 endpoint {endpoint} accepted the connection but did not answer in {CHECK_TIMEOUT:g} s"
+        ) from error
+    except botocore.exceptions.ClientError as error:
+        status = _status(error)
+        if status == 404:
+            raise fail(f"bucket {bucket!r} does not exist at {endpoint}") from error
+        head_error = error
+    except botocore.exceptions.BotoCoreError as error:
+        raise fail(f"cannot reach the S3 endpoint {endpoint}: {error}") from error
+    # HEAD answers carry no error code: a one-key listing names what the server refused
+    try:
+        client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+    except botocore.exceptions.ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        causes = {
+            "InvalidAccessKeyId": f"the access key {storage.fs.key or os.environ.get('AWS_ACCESS_KEY_ID', '')!r} "
+            f"(AWS_ACCESS_KEY_ID) is not known to {endpoint}",
+            "SignatureDoesNotMatch": f"the secret key (AWS_SECRET_ACCESS_KEY) does not match the access key at {endpoint}",
+            "AccessDenied": f"these credentials may not read bucket {bucket!r} at {endpoint} (AccessDenied)",
+            "NoSuchBucket": f"bucket {bucket!r} does not exist at {endpoint}",
+        }
+        raise fail(causes.get(code, f"{endpoint} refused access to bucket {bucket!r}: {code or error}")) from error
+    except botocore.exceptions.BotoCoreError as error:
+        raise fail(f"cannot reach the S3 endpoint {endpoint}: {error}") from error
+    logger.debug("HeadBucket on %s was refused (%s), but listing it works", bucket, head_error)
