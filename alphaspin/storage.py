@@ -409,6 +409,11 @@ class RunStorage:
                 tag2 = self.put_if(path, b"probe-4", tag)  # the right ETag: replaced
                 honoured = tag2 is not None and self.delete_if(path, tag2) and not self.exists(path)
             return bool(honoured)
+        except StorageError as error:
+            if isinstance(error.__cause__, _CLIENT_ERRORS):  # it answered, refusing the headers (400, 501)
+                logger.info("storage %s refused a conditional request: %s", self.endpoint, error)
+                return False
+            raise  # no answer: decide nothing now (an outage must not disable conditional writes)
         finally:
             try:
                 self.remove(path)

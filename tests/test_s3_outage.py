@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import socket
 import sys
 import threading
@@ -56,9 +55,7 @@ def server() -> Iterator[SeaweedS3]:
     try:
         yield own
     finally:
-        if own.pid is not None:
-            os.kill(own.pid, signal.SIGCONT)  # a failed test may leave it paused; stop() needs it alive
-        own.close()
+        own.close()  # resumes it first if a failed test left it paused
 
 
 @pytest.fixture
@@ -189,14 +186,14 @@ def test_server_lost_mid_multipart_upload_fails_in_bound_and_the_write_succeeds_
         if outage == "killed":
             s3_env.stop(graceful=False)
         else:
-            os.kill(s3_env.pid, signal.SIGSTOP)
+            s3_env.pause()
         writer.join(timeout=bound + 30)
         assert not writer.is_alive(), f"the write still hangs {bound + 30:.0f} s later"
     finally:
         if outage == "killed":
             s3_env.start()
         else:
-            os.kill(s3_env.pid, signal.SIGCONT)
+            s3_env.resume()
     error = outcome["result"]
     assert isinstance(error, StorageError), error
     message = str(error)
@@ -224,12 +221,15 @@ def test_server_paused_during_a_stage_fails_in_bound_and_the_same_command_resume
     argv = ["run", "-c", "configs/quickstart.yaml", "--no-prefect"]
     for override in tiny_overrides(tiny_model, runs_root):
         argv += ["--set", override]
-    argv += ["--set", "method.iterations=0"]
+    # iteration 0 only, without lm-eval (its record holds the machine's pretty_env_info): the shortest
+    # run whose stages write what the recorded uninterrupted tiny run wrote (but for the model card,
+    # which names the run's iterations: "0 of 0..1" there)
+    argv += ["--set", "method.iterations=0", "--set", "evaluation.benchmarks=[]"]
     original = REGISTRY["build_pairs"].function
     paused: dict[str, float] = {}
 
     def build_pairs_while_paused(*args, **kwargs):
-        os.kill(s3_env.pid, signal.SIGSTOP)
+        s3_env.pause()
         paused["at"] = time.monotonic()
         return original(*args, **kwargs)
 
@@ -240,7 +240,7 @@ def test_server_paused_during_a_stage_fails_in_bound_and_the_same_command_resume
         code = main(argv)
         failed_after = time.monotonic() - paused["at"]
     finally:
-        os.kill(s3_env.pid, signal.SIGCONT)
+        s3_env.resume()
     err = capsys.readouterr().err
     assert code != 0
     line = next(line for line in err.splitlines() if line.startswith("alphaspin: error:"))
@@ -261,7 +261,14 @@ def test_server_paused_during_a_stage_fails_in_bound_and_the_same_command_resume
     assert folder.verify() is not None
     recorded = json.loads(GOLDEN.read_text())
     found = run_digests(storage)
-    iteration_0 = {name: value for name, value in recorded["files"].items() if name.startswith("iter-0/")}
+    iteration_0 = {
+        name: value
+        for name, value in recorded["files"].items()
+        if name.startswith("iter-0/")
+        and "/benchmarks/lm_eval/" not in name
+        and name != "iter-0/train/adapter/README.md"
+    }
+    found.pop("iter-0/train/adapter/README.md")
     assert sorted(found) == sorted(iteration_0)
     for name, expected in iteration_0.items():
         assert found[name]["values"] == expected["values"], name
