@@ -18,7 +18,7 @@ guarantees):
   deleted (release) with ``If-Match: <the ETag read>``. The server decides atomically: of two
   processes that act on the same version, exactly one succeeds and the other gets 412.
 - ``exclusive`` (local disk): reading the record, judging it and replacing it (a fully written
-  temporary file renamed over it) happen under an exclusive ``flock`` of ``<name>.json.lock``, so
+  temporary file renamed over it) happen under an exclusive ``flock`` of ``<run>/_leases.lock``, so
   they are one atomic step among all processes that share the filesystem's locks.
 - ``settle`` (any other store, or forced): *write, settle, read back*: write our record, wait
   ``settle`` seconds so that a competitor who decided at the same moment has written too, then read
@@ -499,10 +499,12 @@ class StageLease:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """Exclusive mode: hold ``<record>.lock`` (flock) while reading and replacing the record, so
+        """Exclusive mode: hold ``<run>/_leases.lock`` (flock) while reading and replacing the record, so
         that judging a record and replacing it is one atomic step among the processes of this host
         (and of any host whose filesystem supports flock, e.g. NFSv4)."""
-        lock_path = f"{self.path}.lock"
+        # one lock file per run (held for a read and a write: microseconds), beside _leases/ so that
+        # the folder holds only records (an empty _leases/ means every lease was released)
+        lock_path = self.storage.path(f"{LEASES}.lock")
         try:
             os.makedirs(posixpath.dirname(self.path), exist_ok=True)
             fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)

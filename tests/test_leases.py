@@ -355,6 +355,7 @@ def test_s3_server_honours_conditional_writes_and_the_record_says_so(s3_runs_roo
 def test_local_disk_takes_leases_in_exclusive_mode(storage: RunStorage) -> None:
     with StageLease(storage, "iter-1-train", ttl=5) as lease:
         assert lease.mode == "exclusive" and lease.current().mode == "exclusive"
+    assert storage.find_files(storage.path(LEASES)) == []  # released: the folder holds records only
     with pytest.raises(ValueError, match="conditional"):
         StageLease(storage, "iter-1-train", mode="conditional")
 
