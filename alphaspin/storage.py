@@ -287,7 +287,9 @@ class RunStorage:
 
     def read_bytes(self, path: str) -> bytes:
         try:
-            return self.fs.cat_file(path, **self._bounded())
+            # no overall deadline: a download of any size may take its time; a server that stops
+            # answering mid-body is ended by the read timeout (it covers every wait for bytes)
+            return self.fs.cat_file(path)
         except FileNotFoundError:
             raise
         except _BACKEND_ERRORS as error:

@@ -456,6 +456,7 @@ def test_processes_contending_over_s3_never_overlap(s3_runs_root: str, tmp_path:
             assert second_enter >= first_exit, (name, ordered)
     # bounded: nobody waits much longer than everyone else's holds of that lease plus polling
     worst = max(s["waited"] for s in sections)
+    print(f"{mode}: {len(sections)} holds, acquire waited {min(s['waited'] for s in sections):.2f}-{worst:.2f} s")
     assert worst < 30, worst
     storage = RunStorage(s3_runs_root, "r1")
     assert [p for p in storage.find_files(storage.path(LEASES)) if p.endswith(".json")] == []
