@@ -6,15 +6,27 @@ stage at once: both would write the same stage folder, and the manifest of one c
 the other's half-written files. Those processes may sit on different machines and share nothing but
 the run storage, so the lease lives there too::
 
-    <runs_root>/<run_id>/_leases/<name>.json   {"holder", "host", "pid", "label", "acquired", "expires"}
+    <runs_root>/<run_id>/_leases/<name>.json
+    {"holder", "host", "pid", "label", "acquired", "expires", "mode"}
 
-S3 has no locks and (through this project's storage API) no compare-and-swap, so a lease is taken
-by *write, settle, read back*: write our record, wait ``settle`` seconds so that a competitor who
-decided at the same moment has written too, then read the record back; only the process whose
-record survived (the last writer) holds the lease, the others go on waiting. On local disk the
-record is created atomically-if-absent (a hard link of a fully written temporary file, or
-``O_CREAT | O_EXCL``), so two processes can never both create it; the read-back still guards the
-take-over of a stale record.
+A lease is taken in one of three modes (``mode`` of the record; docs/architecture.md says what each
+guarantees):
+
+- ``conditional`` (S3 servers that honour conditional writes: AWS S3, MinIO, SeaweedFS, ...; probed
+  once per endpoint and bucket, `RunStorage.conditional_writes`): the record is created with
+  ``If-None-Match: *`` (only if absent), and replaced (a take-over of a stale record, a renewal) or
+  deleted (release) with ``If-Match: <the ETag read>``. The server decides atomically: of two
+  processes that act on the same version, exactly one succeeds and the other gets 412.
+- ``exclusive`` (local disk): reading the record, judging it and replacing it (a fully written
+  temporary file renamed over it) happen under an exclusive ``flock`` of ``<run>/_leases.lock``, so
+  they are one atomic step among all processes that share the filesystem's locks.
+- ``settle`` (any other store, or forced): *write, settle, read back*: write our record, wait
+  ``settle`` seconds so that a competitor who decided at the same moment has written too, then read
+  the record back (never from a cache); only the process whose record survived (the last writer)
+  holds the lease.
+
+After a lost race a process waits a randomized ``poll`` (0.5-1.5 x) before it looks again, so
+competitors do not stay in lock-step.
 
 A holder renews ``expires = now + ttl`` every ``ttl / 3`` seconds from a daemon thread, so a live
 holder keeps its lease however long the stage runs. A crashed holder (kill -9, a lost machine)
@@ -22,19 +34,29 @@ stops renewing and its lease expires after at most ``ttl`` seconds; a process on
 does not even wait for that: when the holder's pid no longer exists the record is taken over at
 once, which is what makes a resume right after kill -9 immediate. Expiry compares wall-clock times
 (``time.time()``) written by different machines, so their clocks must agree to well within ``ttl``.
+
+Within one process, a record of our own pid whose holder is not a live StageLease of this process
+(acquiring or holding) is a leftover of a release that could not delete it, taken over at once. A
+holder that is still *acquiring* counts as live: before, two threads of one process each took the
+other's freshly written record (still settling) for such a leftover and replaced it, for ever (the
+livelock of issue 19).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import posixpath
+import random
 import re
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from types import TracebackType
@@ -47,6 +69,7 @@ logger = logging.getLogger(__name__)
 LEASES = "_leases"  # <runs_root>/<run_id>/_leases/<name>.json
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 _LOCAL = ("file", "local")
+MODES = ("conditional", "exclusive", "settle")
 
 
 class LeaseHeldError(RuntimeError):
@@ -68,6 +91,7 @@ class LeaseInfo:
     label: str  # what the holder runs, for messages ("iteration 1: train")
     acquired: float  # time.time() when taken
     expires: float  # time.time() after which the lease counts as abandoned
+    mode: str = ""  # how it was taken: conditional, exclusive or settle (see the module doc)
 
     def to_json(self) -> dict[str, Any]:
         """The record as a JSON-ready dict."""
@@ -86,11 +110,12 @@ class LeaseInfo:
                 label=value.get("label", ""),
                 acquired=float(value["acquired"]),
                 expires=float(value["expires"]),
+                mode=value.get("mode", ""),
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"malformed lease record: {error!r}") from error
-        if not isinstance(info.holder, str) or not isinstance(info.host, str) or not isinstance(info.label, str):
-            raise ValueError("malformed lease record: holder, host and label must be strings")
+        if not all(isinstance(text, str) for text in (info.holder, info.host, info.label, info.mode)):
+            raise ValueError("malformed lease record: holder, host, label and mode must be strings")
         if not isinstance(info.pid, int) or isinstance(info.pid, bool):
             raise ValueError("malformed lease record: pid must be an integer")
         return info
@@ -117,9 +142,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# Holder ids of the leases this process holds right now: a record of this process's pid whose
-# holder is not among them is a leftover (a release that could not delete it while storage was
-# down), never a live holder to wait for.
+# Holder ids of the leases this process is acquiring or holds right now: a record of this process's
+# pid whose holder is not among them is a leftover (a release that could not delete it while
+# storage was down), never a live holder to wait for. A holder enters the set *before* it writes its
+# record (a record that is still settling is not a leftover).
 _ACTIVE: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
 
@@ -138,11 +164,13 @@ class StageLease:
 
     ``ttl``: seconds a record stays valid without renewal (renewed every ``ttl / 3``), i.e. how
     long a crashed holder on another host blocks the stage. ``wait``: poll until the lease is free
-    (every ``poll`` seconds, at most ``timeout`` seconds if given) instead of raising
-    LeaseHeldError at once. ``settle``: seconds between writing our record and reading it back,
-    which must exceed the time a competitor may take between reading the record and writing its
-    own (storage round trips, not compute); default 0.5 s on object stores, 0 on local disk, where
-    the record is created and removed atomically.
+    (every ``poll`` seconds, randomized 0.5-1.5 x, at most ``timeout`` seconds if given) instead of
+    raising LeaseHeldError at once. ``mode``: ``conditional``, ``exclusive`` or ``settle`` (see the
+    module doc); None picks ``exclusive`` on local disk, ``conditional`` on an S3 server that honours
+    conditional writes (probed once), else ``settle``. Forcing ``conditional`` on a server that does
+    not honour them is a ValueError at acquire. ``settle`` (settle mode only): seconds between
+    writing our record and reading it back, which must exceed the time a competitor may take
+    between reading the record and writing its own (storage round trips, not compute); default 0.5 s.
     """
 
     def __init__(
@@ -156,13 +184,20 @@ class StageLease:
         poll: float = 2.0,
         settle: float | None = None,
         timeout: float | None = None,
+        mode: str | None = None,
     ) -> None:
-        if settle is None:  # local disk creates and removes records atomically: no race to settle
-            settle = 0.0 if storage.protocol in ("file", "local") else 0.5
+        if settle is None:
+            settle = 0.5
         if not _NAME.fullmatch(name) or name in (".", ".."):
             raise ValueError(f"lease name {name!r} must be a file name of letters, digits, '.', '_' and '-'")
         if ttl <= 0 or poll <= 0 or settle < 0 or (timeout is not None and timeout < 0):
             raise ValueError("lease ttl and poll must be positive, settle and timeout not negative")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"lease mode {mode!r} must be one of {', '.join(MODES)}")
+        if mode == "exclusive" and storage.protocol not in _LOCAL:
+            raise ValueError(f"lease mode 'exclusive' needs local disk, not {storage.protocol}://")
+        if mode == "conditional" and not storage.is_s3:
+            raise ValueError(f"lease mode 'conditional' needs S3, not {storage.protocol}://")
         self.storage = storage
         self.name = name
         self.label = label or name
@@ -171,6 +206,7 @@ class StageLease:
         self.poll = poll
         self.settle = settle
         self.timeout = timeout
+        self.requested_mode = mode
         self.path = storage.path(LEASES, f"{name}.json")
         self.url = storage.unstrip(self.path)
         self.holder = uuid.uuid4().hex
@@ -178,6 +214,8 @@ class StageLease:
         self.waited = False
         self.lost = False
         self._held = False
+        self._mode: str | None = None
+        self._tag: str | None = None  # conditional mode: the ETag of our record as last written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -185,6 +223,25 @@ class StageLease:
     def held(self) -> bool:
         """Whether acquire() succeeded and release() has not run yet (even if ``lost``)."""
         return self._held
+
+    @property
+    def mode(self) -> str:
+        """The mode this lease takes its record in (probes the storage on first use)."""
+        if self._mode is None:
+            if self.requested_mode is not None:
+                self._mode = self.requested_mode
+                if self._mode == "conditional" and not self.storage.conditional_writes():
+                    raise ValueError(
+                        f"lease mode 'conditional' was asked for, but {self.storage.endpoint} does not honour "
+                        "conditional writes (If-None-Match / If-Match)"
+                    )
+            elif self.storage.protocol in _LOCAL:
+                self._mode = "exclusive"
+            elif self.storage.conditional_writes():
+                self._mode = "conditional"
+            else:
+                self._mode = "settle"
+        return self._mode
 
     # -- public -------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -197,24 +254,33 @@ class StageLease:
             raise RuntimeError(f"lease {self.url} is already held by this StageLease ({self.holder})")
         self.waited = False
         self.lost = False
+        self.mode  # probe before the clock starts  # noqa: B018
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(self.holder)  # from now on a record of ours is never a "leftover"
+        try:
+            self._acquire()
+        except BaseException:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(self.holder)
+            raise
+
+    def _acquire(self) -> None:
         started = time.monotonic()
         announced = False
         while True:
-            raw, info = self._read()
+            raw, info, tag = self._read()
             if self._free(raw, info):
                 try:
-                    taken = self._take(raw, info)
+                    taken = self._take(raw, info, tag)
                 except BaseException:  # storage failed or Ctrl+C mid-take: don't leave our record behind
                     self._discard_own()
                     raise
                 if taken:
-                    with _ACTIVE_LOCK:
-                        _ACTIVE.add(self.holder)
                     self._held = True
                     self._start_renewal()
-                    logger.debug("lease %s taken by %s (pid %d)", self.url, self.holder, os.getpid())
+                    logger.debug("lease %s taken by %s (pid %d, %s)", self.url, self.holder, os.getpid(), self.mode)
                     return
-                raw, info = self._read()  # whoever beat us to it
+                raw, info, tag = self._read()  # whoever beat us to it
             if not self.wait:
                 raise LeaseHeldError(self._held_message(info))
             elapsed = time.monotonic() - started
@@ -234,7 +300,10 @@ class StageLease:
                 else:
                     logger.info("waiting for %s: another process is taking lease %s", self.label, self.url)
             self.waited = True
-            pause = self.poll if self.timeout is None else min(self.poll, max(self.timeout - elapsed, 0.0))
+            # randomized, so that competitors who lost a race together do not retry in lock-step
+            pause = self.poll * random.uniform(0.5, 1.5)
+            if self.timeout is not None:
+                pause = min(pause, max(self.timeout - elapsed, 0.0))
             time.sleep(pause)
 
     def release(self) -> None:
@@ -251,12 +320,10 @@ class StageLease:
             thread.join()
         self._thread = None
         self._held = False
-        with _ACTIVE_LOCK:
-            _ACTIVE.discard(self.holder)
         try:
-            raw, info = self._read()
+            raw, info, tag = self._read()
             if raw is not None and info is not None and info.holder == self.holder:
-                self._remove_if(raw)
+                self._remove_if(raw, tag)
             else:
                 logger.warning(
                     "lease %s is no longer ours at release (now %s); leaving it",
@@ -264,7 +331,12 @@ class StageLease:
                     "absent" if raw is None else (f"held by {info.holder}" if info else "malformed"),
                 )
         except StorageError as error:
-            logger.warning("could not release lease %s (it expires within %.0f s): %s", self.url, self.ttl, error)
+            logger.warning(
+                "could not release lease %s (%s; it expires within %.0f s): %s", self.url, self.label, self.ttl, error
+            )
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(self.holder)
 
     def current(self) -> LeaseInfo | None:
         """The record now stored, or None if there is none (or it does not parse)."""
@@ -286,16 +358,24 @@ class StageLease:
         return f"StageLease({self.url!r}, holder={self.holder}, held={self._held}, lost={self.lost})"
 
     # -- reading and judging ------------------------------------------------------------------
-    def _read(self) -> tuple[bytes | None, LeaseInfo | None]:
-        """(raw bytes or None if absent, parsed record or None if absent or malformed)."""
+    def _read(self) -> tuple[bytes | None, LeaseInfo | None, str | None]:
+        """(raw bytes or None if absent, parsed record or None if absent or malformed, ETag or None).
+
+        Always from the store itself: no listing or file cache of the filesystem object is consulted
+        (a stale cached answer would make a free lease look held, or a lost race look won)."""
+        tag = None
         try:
-            raw = self.storage.read_bytes(self.path)
+            if self.storage.is_s3:
+                raw, tag = self.storage.read_tagged(self.path)
+            else:
+                self.storage.fs.invalidate_cache(self.path)
+                raw = self.storage.read_bytes(self.path)
         except FileNotFoundError:
-            return None, None
+            return None, None, None
         try:
-            return raw, LeaseInfo.from_json(json.loads(raw))
+            return raw, LeaseInfo.from_json(json.loads(raw)), tag
         except (ValueError, UnicodeDecodeError):
-            return raw, None
+            return raw, None, tag
 
     def _free(self, raw: bytes | None, info: LeaseInfo | None) -> bool:
         """Whether the stored record (if any) may be taken: absent, malformed, expired, dead, or ours."""
@@ -357,50 +437,58 @@ class StageLease:
             label=self.label,
             acquired=now,
             expires=now + self.ttl,
+            mode=self.mode,
         )
 
-    def _take(self, raw: bytes | None, info: LeaseInfo | None) -> bool:
-        """Remove the stale record ``raw`` (if any), write ours, settle, read back: True if ours stuck."""
-        if raw is not None and not self._remove_if(raw):
+    def _take(self, raw: bytes | None, info: LeaseInfo | None, tag: str | None) -> bool:
+        """Replace the free record ``raw`` (None: absent) by ours: True if we hold the lease now."""
+        data = _encode(self._record())
+        if self.mode == "conditional":
+            # If-None-Match: * when absent, If-Match: <the ETag we judged> for a take-over: of all the
+            # processes that act on what they read, the server lets exactly one succeed.
+            new_tag = self.storage.put_if(self.path, data, tag if raw is not None else None)
+            if new_tag is None:
+                logger.info("lost the race for lease %s (the record changed since it was read)", self.url)
+                return False
+            self._tag = new_tag
+            return True
+        if self.mode == "exclusive":
+            with self._locked():
+                if _read_local(self.path) != raw:
+                    return False  # the record changed under us: someone renewed or took it
+                _write_local(self.path, data)
+                return True
+        # settle: write, settle, read back; the last writer holds it
+        if raw is not None and not self._remove_if(raw, tag):
             return False  # the record changed under us: someone renewed or took it
-        if not self._create(_encode(self._record())):
-            return False
+        self.storage.write_bytes(self.path, data)
         if self.settle:
             time.sleep(self.settle)
-        _, stored = self._read()
+        _, stored, _ = self._read()
         if stored is not None and stored.holder == self.holder:
             return True
         logger.info("lost the race for lease %s to %s", self.url, stored.holder if stored else "another process")
         return False
 
-    def _remove_if(self, expected: bytes) -> bool:
-        """Remove the record if it still holds exactly ``expected``; True if it is gone now.
+    def _remove_if(self, expected: bytes, tag: str | None) -> bool:
+        """Remove the record if it still holds exactly ``expected`` (ETag ``tag``); True if it is gone now.
 
-        On local disk the record is first renamed aside (atomic), so a record that another process
-        wrote meanwhile is never deleted: it is put back (a hard link that fails if the path was
-        re-created). On S3 the check and the delete are two requests; the window is one round trip.
+        Conditional mode: one DELETE with If-Match. Exclusive mode: under the record's file lock.
+        Settle mode: the check and the delete are two requests; the window is one round trip.
         """
-        if self.storage.protocol in _LOCAL:
-            aside = f"{self.path}.stale-{uuid.uuid4().hex}"
-            try:
-                try:
-                    os.rename(self.path, aside)
-                except FileNotFoundError:
-                    return True  # someone else removed it first; creating will settle who wins
-                with open(aside, "rb") as handle:
-                    moved = handle.read()
-                if moved != expected:
-                    try:
-                        os.link(aside, self.path)
-                    except FileExistsError:
-                        pass
-                    os.unlink(aside)
+        if self.mode == "conditional" and tag is not None:
+            return self.storage.delete_if(self.path, tag)
+        if self.mode == "exclusive":
+            with self._locked():
+                current = _read_local(self.path)
+                if current is None:
+                    return True
+                if current != expected:
                     return False
-                os.unlink(aside)
+                os.unlink(self.path)
                 return True
-            except OSError as error:
-                raise StorageError(f"cannot remove stale lease {self.url}: {error}") from error
         try:
+            self.storage.fs.invalidate_cache(self.path)
             current = self.storage.read_bytes(self.path)
         except FileNotFoundError:
             return True
@@ -409,48 +497,33 @@ class StageLease:
         self.storage.remove(self.path)
         return True
 
-    def _create(self, data: bytes) -> bool:
-        """Write our record; on local disk only if no record exists (atomic). False if one did."""
-        if self.storage.protocol not in _LOCAL:
-            self.storage.write_bytes(self.path, data)
-            return True
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive mode: hold ``<run>/_leases.lock`` (flock) while reading and replacing the record, so
+        that judging a record and replacing it is one atomic step among the processes of this host
+        (and of any host whose filesystem supports flock, e.g. NFSv4)."""
+        # one lock file per run (held for a read and a write: microseconds), beside _leases/ so that
+        # the folder holds only records (an empty _leases/ means every lease was released)
+        lock_path = self.storage.path(f"{LEASES}.lock")
         try:
             os.makedirs(posixpath.dirname(self.path), exist_ok=True)
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            try:
-                os.link(tmp, self.path)  # appears complete, and only if absent
-                return True
-            except FileExistsError:
-                return False
-            except OSError:  # a filesystem without hard links: exclusive create, then write
-                pass
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            return True
+            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as error:
-            raise StorageError(f"cannot create lease {self.url}: {error}") from error
+            raise StorageError(f"cannot open the lock file {lock_path}: {error}") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        except OSError as error:
+            raise StorageError(f"cannot write lease {self.url}: {error}") from error
         finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            os.close(fd)  # closing releases the flock
 
     def _discard_own(self) -> None:
         """Best effort: remove our record if it is stored (an acquire that failed half-way)."""
         try:
-            raw, info = self._read()
+            raw, info, tag = self._read()
             if raw is not None and info is not None and info.holder == self.holder:
-                self._remove_if(raw)
+                self._remove_if(raw, tag)
         except Exception as error:  # the original error matters more; the record expires anyway
             logger.warning("could not remove our half-taken lease %s: %s", self.url, error)
 
@@ -466,26 +539,75 @@ class StageLease:
         """Every ttl/3 s: if the record is still ours, push its expiry to now + ttl; else mark ``lost``."""
         while not stop.wait(self.ttl / 3):
             try:
-                raw, info = self._read()
-                if info is None or info.holder != self.holder:
-                    self.lost = True
-                    logger.error(
-                        "lease %s for %s was lost: the record now %s. Another process may be running "
-                        "this stage; this one should not commit its results.",
-                        self.url,
-                        self.label,
-                        "is absent"
-                        if raw is None
-                        else (f"names {info.host} pid {info.pid} ({info.holder})" if info else "does not parse"),
-                    )
+                if not self._renew():
                     return
-                now = time.time()
-                if info.expires < now:
-                    logger.warning(
-                        "lease %s renewed %.1f s after it expired (process stalled?)", self.url, now - info.expires
-                    )
-                self.storage.write_bytes(self.path, _encode(replace(info, expires=now + self.ttl)))
             except StorageError as error:
                 logger.warning("could not renew lease %s (retrying in %.1f s): %s", self.url, self.ttl / 3, error)
             except Exception:  # never let the thread die silently: the lease would then expire
                 logger.exception("unexpected error renewing lease %s; retrying", self.url)
+
+    def _renew(self) -> bool:
+        """Renew once; False (and ``lost`` set) if the record is no longer ours."""
+        raw, info, tag = self._read()
+        if info is None or info.holder != self.holder:
+            self._mark_lost(raw, info)
+            return False
+        now = time.time()
+        if info.expires < now:
+            logger.warning("lease %s renewed %.1f s after it expired (process stalled?)", self.url, now - info.expires)
+        data = _encode(replace(info, expires=now + self.ttl))
+        if self.mode == "conditional":
+            # If-Match on the version just read (ours): a take-over between the read and this write
+            # makes it fail instead of overwriting the new holder's record.
+            new_tag = self.storage.put_if(self.path, data, tag)
+            if new_tag is None:
+                raw, info, _ = self._read()
+                self._mark_lost(raw, info)
+                return False
+            self._tag = new_tag
+        elif self.mode == "exclusive":
+            with self._locked():
+                if _read_local(self.path) != raw:
+                    raw, info, _ = self._read()
+                    self._mark_lost(raw, info)
+                    return False
+                _write_local(self.path, data)
+        else:
+            self.storage.write_bytes(self.path, data)
+        return True
+
+    def _mark_lost(self, raw: bytes | None, info: LeaseInfo | None) -> None:
+        self.lost = True
+        logger.error(
+            "lease %s for %s was lost: the record now %s. Another process may be running "
+            "this stage; this one should not commit its results.",
+            self.url,
+            self.label,
+            "is absent"
+            if raw is None
+            else (f"names {info.host} pid {info.pid} ({info.holder})" if info else "does not parse"),
+        )
+
+
+def _read_local(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write_local(path: str, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically (a fully written temporary file renamed over it)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass

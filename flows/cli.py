@@ -152,6 +152,9 @@ def _captured(args: argparse.Namespace, log_file: Path) -> Iterator[TextIO]:
 def _run_in_console(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[int, set[str]], command: str) -> int:
     """Run with a person's console: header, stage lines, iteration lines; all else in the log file."""
     from alphaspin.console import TerminalConsole, activate, duration
+    from alphaspin.storage import check_storage
+
+    check_storage(config.run.runs_root)  # a missing bucket, refused credentials or endpoint: one line, now
 
     stamp = _stamp()
     log_file = _log_dir() / f"{config.run.run_id}-{stamp}.log"

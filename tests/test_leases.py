@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -309,9 +310,10 @@ def test_killed_holder_process_is_taken_over_at_once(tmp_path: Path) -> None:
 
 
 # -- S3 -------------------------------------------------------------------------------------------
-def test_threads_contending_over_s3_never_overlap(s3_runs_root: str) -> None:
+@pytest.mark.parametrize("mode", ["conditional", "settle"])
+def test_threads_contending_over_s3_never_overlap(s3_runs_root: str, mode: str) -> None:
     storage = RunStorage(s3_runs_root, "r1")
-    sections = contend(lambda: StageLease(storage, "iter-1-train", ttl=3, poll=0.1, settle=0.5), 2, 2, 0.2)
+    sections = contend(lambda: StageLease(storage, "iter-1-train", ttl=3, poll=0.1, settle=0.5, mode=mode), 2, 2, 0.2)
     assert_no_overlap(sections)
     assert any(waited for _, _, waited in sections)
     assert not storage.exists(lease_path(storage, "iter-1-train"))
@@ -327,3 +329,134 @@ def test_s3_wait_false_and_dead_pid(s3_runs_root: str) -> None:
     write_record(storage, "iter-1-generate-base", host=socket.gethostname(), pid=dead_pid())
     with StageLease(storage, "iter-1-generate-base", wait=False, ttl=3, settle=0.2) as lease:
         assert lease.current().holder == lease.holder
+
+
+def test_s3_server_honours_conditional_writes_and_the_record_says_so(s3_runs_root: str) -> None:
+    # SeaweedFS (the tests' server) honours If-None-Match: * and If-Match; the probe finds that and
+    # leaves no probe object behind, and the record names the mode it was taken in.
+    storage = RunStorage(s3_runs_root, "r1")
+    assert storage.conditional_writes() is True
+    assert storage.find_files(storage.path(LEASES)) == []
+    with StageLease(storage, "iter-1-train", ttl=3) as lease:
+        assert lease.mode == "conditional"
+        assert lease.current().mode == "conditional"
+        # a record changed behind the holder's back (by hand) makes its conditional renewal fail: lost
+        write_record(storage, "iter-1-train", holder="c" * 32)
+        deadline = time.monotonic() + 5
+        while not lease.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lease.lost
+    assert lease.current().holder == "c" * 32  # release (If-Match on our ETag) left the other record
+    storage.remove(lease_path(storage, "iter-1-train"))
+    with StageLease(storage, "iter-1-train", wait=False, ttl=3, mode="settle") as fallback:
+        assert fallback.current().mode == "settle"
+
+
+def test_local_disk_takes_leases_in_exclusive_mode(storage: RunStorage) -> None:
+    with StageLease(storage, "iter-1-train", ttl=5) as lease:
+        assert lease.mode == "exclusive" and lease.current().mode == "exclusive"
+    assert storage.find_files(storage.path(LEASES)) == []  # released: the folder holds records only
+    with pytest.raises(ValueError, match="conditional"):
+        StageLease(storage, "iter-1-train", mode="conditional")
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_record_of_this_process_still_being_taken_is_not_a_leftover(
+    where: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # The livelock of issue 19: thread A writes its record and settles; thread B of the same
+    # process read that record, found this pid and a holder not yet active, took it for a
+    # leftover and replaced it; A read back B's record, lost, and did the same to B, for ever.
+    # Now a holder counts as active from the moment it starts acquiring: B must wait.
+    if where == "s3":
+        storage = RunStorage(request.getfixturevalue("s3_runs_root"), "r1")
+    else:
+        storage = RunStorage(f"memory://{tmp_path.name}/runs", "r1")  # no atomic create: settle mode
+    first = StageLease(storage, "iter-1-train", ttl=5, settle=1.5, mode="settle")
+    taker = threading.Thread(target=first.acquire)
+    taker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while first.current() is None and time.monotonic() < deadline:  # its record is written, settling
+            time.sleep(0.02)
+        assert first.current() is not None and not first.held
+        with pytest.raises(LeaseHeldError):
+            StageLease(storage, "iter-1-train", wait=False, ttl=5, settle=0.05, mode="settle").acquire()
+    finally:
+        taker.join(timeout=20)
+    assert first.held and first.current().holder == first.holder
+    first.release()
+
+
+# -- processes --------------------------------------------------------------------------------------
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import json, random, sys, time
+    from alphaspin.leases import StageLease
+    from alphaspin.storage import RunStorage
+
+    runs_root, mode, names, rounds, hold, start, out = sys.argv[1:8]
+    storage = RunStorage(runs_root, "r1")
+    names = names.split(",")
+    random.seed()
+    time.sleep(max(float(start) - time.time(), 0))
+    with open(out, "w") as handle:
+        for _ in range(int(rounds)):
+            for name in random.sample(names, len(names)):
+                asked = time.monotonic()
+                lease = StageLease(storage, name, ttl=10, poll=0.1, settle=0.3, mode=mode, timeout=60)
+                with lease:
+                    enter = time.time()
+                    waited = time.monotonic() - asked
+                    time.sleep(float(hold))
+                    record = lease.current()
+                    assert record is not None and record.holder == lease.holder and record.mode == mode
+                    exit = time.time()
+                handle.write(json.dumps({"name": name, "enter": enter, "exit": exit, "waited": waited}) + "\\n")
+                handle.flush()
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["conditional", "settle"])
+def test_processes_contending_over_s3_never_overlap(s3_runs_root: str, tmp_path: Path, mode: str) -> None:
+    """4 processes x 3 contended leases x 2 rounds on the real S3 server: never two holders of one
+    lease at once (every holder logs its interval), every process finishes, every acquire is quick."""
+    processes, names, rounds, hold = 4, ["iter-0-train", "iter-0-evaluate", "iter-1-train"], 2, 0.1
+    start = time.time() + 4.0  # all start together, after their imports
+    children, outputs = [], []
+    for index in range(processes):
+        out = tmp_path / f"worker-{index}.jsonl"
+        outputs.append(out)
+        command = [sys.executable, "-c", WORKER_SCRIPT, s3_runs_root, mode, ",".join(names), str(rounds)]
+        children.append(
+            subprocess.Popen(
+                [*command, str(hold), str(start), str(out)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        for child in children:
+            stdout, stderr = child.communicate(timeout=180)
+            assert child.returncode == 0 and stdout.strip() == "done", stderr[-3000:]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    sections = [json.loads(line) for out in outputs for line in out.read_text().splitlines()]
+    assert len(sections) == processes * len(names) * rounds
+    for name in names:
+        ordered = sorted((s["enter"], s["exit"]) for s in sections if s["name"] == name)
+        for (_, first_exit), (second_enter, _) in zip(ordered, ordered[1:], strict=False):
+            assert second_enter >= first_exit, (name, ordered)
+    # bounded: nobody waits much longer than everyone else's holds of that lease plus polling
+    worst = max(s["waited"] for s in sections)
+    print(f"{mode}: {len(sections)} holds, acquire waited {min(s['waited'] for s in sections):.2f}-{worst:.2f} s")
+    assert worst < 30, worst
+    storage = RunStorage(s3_runs_root, "r1")
+    assert [p for p in storage.find_files(storage.path(LEASES)) if p.endswith(".json")] == []

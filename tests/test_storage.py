@@ -16,6 +16,7 @@ from alphaspin.storage import (
     MANIFEST,
     SCRATCH,
     RunStorage,
+    S3Limits,
     StageDir,
     StorageError,
     cache_key,
@@ -326,7 +327,7 @@ def test_s3_outage_then_back(monkeypatch: pytest.MonkeyPatch) -> None:
         options = storage_options_from_env(runs_root)
         options["config_kwargs"] = {**options["config_kwargs"], "retries": {"max_attempts": 1}}
         storage = RunStorage(runs_root, "run-1", {**options, "skip_instance_cache": True})
-        storage.fs.retries = 1  # fail fast while the server is down (s3fs retries 5 times by default)
+        assert storage.fs.retries == 1  # s3fs's own retry loop is off: botocore's attempts only
         stage, record = filled_stage(storage)
 
         server.stop()
@@ -352,3 +353,38 @@ def test_s3_outage_then_back(monkeypatch: pytest.MonkeyPatch) -> None:
         assert stage.read_json("meta.json") == {"n": 3, "name": "ü"}
         stage.write_bytes("new.bin", b"x")
         assert "new.bin" in stage.list_files()
+
+
+def test_s3_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ALPHASPIN_S3_CONNECT_TIMEOUT", "ALPHASPIN_S3_READ_TIMEOUT", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
+    limits = S3Limits.from_env()
+    assert (limits.connect_timeout, limits.read_timeout, limits.attempts) == (5.0, 30.0, 3)
+    # 3 attempts of (5 + 30 + 2 MiB at 1 MiB/s) s, back-off of at most 1 + 2 s between them
+    assert limits.deadline(2 * 2**20) == 3 * 37 + 3 and limits.bound() == 3 * 35 + 3 + 1
+    options = storage_options_from_env("s3://bucket/runs")["config_kwargs"]
+    assert options["retries"] == {"max_attempts": 3, "mode": "standard"} and options["read_timeout"] == 30.0
+    monkeypatch.setenv("ALPHASPIN_S3_READ_TIMEOUT", "2.5")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert S3Limits.from_env() == S3Limits(connect_timeout=5.0, read_timeout=2.5, attempts=1)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "0")
+    with pytest.raises(StorageError, match=r"AWS_MAX_ATTEMPTS='0': expected a positive number"):
+        storage_options_from_env("s3://bucket/runs")
+    assert storage_options_from_env("/local/runs") == {}  # not S3: no limits read
+
+
+def test_s3_conditional_put_and_delete(s3_runs_root: str) -> None:
+    storage = open_run(s3_runs_root)
+    path = storage.path("_leases", "x.json")
+    first = storage.put_if(path, b"one", None)
+    assert first is not None and storage.read_tagged(path) == (b"one", first)
+    assert storage.put_if(path, b"two", None) is None  # exists: If-None-Match refused
+    assert storage.put_if(path, b"two", '"0123"') is None  # another version: If-Match refused
+    second = storage.put_if(path, b"two", first)
+    assert second is not None and second != first and storage.read_bytes(path) == b"two"
+    assert storage.delete_if(path, first) is False and storage.exists(path)  # stale ETag: kept
+    assert storage.delete_if(path, second) is True and not storage.exists(path)
+    assert storage.put_if(storage.path("_leases", "absent.json"), b"x", second) is None  # If-Match on nothing
+    with pytest.raises(FileNotFoundError):
+        storage.read_tagged(path)
+    assert storage.conditional_writes() is True

@@ -333,12 +333,26 @@ class SeaweedS3:
         except urllib.error.HTTPError as error:
             return error.code < 400
 
+    def pause(self) -> None:
+        """SIGSTOP the server: it keeps accepting connections (the kernel queues them) and never
+        answers, the outage that timeouts, not connection errors, must end. :meth:`resume` undoes it."""
+        if self.process is None or self.process.poll() is not None:
+            raise S3ServerError("the S3 server is not running")
+        _kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server (harmless when it is not paused)."""
+        if self.process is not None and self.process.poll() is None:
+            _kill(self.process.pid, signal.SIGCONT)
+
     def stop(self, graceful: bool = True, timeout: float = 15.0) -> None:
-        """Stop by pid: SIGTERM, then SIGKILL after ``timeout`` s (``graceful=False``: SIGKILL now)."""
+        """Stop by pid: SIGTERM, then SIGKILL after ``timeout`` s (``graceful=False``: SIGKILL now).
+        A paused server is resumed first (a stopped process acts on SIGTERM only once continued)."""
         process = self.process
         if process is None:
             return
         if process.poll() is None:
+            _kill(process.pid, signal.SIGCONT)
             _kill(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
             try:
                 process.wait(timeout=timeout)
