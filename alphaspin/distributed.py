@@ -30,6 +30,7 @@ historical); each rank's Trainer asks for ``Accelerator(cpu=True)``, which with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from alphaspin import preemption
 from alphaspin.config import AlphaSpinConfig, TrainingConfig
 from alphaspin.storage import SCRATCH, RunStorage, StageDir
 
@@ -199,7 +201,17 @@ def run_distributed(job: Job, pairs: pd.DataFrame, previous: Artifact | None) ->
     port = training.main_process_port or (0 if training.num_machines == 1 else 29500)
     command = launch_command(training, ws.device, spec_url, workdir, 0, port)
     progress = _ProgressReader(workdir / PROGRESS, ws.progress)
-    supervise(command, workdir, f"iter-{job.iteration}/train", on_poll=progress.poll)
+    try:
+        supervise(command, workdir, f"iter-{job.iteration}/train", on_poll=progress.poll)
+    except preemption.Preempted:
+        from alphaspin.training import _remote_checkpoints
+
+        stored = _remote_checkpoints(stage)
+        where = f"{stored[-1]} is stored in {stage.url}" if stored else "no checkpoint is stored"
+        raise preemption.Preempted(
+            f"iter-{job.iteration}/train: preempted by SIGTERM on {training.num_processes} processes; {where}: "
+            f"{preemption.RESUME_HINT}"
+        ) from None
     progress.poll()
     result = json.loads((workdir / RESULT).read_text())
     return Fitted(workdir / "adapter", result["history"], result["resumed_from"])
@@ -214,12 +226,21 @@ def supervise(command: list[str], workdir: Path, label: str, on_poll: Callable[[
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     stdout_path, stderr_path = workdir / "launch.out", workdir / "launch.err"
     logger.info("%s: %s", label, " ".join(command))
+    forwarded = False
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         child = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, start_new_session=True)
         try:
             while True:
+                if preemption.requested() and not forwarded:
+                    # The launcher runs in its own session: a SIGTERM sent to this process alone (Kubernetes,
+                    # Slurm with --signal=B:TERM) must reach it. torchrun passes it to the ranks, which agree
+                    # on a step, store its checkpoint and stop (`alphaspin.training.PreemptionCallback`).
+                    logger.warning("%s: forwarding SIGTERM to the training processes", label)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.pid, signal.SIGTERM)
+                    forwarded = True
                 try:
-                    code = child.wait(timeout=1.0)
+                    code = child.wait(timeout=0.2 if forwarded else 1.0)
                     break
                 except subprocess.TimeoutExpired:
                     if on_poll is not None:
@@ -227,6 +248,11 @@ def supervise(command: list[str], workdir: Path, label: str, on_poll: Callable[[
         except BaseException:
             _kill_group(child)
             raise
+    if preemption.requested():
+        raise preemption.Preempted(
+            f"{label}: preempted by SIGTERM; the training processes stopped (exit code {code}) after storing a "
+            f"checkpoint: {preemption.RESUME_HINT}"
+        )
     if code != 0:
         tail = _tail(stderr_path, STDERR_TAIL_LINES)
         raise DistributedTrainingError(
@@ -336,16 +362,19 @@ def worker(spec_url: str, workdir: Path) -> None:
         overrides: dict[str, Any] = {}
         if config.training.deepspeed_config is not None:
             overrides["deepspeed"] = config.training.deepspeed_config
-        fitted = fit(
-            ws,
-            stage,
-            pairs,
-            previous,
-            spec["iteration"],
-            workdir / "trainer",
-            workdir / "adapter",
-            **overrides,
-        )
+        # A SIGTERM (from torchrun's agent, forwarded by the stage, or sent by a scheduler to every process):
+        # this rank stops with the others after a stored checkpoint (`alphaspin.training.PreemptionCallback`).
+        with preemption.graceful_sigterm(f"rank {os.environ.get('RANK', '0')}", grace(config)):
+            fitted = fit(
+                ws,
+                stage,
+                pairs,
+                previous,
+                spec["iteration"],
+                workdir / "trainer",
+                workdir / "adapter",
+                **overrides,
+            )
         if is_rank_zero:
             result = {"history": fitted.history, "resumed_from": fitted.resumed_from}
             (workdir / RESULT).write_text(json.dumps(result))
@@ -373,7 +402,13 @@ def join(spec_url: str, machine_rank: int, timeout: float = 600.0) -> None:
     with tempfile.TemporaryDirectory(prefix="alphaspin-join-") as folder:
         workdir = Path(folder)
         command = launch_command(training, device, spec_url, workdir, machine_rank, training.main_process_port or 29500)
-        supervise(command, workdir, f"machine {machine_rank}")
+        with preemption.graceful_sigterm(f"machine {machine_rank}", grace(config)):  # forwarded by supervise
+            supervise(command, workdir, f"machine {machine_rank}")
+
+
+def grace(config: AlphaSpinConfig) -> float:
+    """Seconds a SIGTERMed training process has to store its checkpoint and stop."""
+    return config.orchestration.preemption_grace_seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -392,9 +427,17 @@ def main(argv: list[str] | None = None) -> None:
         from torch.distributed.elastic.multiprocessing.errors import record
 
         # record: a failing rank's exception goes into torchrun's error summary (the stage's error message).
-        record(worker)(args.spec_url, args.workdir)
+        try:
+            record(worker)(args.spec_url, args.workdir)
+        except preemption.Preempted as stopped:  # checkpoint stored: no traceback, the SIGTERM exit code
+            logger.warning("%s", stopped)
+            raise SystemExit(preemption.EXIT_CODE) from None
     else:
-        join(args.spec_url, args.machine_rank, args.timeout)
+        try:
+            join(args.spec_url, args.machine_rank, args.timeout)
+        except preemption.Preempted as stopped:
+            logger.warning("%s", stopped)
+            raise SystemExit(preemption.EXIT_CODE) from None
 
 
 if __name__ == "__main__":
