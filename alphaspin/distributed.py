@@ -406,6 +406,36 @@ def join(spec_url: str, machine_rank: int, timeout: float = 600.0) -> None:
             supervise(command, workdir, f"machine {machine_rank}")
 
 
+def follow(config: AlphaSpinConfig, machine_rank: int, poll: float = 10.0) -> None:
+    """Machine ``machine_rank`` (≥ 1) of every train stage of a run (on Slurm: deploy/slurm/alphaspin-node.sh,
+    one per node but the first): for t = 0..T, until iteration t's train stage has a manifest, join its launch
+    as soon as machine 0 has written the job spec. A join that fails (machine 0 not there within
+    ``training.rendezvous_timeout_seconds``, the spec of an attempt that was interrupted) is tried again
+    every ``poll`` seconds; so a requeued job's machines find each other again."""
+    training = config.training
+    if not 1 <= machine_rank < training.num_machines:
+        raise ValueError(
+            f"--machine-rank {machine_rank}: training.num_machines is {training.num_machines} "
+            "(machine ranks 1..num_machines-1 join; machine 0 runs the pipeline)"
+        )
+    storage = RunStorage(config.run.runs_root, config.run.run_id)
+    for t in range(config.method.iterations + 1):
+        stage = storage.stage(t, "train")
+        spec_url = storage.unstrip(stage.file(SPEC))
+        while stage.read_manifest() is None:
+            if not storage.exists(stage.file(SPEC)):
+                time.sleep(poll)
+                continue
+            try:
+                join(spec_url, machine_rank, timeout=poll)
+            except (DistributedTrainingError, TimeoutError, FileNotFoundError) as error:
+                logger.warning(
+                    "iter-%d/train, machine %d: %s; trying again", t, machine_rank, str(error).splitlines()[0]
+                )
+                time.sleep(poll)
+        logger.info("iter-%d/train is done", t)
+
+
 def grace(config: AlphaSpinConfig) -> float:
     """Seconds a SIGTERMed training process has to store its checkpoint and stop."""
     return config.orchestration.preemption_grace_seconds
@@ -421,7 +451,17 @@ def main(argv: list[str] | None = None) -> None:
     other.add_argument("spec_url", help="the job spec URL that machine 0 logs")
     other.add_argument("--machine-rank", type=int, required=True)
     other.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for machine 0's job spec")
-    args = parser.parse_args(argv)
+    follower = commands.add_parser(
+        "follow", help="this machine's ranks of every train stage of a run (Slurm: deploy/slurm/alphaspin-node.sh)"
+    )
+    follower.add_argument("--config", "-c", help="the recipe machine 0 runs (YAML)")
+    follower.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    follower.add_argument("--machine-rank", type=int, required=True)
+    follower.add_argument("--poll", type=float, default=10.0, help="seconds between looks at run storage")
+    # follow takes the node's `alphaspin run` arguments: those other than the recipe's are machine 0's.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "follow":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "worker":
         from torch.distributed.elastic.multiprocessing.errors import record
@@ -433,8 +473,16 @@ def main(argv: list[str] | None = None) -> None:
             logger.warning("%s", stopped)
             raise SystemExit(preemption.EXIT_CODE) from None
     else:
+        from alphaspin.config import ConfigError, load_config
+
         try:
-            join(args.spec_url, args.machine_rank, args.timeout)
+            if args.command == "join":
+                join(args.spec_url, args.machine_rank, args.timeout)
+            else:
+                follow(load_config(args.config, args.overrides), args.machine_rank, args.poll)
+        except (ConfigError, ValueError) as error:
+            print(f"python -m alphaspin.distributed {args.command}: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
         except preemption.Preempted as stopped:
             logger.warning("%s", stopped)
             raise SystemExit(preemption.EXIT_CODE) from None
