@@ -169,7 +169,9 @@ def test_sigterm_mid_train_checkpoints_at_once_and_the_rerun_resumes_to_the_same
         assert kind == "CRASHED", (name, kind, message)
         assert "preempted by SIGTERM at step 2/3" in message, message
 
-    again = subprocess.run(command(interrupted, "--no-prefect"), cwd=ROOT, env=env_with(), capture_output=True, text=True)
+    again = subprocess.run(
+        command(interrupted, "--no-prefect"), cwd=ROOT, env=env_with(), capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     record = train.verify()
     assert record is not None and record.metrics["resumed_from"] == "checkpoint-2"
