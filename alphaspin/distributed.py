@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
@@ -183,6 +184,7 @@ def run_distributed(job: Job, pairs: pd.DataFrame, previous: Artifact | None) ->
         "stage": stage.path,
         "iteration": job.iteration,
         "previous": previous.dir.path if previous is not None else None,
+        "attempt": uuid.uuid4().hex,  # `follow` joins each attempt of the stage once
     }
     stage.write_json(SPEC, spec)
     spec_url = stage.storage.unstrip(stage.file(SPEC))
@@ -380,7 +382,7 @@ def worker(spec_url: str, workdir: Path) -> None:
             (workdir / RESULT).write_text(json.dumps(result))
 
 
-def join(spec_url: str, machine_rank: int, timeout: float = 600.0) -> None:
+def join(spec_url: str, machine_rank: int, timeout: float = 600.0) -> str | None:
     """Machine ``machine_rank`` (≥ 1) of a multi-machine train stage: wait up to ``timeout`` seconds for
     the job spec, then launch this machine's ranks with the same rendezvous as machine 0."""
     from alphaspin.workspace import default_device
@@ -404,14 +406,19 @@ def join(spec_url: str, machine_rank: int, timeout: float = 600.0) -> None:
         command = launch_command(training, device, spec_url, workdir, machine_rank, training.main_process_port or 29500)
         with preemption.graceful_sigterm(f"machine {machine_rank}", grace(config)):  # forwarded by supervise
             supervise(command, workdir, f"machine {machine_rank}")
+    try:  # the attempt the ranks trained in (they read the spec after the rendezvous: maybe a newer one)
+        return _read_spec(spec_url).get("attempt")
+    except FileNotFoundError:
+        return spec.get("attempt")
 
 
 def follow(config: AlphaSpinConfig, machine_rank: int, poll: float = 10.0) -> None:
     """Machine ``machine_rank`` (≥ 1) of every train stage of a run (on Slurm: deploy/slurm/alphaspin-node.sh,
     one per node but the first): for t = 0..T, until iteration t's train stage has a manifest, join its launch
-    as soon as machine 0 has written the job spec. A join that fails (machine 0 not there within
-    ``training.rendezvous_timeout_seconds``, the spec of an attempt that was interrupted) is tried again
-    every ``poll`` seconds; so a requeued job's machines find each other again."""
+    as soon as machine 0 has written the job spec (looking every ``poll`` seconds). A join that fails (machine 0 not there within ``training.rendezvous_timeout_seconds``,
+    the spec of an attempt that was interrupted) waits for machine 0's next attempt (each attempt's spec
+    carries an id): so a requeued job's machines find each other again, and a finished attempt's spec, left
+    until machine 0 commits the stage, is not joined twice."""
     training = config.training
     if not 1 <= machine_rank < training.num_machines:
         raise ValueError(
@@ -419,20 +426,28 @@ def follow(config: AlphaSpinConfig, machine_rank: int, poll: float = 10.0) -> No
             "(machine ranks 1..num_machines-1 join; machine 0 runs the pipeline)"
         )
     storage = RunStorage(config.run.runs_root, config.run.run_id)
+    joined: set[str] = set()  # attempts of a stage joined already (finished or failed): never joined twice
     for t in range(config.method.iterations + 1):
         stage = storage.stage(t, "train")
         spec_url = storage.unstrip(stage.file(SPEC))
         while stage.read_manifest() is None:
-            if not storage.exists(stage.file(SPEC)):
+            try:
+                attempt = str(stage.read_json(SPEC).get("attempt"))
+            except (FileNotFoundError, ValueError):  # not written yet (or being written)
+                attempt = None
+            if attempt is None or attempt in joined:
                 time.sleep(poll)
                 continue
+            joined.add(attempt)
             try:
-                join(spec_url, machine_rank, timeout=poll)
+                joined.add(str(join(spec_url, machine_rank, timeout=poll)))
             except (DistributedTrainingError, TimeoutError, FileNotFoundError) as error:
                 logger.warning(
-                    "iter-%d/train, machine %d: %s; trying again", t, machine_rank, str(error).splitlines()[0]
+                    "iter-%d/train, machine %d: %s; waiting for machine 0's next attempt",
+                    t,
+                    machine_rank,
+                    str(error).splitlines()[0],
                 )
-                time.sleep(poll)
         logger.info("iter-%d/train is done", t)
 
 

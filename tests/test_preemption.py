@@ -179,3 +179,42 @@ def test_sigterm_mid_train_checkpoints_at_once_and_the_rerun_resumes_to_the_same
     clean_run = Run(load_config(ROOT / "configs/quickstart.yaml", clean))
     assert adapter_digests(run) == adapter_digests(clean_run)
     assert set(adapter_digests(run)) >= {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"}
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_the_ranks_of_a_two_process_train_stage_and_they_checkpoint_together(tmp_path, tiny_model):
+    """The stage's process alone gets the SIGTERM (as from Kubernetes); it forwards it to the launcher's
+    process group, the ranks agree on the step, rank 0 stores the checkpoint with both ranks' RNG states."""
+    overrides = overrides_for(
+        tmp_path / "runs", "preempt-2-ranks", "training.num_processes=2", "training.per_device_train_batch_size=1"
+    )
+    marker = tmp_path / "paused"
+    env = env_with(
+        PYTHONPATH=os.pathsep.join([str(INJECT), os.environ.get("PYTHONPATH", "")]),
+        ALPHASPIN_TEST_PAUSE=f"rank0:2:{marker}",  # rank 0 waits at the end of step 2 of 3
+    )
+    process = subprocess.Popen(
+        command(overrides, "--no-prefect"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "training never reached step 2"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # to the stage's process only: the ranks are in their own session
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert process.returncode == 143, err[-3000:]
+    assert took < 25, took
+    assert "preempted by SIGTERM on 2 processes; checkpoint-2 is stored" in err, err[-3000:]
+    train = Run(load_config(ROOT / "configs/quickstart.yaml", overrides)).dir(Node("train", 0))
+    stored = train.list_files("_scratch/checkpoints/checkpoint-2")
+    assert {"_scratch/checkpoints/checkpoint-2/rng_state_0.pth", "_scratch/checkpoints/checkpoint-2/rng_state_1.pth",
+            "_scratch/checkpoints/checkpoint-2/_COMPLETE.json"} <= set(stored)  # fmt: skip
+    assert train.read_manifest() is None
+
+    again = subprocess.run(command(overrides, "--no-prefect"), cwd=ROOT, env=env_with(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    record = train.verify()
+    assert record is not None and record.metrics["resumed_from"] == "checkpoint-2"

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prefect_stack import tiny_run_overrides
+from prefect_stack import free_port, tiny_run_overrides
 
 from alphaspin.config import load_config
 from alphaspin.runs import Run
@@ -187,7 +187,7 @@ def test_follow_refuses_machine_rank_0_naming_the_knob():
 @pytest.mark.slow
 def test_two_nodes_train_together_with_the_rendezvous_from_slurm_s_environment(tmp_path, tiny_model):
     overrides = [*tiny_run_overrides(tmp_path / "runs", "slurm-2nodes"), "training.num_processes=2",
-                 "training.rendezvous_timeout_seconds=120"]  # fmt: skip
+                 "training.rendezvous_timeout_seconds=120", f"training.main_process_port={free_port()}"]  # fmt: skip
     args = ["--config", "configs/quickstart.yaml"] + [x for item in overrides for x in ("--set", item)]
     slurm = {
         "SLURM_JOB_ID": "7",
@@ -206,13 +206,18 @@ def test_two_nodes_train_together_with_the_rendezvous_from_slurm_s_environment(t
         assert main.wait(timeout=900) == 0, (tmp_path / "node0.log").read_text()[-3000:]
         assert follower.wait(timeout=120) == 0, (tmp_path / "node1.log").read_text()[-3000:]
     finally:
-        for process in (follower,):
-            if process.poll() is None:
-                process.kill()
+        if follower.poll() is None:  # SIGTERM: it stops the launch it started (its own session) too
+            follower.terminate()
+            try:
+                follower.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                follower.kill()
     run = Run(load_config(ROOT / "configs/quickstart.yaml", overrides))
     record = run.dir(Node("train", 0)).verify()
     assert record is not None
-    assert "iter-0/train is done" in (tmp_path / "node1.log").read_text()
+    follower_log = (tmp_path / "node1.log").read_text()
+    assert "iter-0/train is done" in follower_log
+    assert follower_log.count("accelerate.commands.launch") == 1  # joined once: not the finished attempt again
 
 
 # -- a real Slurm on this machine ------------------------------------------------------------------
