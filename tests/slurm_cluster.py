@@ -5,6 +5,7 @@ cannot run here (not installed, not root); the test then skips with that reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 
 
 def missing() -> str | None:
@@ -131,7 +132,12 @@ class OneNodeSlurm:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        for process in reversed(self.processes):  # slurmd, slurmctld, munged: each its own group, by pid
+        # munged runs in a session of its own under su: stop it by the pid it wrote.
+        pid_file = self.root / "munge" / "munged.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        for process in reversed(self.processes):  # slurmd, slurmctld, su: each its own group, by pid
             try:
                 os.killpg(process.pid, signal.SIGTERM)
             except ProcessLookupError:

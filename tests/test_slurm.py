@@ -236,7 +236,11 @@ def slurm():
 
 
 @pytest.mark.slow
-def test_sbatch_requeue_mid_train_resumes_and_completes(slurm, tmp_path, tiny_model):
+@pytest.mark.parametrize("interrupt", ["scontrol requeue", "time limit"])
+def test_sbatch_requeue_mid_train_resumes_and_completes(interrupt, slurm, tmp_path, tiny_model):
+    """``scontrol requeue``: Slurm SIGTERMs every process of the job and queues it again. ``time limit``: the
+    USR1 that ``--signal=B:USR1@120`` sends to the batch shell before the limit (sent here at once with
+    ``scancel --batch --signal=USR1``); the script passes SIGTERM to alphaspin and requeues the job itself."""
     assert slurm.run("scontrol", "show", "hostnames", "gpu[01-03],cpu7").split() == ["gpu01", "gpu02", "gpu03", "cpu7"]
     run_id = f"slurm-{uuid.uuid4().hex[:8]}"
     overrides = [*tiny_run_overrides(tmp_path / "runs", run_id), "training.save_steps=100"]
@@ -262,7 +266,10 @@ def test_sbatch_requeue_mid_train_resumes_and_completes(slurm, tmp_path, tiny_mo
     while not marker.exists():
         assert time.monotonic() < deadline, f"{slurm.job(job)}\n{out.read_text() if out.exists() else ''}"
         time.sleep(0.5)
-    slurm.run("scontrol", "requeue", job)  # SIGTERM to every process of the job, then back to pending
+    if interrupt == "scontrol requeue":
+        slurm.run("scontrol", "requeue", job)  # SIGTERM to every process of the job, then back to pending
+    else:
+        slurm.run("scancel", "--batch", "--signal=USR1", job)
     requeued = time.monotonic()
     while slurm.job(job).get("Restarts") != "1" or slurm.job(job)["JobState"] not in (
         "PENDING",
@@ -273,6 +280,8 @@ def test_sbatch_requeue_mid_train_resumes_and_completes(slurm, tmp_path, tiny_mo
         time.sleep(0.5)
     text = out.read_text()
     assert "alphaspin exited with code 143" in text, text[-3000:]
+    if interrupt == "time limit":
+        assert "the time limit is near (USR1)" in text and f"requeueing job {job}" in text
     assert "preempted by SIGTERM at step 2/3; checkpoint-2 is stored" in text
     train = Run(load_config(ROOT / "configs/quickstart.yaml", overrides)).dir(Node("train", 0))
     assert train.read_manifest() is None and "_scratch/checkpoints/checkpoint-2/_COMPLETE.json" in train.list_files()
