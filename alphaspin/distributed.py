@@ -415,10 +415,11 @@ def join(spec_url: str, machine_rank: int, timeout: float = 600.0) -> str | None
 def follow(config: AlphaSpinConfig, machine_rank: int, poll: float = 10.0) -> None:
     """Machine ``machine_rank`` (≥ 1) of every train stage of a run (on Slurm: deploy/slurm/alphaspin-node.sh,
     one per node but the first): for t = 0..T, until iteration t's train stage has a manifest, join its launch
-    as soon as machine 0 has written the job spec (looking every ``poll`` seconds). A join that fails (machine 0 not there within ``training.rendezvous_timeout_seconds``,
-    the spec of an attempt that was interrupted) waits for machine 0's next attempt (each attempt's spec
-    carries an id): so a requeued job's machines find each other again, and a finished attempt's spec, left
-    until machine 0 commits the stage, is not joined twice."""
+    as soon as machine 0 has written the job spec (looking every ``poll`` seconds). A join that fails
+    (machine 0 not there within ``training.rendezvous_timeout_seconds``, the spec of an attempt that was
+    interrupted) waits for machine 0's next attempt (each attempt's spec carries an id): so a requeued job's
+    machines find each other again, and a finished attempt's spec, left until machine 0 commits the stage,
+    is not joined twice."""
     training = config.training
     if not 1 <= machine_rank < training.num_machines:
         raise ValueError(

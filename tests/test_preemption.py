@@ -218,3 +218,40 @@ def test_sigterm_reaches_the_ranks_of_a_two_process_train_stage_and_they_checkpo
     assert again.returncode == 0, again.stderr[-3000:]
     record = train.verify()
     assert record is not None and record.metrics["resumed_from"] == "checkpoint-2"
+
+
+@pytest.mark.slow
+def test_sigterm_in_generate_stops_at_once_and_keeps_the_finished_shards(tmp_path, tiny_model):
+    overrides = overrides_for(tmp_path / "runs", "preempt-generate")
+    marker = tmp_path / "paused"
+    env = env_with(
+        PYTHONPATH=os.pathsep.join([str(INJECT), os.environ.get("PYTHONPATH", "")]),
+        ALPHASPIN_TEST_PAUSE=f"generate:1:{marker}",  # right after the first of the stage's shards is stored
+    )
+    process = subprocess.Popen(
+        command(overrides, "--no-prefect"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "generation never stored a shard"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-3000:]
+    assert time.monotonic() - sent < 25
+    assert "alphaspin: iter-0/generate-base: preempted by SIGTERM" in err, err[-3000:]
+    generate = Run(load_config(ROOT / "configs/quickstart.yaml", overrides)).dir(Node("generate", 0, "base"))
+    assert generate.read_manifest() is None
+    assert [n for n in generate.list_files() if n.startswith("shards/")] == ["shards/shard-00000.parquet"]
+    kept = generate.read_bytes("shards/shard-00000.parquet")
+
+    again = subprocess.run(command(overrides, "--no-prefect"), cwd=ROOT, env=env_with(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = generate.read_manifest()
+    assert manifest is not None and generate.read_bytes("shards/shard-00000.parquet") == kept  # kept, not redone
+    assert sorted(n for n in manifest["files"] if n.startswith("shards/")) == [
+        "shards/shard-00000.parquet",
+        "shards/shard-00001.parquet",
+    ]
