@@ -493,6 +493,15 @@ class OrchestrationConfig(_Section):
         "its finished stages come back Cached, the interrupted one resumes from its last stored checkpoint or shard. "
         "A child that fails (a stage error) is not restarted.",
     )
+    preemption_grace_seconds: float = Field(
+        25.0,
+        gt=0.0,
+        description="A SIGTERM (Slurm requeue or preemption, a Kubernetes pod deleted, a spot instance's notice) "
+        "stops the run: the train stage stores a checkpoint at the end of its current step, other stages stop at "
+        "once keeping what they stored, and the process exits with code 143; one that has not stopped this many "
+        "seconds after the signal exits then (the rerun resumes from the last stored checkpoint). Keep it below "
+        "the scheduler's grace (Slurm's KillWait, default 30 s; Kubernetes' terminationGracePeriodSeconds).",
+    )
     grid: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",

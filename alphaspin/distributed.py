@@ -30,6 +30,7 @@ historical); each rank's Trainer asks for ``Accelerator(cpu=True)``, which with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
@@ -48,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from alphaspin import preemption
 from alphaspin.config import AlphaSpinConfig, TrainingConfig
 from alphaspin.storage import SCRATCH, RunStorage, StageDir
 
@@ -181,6 +184,7 @@ def run_distributed(job: Job, pairs: pd.DataFrame, previous: Artifact | None) ->
         "stage": stage.path,
         "iteration": job.iteration,
         "previous": previous.dir.path if previous is not None else None,
+        "attempt": uuid.uuid4().hex,  # `follow` joins each attempt of the stage once
     }
     stage.write_json(SPEC, spec)
     spec_url = stage.storage.unstrip(stage.file(SPEC))
@@ -199,7 +203,17 @@ def run_distributed(job: Job, pairs: pd.DataFrame, previous: Artifact | None) ->
     port = training.main_process_port or (0 if training.num_machines == 1 else 29500)
     command = launch_command(training, ws.device, spec_url, workdir, 0, port)
     progress = _ProgressReader(workdir / PROGRESS, ws.progress)
-    supervise(command, workdir, f"iter-{job.iteration}/train", on_poll=progress.poll)
+    try:
+        supervise(command, workdir, f"iter-{job.iteration}/train", on_poll=progress.poll)
+    except preemption.Preempted:
+        from alphaspin.training import _remote_checkpoints
+
+        stored = _remote_checkpoints(stage)
+        where = f"{stored[-1]} is stored in {stage.url}" if stored else "no checkpoint is stored"
+        raise preemption.Preempted(
+            f"iter-{job.iteration}/train: preempted by SIGTERM on {training.num_processes} processes; {where}: "
+            f"{preemption.RESUME_HINT}"
+        ) from None
     progress.poll()
     result = json.loads((workdir / RESULT).read_text())
     return Fitted(workdir / "adapter", result["history"], result["resumed_from"])
@@ -214,12 +228,21 @@ def supervise(command: list[str], workdir: Path, label: str, on_poll: Callable[[
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     stdout_path, stderr_path = workdir / "launch.out", workdir / "launch.err"
     logger.info("%s: %s", label, " ".join(command))
+    forwarded = False
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         child = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, start_new_session=True)
         try:
             while True:
+                if preemption.requested() and not forwarded:
+                    # The launcher runs in its own session: a SIGTERM sent to this process alone (Kubernetes,
+                    # Slurm with --signal=B:TERM) must reach it. torchrun passes it to the ranks, which agree
+                    # on a step, store its checkpoint and stop (`alphaspin.training.PreemptionCallback`).
+                    logger.warning("%s: forwarding SIGTERM to the training processes", label)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.pid, signal.SIGTERM)
+                    forwarded = True
                 try:
-                    code = child.wait(timeout=1.0)
+                    code = child.wait(timeout=0.2 if forwarded else 1.0)
                     break
                 except subprocess.TimeoutExpired:
                     if on_poll is not None:
@@ -227,6 +250,11 @@ def supervise(command: list[str], workdir: Path, label: str, on_poll: Callable[[
         except BaseException:
             _kill_group(child)
             raise
+    if preemption.requested():
+        raise preemption.Preempted(
+            f"{label}: preempted by SIGTERM; the training processes stopped (exit code {code}) after storing a "
+            f"checkpoint: {preemption.RESUME_HINT}"
+        )
     if code != 0:
         tail = _tail(stderr_path, STDERR_TAIL_LINES)
         raise DistributedTrainingError(
@@ -336,22 +364,25 @@ def worker(spec_url: str, workdir: Path) -> None:
         overrides: dict[str, Any] = {}
         if config.training.deepspeed_config is not None:
             overrides["deepspeed"] = config.training.deepspeed_config
-        fitted = fit(
-            ws,
-            stage,
-            pairs,
-            previous,
-            spec["iteration"],
-            workdir / "trainer",
-            workdir / "adapter",
-            **overrides,
-        )
+        # A SIGTERM (from torchrun's agent, forwarded by the stage, or sent by a scheduler to every process):
+        # this rank stops with the others after a stored checkpoint (`alphaspin.training.PreemptionCallback`).
+        with preemption.graceful_sigterm(f"rank {os.environ.get('RANK', '0')}", grace(config)):
+            fitted = fit(
+                ws,
+                stage,
+                pairs,
+                previous,
+                spec["iteration"],
+                workdir / "trainer",
+                workdir / "adapter",
+                **overrides,
+            )
         if is_rank_zero:
             result = {"history": fitted.history, "resumed_from": fitted.resumed_from}
             (workdir / RESULT).write_text(json.dumps(result))
 
 
-def join(spec_url: str, machine_rank: int, timeout: float = 600.0) -> None:
+def join(spec_url: str, machine_rank: int, timeout: float = 600.0) -> str | None:
     """Machine ``machine_rank`` (≥ 1) of a multi-machine train stage: wait up to ``timeout`` seconds for
     the job spec, then launch this machine's ranks with the same rendezvous as machine 0."""
     from alphaspin.workspace import default_device
@@ -373,7 +404,57 @@ def join(spec_url: str, machine_rank: int, timeout: float = 600.0) -> None:
     with tempfile.TemporaryDirectory(prefix="alphaspin-join-") as folder:
         workdir = Path(folder)
         command = launch_command(training, device, spec_url, workdir, machine_rank, training.main_process_port or 29500)
-        supervise(command, workdir, f"machine {machine_rank}")
+        with preemption.graceful_sigterm(f"machine {machine_rank}", grace(config)):  # forwarded by supervise
+            supervise(command, workdir, f"machine {machine_rank}")
+    try:  # the attempt the ranks trained in (they read the spec after the rendezvous: maybe a newer one)
+        return _read_spec(spec_url).get("attempt")
+    except FileNotFoundError:
+        return spec.get("attempt")
+
+
+def follow(config: AlphaSpinConfig, machine_rank: int, poll: float = 10.0) -> None:
+    """Machine ``machine_rank`` (≥ 1) of every train stage of a run (on Slurm: deploy/slurm/alphaspin-node.sh,
+    one per node but the first): for t = 0..T, until iteration t's train stage has a manifest, join its launch
+    as soon as machine 0 has written the job spec (looking every ``poll`` seconds). A join that fails
+    (machine 0 not there within ``training.rendezvous_timeout_seconds``, the spec of an attempt that was
+    interrupted) waits for machine 0's next attempt (each attempt's spec carries an id): so a requeued job's
+    machines find each other again, and a finished attempt's spec, left until machine 0 commits the stage,
+    is not joined twice."""
+    training = config.training
+    if not 1 <= machine_rank < training.num_machines:
+        raise ValueError(
+            f"--machine-rank {machine_rank}: training.num_machines is {training.num_machines} "
+            "(machine ranks 1..num_machines-1 join; machine 0 runs the pipeline)"
+        )
+    storage = RunStorage(config.run.runs_root, config.run.run_id)
+    joined: set[str] = set()  # attempts of a stage joined already (finished or failed): never joined twice
+    for t in range(config.method.iterations + 1):
+        stage = storage.stage(t, "train")
+        spec_url = storage.unstrip(stage.file(SPEC))
+        while stage.read_manifest() is None:
+            try:
+                attempt = str(stage.read_json(SPEC).get("attempt"))
+            except (FileNotFoundError, ValueError):  # not written yet (or being written)
+                attempt = None
+            if attempt is None or attempt in joined:
+                time.sleep(poll)
+                continue
+            joined.add(attempt)
+            try:
+                joined.add(str(join(spec_url, machine_rank, timeout=poll)))
+            except (DistributedTrainingError, TimeoutError, FileNotFoundError) as error:
+                logger.warning(
+                    "iter-%d/train, machine %d: %s; waiting for machine 0's next attempt",
+                    t,
+                    machine_rank,
+                    str(error).splitlines()[0],
+                )
+        logger.info("iter-%d/train is done", t)
+
+
+def grace(config: AlphaSpinConfig) -> float:
+    """Seconds a SIGTERMed training process has to store its checkpoint and stop."""
+    return config.orchestration.preemption_grace_seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -386,15 +467,41 @@ def main(argv: list[str] | None = None) -> None:
     other.add_argument("spec_url", help="the job spec URL that machine 0 logs")
     other.add_argument("--machine-rank", type=int, required=True)
     other.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for machine 0's job spec")
-    args = parser.parse_args(argv)
+    follower = commands.add_parser(
+        "follow", help="this machine's ranks of every train stage of a run (Slurm: deploy/slurm/alphaspin-node.sh)"
+    )
+    follower.add_argument("--config", "-c", help="the recipe machine 0 runs (YAML)")
+    follower.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    follower.add_argument("--machine-rank", type=int, required=True)
+    follower.add_argument("--poll", type=float, default=10.0, help="seconds between looks at run storage")
+    # follow takes the node's `alphaspin run` arguments: those other than the recipe's are machine 0's.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "follow":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "worker":
         from torch.distributed.elastic.multiprocessing.errors import record
 
         # record: a failing rank's exception goes into torchrun's error summary (the stage's error message).
-        record(worker)(args.spec_url, args.workdir)
+        try:
+            record(worker)(args.spec_url, args.workdir)
+        except preemption.Preempted as stopped:  # checkpoint stored: no traceback, the SIGTERM exit code
+            logger.warning("%s", stopped)
+            raise SystemExit(preemption.EXIT_CODE) from None
     else:
-        join(args.spec_url, args.machine_rank, args.timeout)
+        from alphaspin.config import ConfigError, load_config
+
+        try:
+            if args.command == "join":
+                join(args.spec_url, args.machine_rank, args.timeout)
+            else:
+                follow(load_config(args.config, args.overrides), args.machine_rank, args.poll)
+        except (ConfigError, ValueError) as error:
+            print(f"python -m alphaspin.distributed {args.command}: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except preemption.Preempted as stopped:
+            logger.warning("%s", stopped)
+            raise SystemExit(preemption.EXIT_CODE) from None
 
 
 if __name__ == "__main__":

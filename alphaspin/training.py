@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 from transformers import TrainerCallback
 
+from alphaspin import preemption
 from alphaspin.model_card import model_card
 from alphaspin.stage_spec import Artifact, Job
 from alphaspin.storage import SCRATCH, StageDir
@@ -83,6 +84,38 @@ class TrackingCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.tracker.flush()
         return control
+
+
+class PreemptionCallback(TrainerCallback):
+    """Stop at the end of the step during which a SIGTERM arrived (`alphaspin.preemption`): store a
+    checkpoint (``control.should_save``: the Trainer's own save, uploaded by `StorageCheckpointCallback`)
+    and end training (``should_training_stop``). With several ranks the request is all-reduced (max) at
+    every step end, so every rank stops after the same step and joins the checkpoint's barriers, whichever
+    rank the signal reached first."""
+
+    def __init__(self) -> None:
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._agreed(args):
+            control.should_save = True
+            control.should_training_stop = True
+            if self.stopped_at is None:
+                logger.warning("preempted by SIGTERM: storing checkpoint-%d and stopping", state.global_step)
+            self.stopped_at = state.global_step
+        return control
+
+    @staticmethod
+    def _agreed(args) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        wanted = preemption.requested()
+        if args.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+            return wanted
+        flag = torch.tensor([1.0 if wanted else 0.0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
 
 def _remote_checkpoints(stage: StageDir) -> list[str]:
@@ -222,7 +255,14 @@ def fit(
     trainer.add_callback(StorageCheckpointCallback(stage, output_dir, ws.progress, total_steps))
     if trainer.is_world_process_zero() and ws.tracker.enabled:
         trainer.add_callback(TrackingCallback(ws.tracker, iteration))
+    preempt = PreemptionCallback()
+    trainer.add_callback(preempt)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if preempt.stopped_at is not None:  # the checkpoint of that step is stored: the rerun resumes there
+        raise preemption.Preempted(
+            f"iter-{iteration}/train: preempted by SIGTERM at step {preempt.stopped_at}/{total_steps}; "
+            f"checkpoint-{preempt.stopped_at} is stored in {stage.url}: {preemption.RESUME_HINT}"
+        )
 
     if trainer.is_world_process_zero():
         shutil.rmtree(adapter_dir, ignore_errors=True)

@@ -28,6 +28,7 @@ from alphaspin.config import AlphaSpinConfig, ConfigError, load_config
 from alphaspin.dag import parse_force
 from alphaspin.data import DataError
 from alphaspin.leases import LeaseHeldError
+from alphaspin.preemption import Preempted, raise_on_sigterm
 from alphaspin.runs import RunConflictError, stored_config
 from alphaspin.stages import STAGE_NAMES
 from alphaspin.storage import StorageError
@@ -160,19 +161,34 @@ def _run_in_console(config: AlphaSpinConfig, args: argparse.Namespace, force: di
     log_file = _log_dir() / f"{config.run.run_id}-{stamp}.log"
     started = time.monotonic()
     failure: tuple[str | None, BaseException] | None = None
+    preempted: tuple[str | None, BaseException] | None = None
     with _captured(args, log_file) as terminal:
         console = TerminalConsole(terminal)
         _header(console, config, command, getattr(args, "config", None), log_file, args.no_prefect)
         logger.info("resolved config:\n%s", json.dumps(config.model_dump(mode="json"), indent=2))
         try:
-            with activate(console):
+            # A SIGTERM (Slurm, Kubernetes, a spot instance) stops the run in a known state: see
+            # alphaspin.preemption (the train stage checkpoints first; Prefect's flow engine, while a flow
+            # runs, marks the runs Crashed and hands the signal back to this handler).
+            with activate(console), raise_on_sigterm(config.orchestration.preemption_grace_seconds):
                 results = _run_config(config, args, force)
         except KNOWN_ERRORS:
             raise
+        except Preempted as error:
+            logger.warning("%s", error)
+            preempted = (console.failed or console.running, error)
         except Exception as error:
             logger.exception("the run failed")
             failure = (console.failed or console.running, error)
         kept = _keep_log(config, log_file, f"{stamp}-{command}.log")
+    if preempted is not None:
+        stage, error = preempted
+        where = f"{stage}: " if stage and stage not in str(error) else ""
+        print(
+            f"alphaspin: {where}{error}\n  The full log is in {kept or log_file}.",
+            file=sys.stderr,
+        )
+        return Preempted.exit_code
     if failure is not None:
         stage, error = failure
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""

@@ -1,6 +1,6 @@
 """Stage ``train``: θ_t from θ_(t-1) (a fresh LoRA at t = 0) with TRL's DPO loss against the
-stored geometric reference; checkpoints into storage every ``training.save_steps`` steps, so a
-retried stage resumes where it stopped (`alphaspin.training`)."""
+stored geometric reference; checkpoints into storage every ``training.save_steps`` steps, and at once
+on a SIGTERM (`alphaspin.preemption`), so a retried stage resumes where it stopped (`alphaspin.training`)."""
 
 from __future__ import annotations
 
@@ -48,11 +48,13 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
 def train_pairs(job: Job, pairs: pd.DataFrame, previous: Artifact | None) -> dict[str, Any]:
     """`alphaspin.training.run_training` in this process, or in the ranks of a child ``accelerate
     launch`` when ``training.num_processes`` (or machines, or a DeepSpeed config) asks for it."""
-    from alphaspin import distributed
+    from alphaspin import distributed, preemption
     from alphaspin.training import run_training  # looked up at call time (bench.resume wraps it)
 
     launch = distributed.run_distributed if distributed.is_launched(job.config.training) else None
-    return run_training(job, pairs, previous, launch)
+    # A SIGTERM while training: checkpoint at the end of the step, then stop (`alphaspin.preemption`).
+    with preemption.graceful_sigterm(job.node.label, job.config.orchestration.preemption_grace_seconds):
+        return run_training(job, pairs, previous, launch)
 
 
 def train(job: Job, reference: Artifact, previous: Artifact | None) -> dict[str, Any]:
