@@ -30,18 +30,59 @@ def make_backend(
     return TransformersBackend(model_path, tokenizer, config, dtype=dtype, device=device)
 
 
-def check_engines(config: AlphaSpinConfig, device: str) -> None:
-    """What a run executed here needs besides its model and data, checked before its first stage:
-    vLLM's environment (``generation.backend`` or ``evaluation.benchmark_backend``: vllm) and the
-    training launcher (``training.num_processes`` and the rest, `alphaspin.distributed.check_launch`).
-    Each problem is a `ConfigError` naming the knob: one line, nothing written yet."""
-    from alphaspin import distributed
-    from alphaspin.vllm_server import VllmError, find_vllm_python
+def served_lora_ranks(config: AlphaSpinConfig, device: str) -> dict[str, int]:
+    """``{engine knob: rank}`` of the LoRA adapters a vLLM engine of this run must serve (its
+    ``max_lora_rank`` must reach each): θ_t (``training.lora.r``) is sampled by the generate stages of
+    t ≥ 1, the log Z(x) samples and the judged chat's answers with ``generation.backend: vllm``, and
+    loaded as a LoRA by lm-eval's vllm backend on a GPU (on a CPU it gets the adapter merged into the
+    weights). The gflownet sampler's rank is checked with the config (`AlphaSpinConfig`); the ema
+    reference's adapter is only read by transformers (reference_logps), never served."""
+    ranks: dict[str, int] = {}
+    if config.generation.backend == "vllm" and (config.method.iterations >= 1 or config.evaluation.judge.enabled):
+        ranks["generation.backend: vllm"] = config.training.lora.r
+    evaluation = config.evaluation
+    if evaluation.benchmark_backend == "vllm" and evaluation.benchmarks and not device.startswith("cpu"):
+        ranks["evaluation.benchmark_backend: vllm"] = config.training.lora.r
+    return ranks
 
+
+def check_engines(config: AlphaSpinConfig, device: str | None = None) -> str:
+    """What a run executed here needs besides its data, checked before its first stage; returns the
+    device. Each problem is a `ConfigError` naming the knob: one line, nothing written yet.
+
+    - the device (`alphaspin.workspace.resolve_device` of ``device``, default ``model.device``): CUDA
+      asked for and unusable (torch build vs driver), or GPUs that torch cannot use behind an unset device;
+    - vLLM's LoRA capacity: ``generation.max_lora_rank`` below the rank of an adapter it serves
+      (`served_lora_ranks`), and vLLM's environment (``generation.backend`` or
+      ``evaluation.benchmark_backend``: vllm);
+    - the weights of every model an engine loads (``model.name_or_path``; ``evaluation.judge.model``
+      for the local judge): a missing folder, a folder without weights, a hub id the hub cache lacks
+      while the hub is off (`alphaspin.models.check_weights`);
+    - the training launcher (``training.num_processes`` and the rest, `alphaspin.distributed.check_launch`).
+    """
+    from alphaspin import distributed
+    from alphaspin.models import check_weights
+    from alphaspin.vllm_server import VllmError, find_vllm_python
+    from alphaspin.workspace import resolve_device
+
+    device = resolve_device(device or config.model.device)
     try:
+        for engine, rank in served_lora_ranks(config, device).items():
+            if config.generation.max_lora_rank < rank:
+                raise ConfigError(
+                    f"generation.max_lora_rank: {config.generation.max_lora_rank} is below training.lora.r = {rank}, "
+                    f"the rank of the adapters vLLM serves ({engine}); set generation.max_lora_rank to at least {rank}"
+                )
         if config.generation.backend == "vllm" or config.evaluation.benchmark_backend == "vllm":
             find_vllm_python(config.generation.vllm_python)
+        check_weights(config.model.name_or_path, "model.name_or_path")
+        judge = config.evaluation.judge
+        if judge.enabled and judge.base_url == "local":
+            check_weights(judge.model, "evaluation.judge.model")
         if distributed.is_launched(config.training):
             distributed.check_launch(config.training, device)
-    except (VllmError, ValueError) as error:
+    except ConfigError:
+        raise
+    except (VllmError, ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
+    return device

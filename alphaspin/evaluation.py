@@ -135,6 +135,7 @@ def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: Stage
     out = ws.scratch / f"benchmarks-{t}"
     if config.benchmarks:
         from alphaspin.benchmarks.leaderboard import leaderboard_metrics, run_lm_eval
+        from alphaspin.model_card import public_name
 
         ws.progress(0.1, "lm-eval")
         result = run_lm_eval(
@@ -149,6 +150,7 @@ def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: Stage
             backend=config.benchmark_backend,
             output_dir=str(out / "lm_eval"),
             adapter_label=f"iter-{t}/train/adapter",
+            model_label=public_name(ws.config.model.name_or_path),
             max_lora_rank=ws.config.generation.max_lora_rank,
             vllm_python=ws.config.generation.vllm_python,
             vllm_env=vllm_environment(ws.config.generation, ws.device),
@@ -167,6 +169,7 @@ def _judged_chat(ws: Workspace, model, adapter_path: str, out) -> dict:
     from alphaspin.benchmarks import mt_bench
     from alphaspin.benchmarks.local_judge import RATING_CHOICES, LocalJudgeServer
     from alphaspin.benchmarks.mt_bench import MT_BENCH
+    from alphaspin.model_card import public_name
     from alphaspin.models import resolve_model_path
 
     settings = ws.config.evaluation.judge
@@ -206,7 +209,8 @@ def _judged_chat(ws: Workspace, model, adapter_path: str, out) -> dict:
     if settings.base_url == "local":
         path = resolve_model_path(settings.model)
         with LocalJudgeServer(path, device=ws.device) as server:
-            scores = score(server.base_url, settings.model)
+            # The stored judgments name the judge as the model card names a model: no local path.
+            scores = score(server.base_url, public_name(settings.model))
     else:
         scores = score(settings.base_url, settings.model)
     if settings.questions == MT_BENCH:

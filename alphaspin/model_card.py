@@ -31,6 +31,14 @@ def _is_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
+def public_name(name_or_path: str) -> str:
+    """How a stored artifact names a model or adapter, as the card does: a builtin or hub id as
+    written, a local folder by its folder name (never a path of this machine)."""
+    if name_or_path.startswith("builtin:") or not _is_local(name_or_path):
+        return name_or_path
+    return PurePath(name_or_path.rstrip("/")).name
+
+
 def describe_base(name_or_path: str) -> tuple[str | None, str]:
     """(hub id for the ``base_model`` front matter or None, how the card names the base model)."""
     if name_or_path.startswith("builtin:"):

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -44,13 +45,30 @@ def _package_dir(package: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Return a loadable local folder (or hub id) for ``name_or_path``; convert builtins once."""
+def hub_offline(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the user forbids the Hugging Face hub (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``
+    set to 1/true/yes/on, as huggingface_hub reads them)."""
+    environ = os.environ if environ is None else environ
+    return any(environ.get(name, "").upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+# The files a model folder may keep its weights in (transformers and vLLM read these).
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def resolve_model_path(name_or_path: str, field: str = "model.name_or_path") -> str:
+    """Return a loadable local folder (or hub id) for ``name_or_path``; convert builtins once.
+
+    A hub id is returned as written when the hub may be used (transformers, and the vLLM engine,
+    which inherits this process's hub settings, download it into the same cache); offline it is
+    the folder of its snapshot in the hub cache, and an id the cache does not hold is an error naming
+    ``field`` here, not a failed engine later."""
     if name_or_path.startswith(BUILTIN_PREFIX):
         name = name_or_path[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
             raise ValueError(
-                f"model.name_or_path: unknown builtin model {name!r}; expected one of "
+                f"{field}: unknown builtin model {name!r}; expected one of "
                 f"{sorted(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}"
             )
         target = cache_dir() / "models" / name
@@ -61,16 +79,39 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.exists():
         if not (path / "config.json").exists():
             raise FileNotFoundError(
-                f"model.name_or_path: {path} exists but holds no config.json (expected a transformers model folder)"
+                f"{field}: {path} exists but holds no config.json (expected a transformers model folder)"
             )
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]:
-        raise FileNotFoundError(f"model.name_or_path: no model folder at {name_or_path!r}")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(
-            f"model.name_or_path: {name_or_path!r} is not a local folder and HF_HUB_OFFLINE=1 forbids the hub"
-        )
+        raise FileNotFoundError(f"{field}: no model folder at {name_or_path!r}")
+    if hub_offline():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+        try:
+            return snapshot_download(name_or_path, local_files_only=True)
+        except (LocalEntryNotFoundError, HFValidationError, OSError) as error:
+            raise FileNotFoundError(
+                f"{field}: {name_or_path!r} is not a local folder, the hub is off (HF_HUB_OFFLINE) and the hub "
+                f"cache holds no copy of it ({type(error).__name__}); download it once with the hub on "
+                f"(`hf download {name_or_path}`) or name a local folder"
+            ) from error
     return name_or_path  # a hub id: transformers downloads it
+
+
+def check_weights(name_or_path: str, field: str = "model.name_or_path") -> None:
+    """Refuse, in one line naming ``field``, a model whose weights no engine could load: a missing
+    folder, a folder without weight files, a hub id the hub cache lacks while the hub is off. (With
+    the hub on, a hub id is left to the download.)"""
+    path = resolve_model_path(name_or_path, field)
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id, downloaded when loaded
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        where = f"{name_or_path!r} (the hub cache's {folder})" if path != name_or_path else str(folder)
+        raise FileNotFoundError(
+            f"{field}: {where} holds no weights (expected {', '.join(WEIGHT_PATTERNS)} beside its config.json)"
+        )
 
 
 def _convert_gguf(name: str, target: Path) -> None:

@@ -3,8 +3,9 @@
 The generate stage writes ``provenance.json`` with the chat template and tokenizer hashes
 (`collect`), the package versions, and the backend and sampling parameters it used
 (`sampling_used`); the evaluate stage writes ``provenance.json`` with the package versions and the
-lm-eval version, tasks, few-shot counts and task-config hashes (`lm_eval_provenance`). Everything
-in these files is deterministic on one machine (no times, hosts or paths).
+lm-eval version, tasks, few-shot counts and task-config hashes (`lm_eval_provenance`); both record the machine they ran on (`machine_facts`: OS and
+kernel, CPU, torch's CUDA build, GPUs, driver), which no artifact holds. Everything in these files is
+deterministic on one machine (no times, host names or paths).
 
 `diff_runs` lists every difference between two runs: config (dotted keys), run.json's device and
 package versions, and each stage's ``provenance.json``.
@@ -12,9 +13,11 @@ package versions, and each stage's ``provenance.json``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +65,49 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo; macOS: sysctl), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")) and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        import subprocess
+
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=10
+            )
+            if done.returncode == 0 and done.stdout.strip():
+                return done.stdout.strip()
+    return platform.processor() or None
+
+
+def machine_facts() -> dict[str, Any]:
+    """Where a stage ran, as far as it can move the numbers: the OS and kernel, the CPU and the CPU
+    kernels torch picks, torch's CUDA build, the GPUs and the NVIDIA driver. Machine facts live here,
+    in ``provenance.json``, and nowhere else: an artifact's bytes never depend on the machine (lm-eval's
+    own ``pretty_env_info`` is left out of its record). Deterministic on one machine; no host name."""
+    import torch
+
+    from alphaspin.workspace import nvidia_gpus
+
+    gpus = nvidia_gpus()
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+        "nvidia_driver": gpus.driver if gpus is not None else None,
+    }
+
+
 def template_hashes(tokenizer: Any) -> dict[str, str]:
     """sha256 of the chat template string and of the fixed two-turn conversation rendered with it
     (the rendering also covers the special tokens the template writes: BOS, EOS)."""
@@ -86,6 +132,7 @@ def collect(config: AlphaSpinConfig, workspace: Workspace) -> dict[str, Any]:
         "chat_template": {"name": config.model.chat_template or "tokenizer", **template_hashes(workspace.tokenizer)},
         "tokenizer": tokenizer_file_hashes(workspace.model_path),
         "versions": package_versions(),
+        "machine": machine_facts(),
     }
 
 

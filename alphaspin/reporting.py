@@ -34,7 +34,8 @@ def write_run_report(storage: RunStorage) -> dict[str, Any]:
             tmp,
             title=f"α-SPIN run {storage.run_id}",
             run_info={
-                "run": storage.url,
+                # A remote run by its URL; a local one by its id: the report names no path of this machine.
+                "run": storage.run_id if storage.protocol in ("file", "local") else storage.url,
                 "alpha": run["config"]["method"]["alpha"],
                 "history": run["config"]["method"]["history"],
             },

@@ -16,7 +16,7 @@ import pandas as pd
 from transformers import TrainerCallback
 
 from alphaspin import preemption
-from alphaspin.model_card import model_card
+from alphaspin.model_card import model_card, public_name
 from alphaspin.stage_spec import Artifact, Job
 from alphaspin.storage import SCRATCH, StageDir
 from alphaspin.tracking import Tracker, check_tracking
@@ -124,12 +124,15 @@ def _remote_checkpoints(stage: StageDir) -> list[str]:
     return sorted(names, key=lambda n: int(n.rsplit("-", 1)[-1]))
 
 
-def _normalise_adapter_config(path: Path) -> None:
+def _normalise_adapter_config(path: Path, base_model: str) -> None:
     """PEFT serialises ``target_modules`` from a set, in an order that changes with Python's hash
-    seed; sort it so the same training writes the same bytes in every process (stable digests)."""
+    seed; sort it so the same training writes the same bytes in every process (stable digests). PEFT
+    names the base model by the folder it was loaded from, a path of this machine: name it as the
+    model card does instead (``base_model``: model.name_or_path; `alphaspin.model_card.public_name`)."""
     config = json.loads(path.read_text())
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = public_name(base_model)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -189,7 +192,7 @@ def run_training(
             ws.scratch / f"adapter-out-{t}",
         )
     adapter_dir, history = fitted.adapter_dir, fitted.history
-    _normalise_adapter_config(adapter_dir / "adapter_config.json")
+    _normalise_adapter_config(adapter_dir / "adapter_config.json", config.model.name_or_path)
     metrics = {**_summarise(history), "pairs": len(pairs), "resumed_from": fitted.resumed_from}
     # Replaces PEFT's template card (which names the base model's local folder). Only the integer
     # metrics: floats differ in the last bits across CPUs, and the card's bytes are digested.
@@ -243,6 +246,9 @@ def fit(
         model = base
     else:  # θ_t starts from θ_(t-1)
         model = PeftModel.from_pretrained(base, previous_adapter, is_trainable=True)
+        # The stored adapter names its base as the card does (`_normalise_adapter_config`); while
+        # training, PEFT's save checks the folder the base was loaded from (a name would ask the hub).
+        model.peft_config["default"].base_model_name_or_path = base.name_or_path
     # The trainer tokenizes it with `alphaspin.dpo.prepare_like_trl`, as the reference stage did.
     dataset = pairs_to_dataset(pairs, REFERENCE_COLUMNS, losers_as_prefixes=config.generation.losers_as_prefixes)
     trainer = GeometricReferenceDPOTrainer(

@@ -140,16 +140,34 @@ def cpu_kvcache_env(gib: float) -> dict[str, str]:
     return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(gib)))}
 
 
-def server_env(settings: EngineSettings, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The server's environment: offline, runtime LoRA loading on, the CPU KV cache size."""
+def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child in vLLM's environment (the engine, lm-eval's vllm backend): this
+    process's, so the child sees the hub as the user does. Every hub setting passes through unchanged
+    (``HF_HUB_OFFLINE`` only where the user set it: a child is offline only where its parent is; the
+    endpoint, ``HF_HOME``, the token). Where the user named no token and no token file, the child is
+    pointed at the files this process uses (``HF_TOKEN_PATH``, ``HF_HUB_CACHE``), which vLLM's own
+    huggingface_hub might look for elsewhere: the weights a parent downloaded are the engine's, and a
+    gated model (gemma) is open to it as to the user. Our PYTHONPATH is dropped: it points at this
+    project's packages (another transformers), never into vLLM's."""
+    from huggingface_hub import constants
+
     env = dict(os.environ if base is None else base)
-    # Our PYTHONPATH points at this project's environment (other transformers): never into vLLM's.
     env.pop("PYTHONPATH", None)
+    has_token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or env.get("HF_TOKEN_PATH")
+    if not has_token and Path(constants.HF_TOKEN_PATH).is_file():
+        env["HF_TOKEN_PATH"] = str(constants.HF_TOKEN_PATH)
+    env.setdefault("HF_HUB_CACHE", str(constants.HF_HUB_CACHE))
+    return env
+
+
+def server_env(settings: EngineSettings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: this process's hub settings (`child_env`), runtime LoRA loading on,
+    no usage statistics, the CPU KV cache size."""
+    env = child_env(base)
     env.update(
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
         **cpu_kvcache_env(settings.cpu_kvcache_gib),
     )
     return env
@@ -204,10 +222,18 @@ def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
     return "\n".join(text[-lines:])
 
 
-_GENERIC = ("EngineDeadError", "See stack trace", "check the stack trace", "encountered a fatal error")
+_GENERIC = (
+    "EngineDeadError",
+    "See stack trace",
+    "check the stack trace",
+    "encountered a fatal error",
+    "See root cause above",
+)
+# An engine's reason that is about its memory (GPU or CPU KV cache): then, and only then, the memory knobs are named.
+_MEMORY = re.compile(r"out of memory|not enough memory|cannot allocate memory|memory for the cache|kv cache", re.I)
 
 
-def _reason(log: str) -> str:
+def engine_reason(log: str) -> str:
     """The line of an engine log that says why it failed: the first error message that is not one of
     vLLM's generic "the engine died" lines, without vLLM's ``(Process pid=...) ERROR <time> [file]`` prefix."""
     lines = [line.strip() for line in log.splitlines() if line.strip()]
@@ -217,6 +243,19 @@ def _reason(log: str) -> str:
         if logged and says and not any(generic in line for generic in _GENERIC):
             return line.split("] ", 1)[-1]
     return lines[-1] if lines else "no output"
+
+
+def _start_failure(code: int, log: str) -> str:
+    """Why an engine exited while starting, in its own words (`engine_reason`); the memory knobs only when
+    those words are about memory, never as a guess (a missing model is not cured by less memory)."""
+    reason = engine_reason(log)
+    hint = ""
+    if _MEMORY.search(reason):
+        hint = (
+            " (its memory is set by generation.gpu_memory_utilization on a GPU, generation.vllm_cpu_kvcache_gib "
+            "on a CPU; other processes may hold the GPU)"
+        )
+    return f"the engine exited while starting (exit code {code}): {reason}{hint}"
 
 
 class VllmServer:
@@ -259,9 +298,7 @@ class VllmServer:
                 log_text = _tail(self.log_path, 200)
                 self.process = None
                 raise VllmError(
-                    f"generation.backend: vllm: the engine exited while starting (exit code {code}): "
-                    f"{_reason(log_text)} — if it ran out of memory, lower generation.gpu_memory_utilization "
-                    f"(GPU) or generation.vllm_cpu_kvcache_gib (CPU); the engine's log: {self.log_path}"
+                    f"generation.backend: vllm: {_start_failure(code, log_text)}; the engine's log: {self.log_path}"
                 )
             if self._healthy():
                 logger.info("vLLM ready at %s after %.0f s", self.url, time.monotonic() - started)
@@ -331,7 +368,7 @@ class VllmServer:
         def one(body: Mapping[str, Any]) -> dict[str, Any]:
             status, text = self._post("/v1/completions", body)
             if status != 200:
-                why = f" (the engine's log says: {_reason(_tail(self.log_path, 200))})" if self.log_path else ""
+                why = f" (the engine's log says: {engine_reason(_tail(self.log_path, 200))})" if self.log_path else ""
                 raise VllmError(
                     f"vLLM answered {status} to a completion for model {body.get('model')}: {text[:300]}{why}"
                 )

@@ -7,17 +7,21 @@ holds nothing that must survive the process.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 
-from alphaspin.config import AlphaSpinConfig
+from alphaspin.config import AlphaSpinConfig, ConfigError
 
 if TYPE_CHECKING:
     import datasets
@@ -30,14 +34,105 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 
 
+@dataclass(frozen=True)
+class NvidiaGpus:
+    """What ``nvidia-smi`` says about this node: its GPUs' names and the driver version (or why it failed)."""
+
+    names: tuple[str, ...]
+    driver: str | None
+    error: str | None = None
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return f"nvidia-smi failed: {self.error}"
+        return (
+            f"nvidia-smi lists {len(self.names)} GPU(s) ({', '.join(dict.fromkeys(self.names))}), driver {self.driver}"
+        )
+
+
+@functools.cache
+def nvidia_gpus() -> NvidiaGpus | None:
+    """The GPUs and driver ``nvidia-smi`` reports, or None on a node without ``nvidia-smi``."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    query = [exe, "--query-gpu=name,driver_version", "--format=csv,noheader"]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return NvidiaGpus((), None, str(error))
+    if done.returncode != 0:
+        said = (done.stdout + done.stderr).strip().splitlines()
+        return NvidiaGpus((), None, said[-1] if said else f"exit code {done.returncode}")
+    rows = [line.rsplit(",", 1) for line in done.stdout.splitlines() if "," in line]
+    return NvidiaGpus(tuple(name.strip() for name, _ in rows), rows[0][1].strip() if rows else None)
+
+
+def _torch_cuda_state() -> str:
+    """torch's side of CUDA in one clause: its build, is_available(), and torch's own reason."""
+    try:
+        torch.cuda.init()
+        reason = "no CUDA device"
+    except Exception as error:  # torch's own words: "Torch not compiled with CUDA enabled", "driver too old", ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build, torch.version.cuda None"
+    return f"torch {torch.__version__} ({build}), torch.cuda.is_available() False: {reason}"
+
+
+def _gpus_hidden() -> bool:
+    """The user hid every GPU from this process (CUDA_VISIBLE_DEVICES empty or -1): CPU on purpose."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible is not None and visible.strip() in ("", "-1")
+
+
+def resolve_device(configured: str | None) -> str:
+    """The torch device of ``model.device``: unset or ``auto`` is cuda when torch can use a GPU,
+    else cpu. Refused in one line naming ``model.device`` (`ConfigError`), before anything runs:
+
+    - ``cuda`` (or ``cuda:N``) where torch cannot use CUDA: the message names torch's build
+      (``torch.version.cuda``), ``torch.cuda.is_available()`` with torch's reason, and the driver that
+      ``nvidia-smi`` reports (or that there is none);
+    - auto on a node whose ``nvidia-smi`` lists GPUs that torch cannot use (a CPU-only torch, a driver
+      older than torch's CUDA build). This is an error, not a warning: falling back to the CPU there runs
+      a GPU recipe on the CPU for days, or fails later in the vLLM engine, and a warning scrolls away in
+      a stage's log; ``model.device: cpu`` (or ``CUDA_VISIBLE_DEVICES=""``) says CPU on purpose.
+    """
+    if configured in (None, "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        gpus = nvidia_gpus()
+        if gpus is not None and gpus.names and not _gpus_hidden():
+            raise ConfigError(
+                f"model.device: unset (auto), but this node's GPUs are unusable: {gpus.describe()}, and "
+                f"{_torch_cuda_state()}; install a torch CUDA build this driver supports (README: On your machine), "
+                "or set model.device: cpu to run on the CPU anyway"
+            )
+        return "cpu"
+    if configured.startswith("cuda"):
+        if not torch.cuda.is_available():
+            gpus = nvidia_gpus()
+            driver = gpus.describe() if gpus is not None else "no nvidia-smi on this node (no NVIDIA driver)"
+            raise ConfigError(
+                f"model.device: {configured}, but torch cannot use CUDA here: {_torch_cuda_state()}; {driver}"
+            )
+        index = configured.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ConfigError(
+                f"model.device: {configured}, but torch sees {torch.cuda.device_count()} GPU(s) (cuda:0.."
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
+    return configured
+
+
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device when ``model.device`` is unset (`resolve_device`)."""
+    return resolve_device(None)
 
 
 class Workspace:
     def __init__(self, config: AlphaSpinConfig, progress: Progress | None = None):
         self.config = config
-        self.device = config.model.device or default_device()
+        self.device = resolve_device(config.model.device)
         self.scratch = Path(tempfile.mkdtemp(prefix="alphaspin-"))
         # Progress (fraction done, message with "done/total"): to the terminal's console when one
         # is active, and to ``progress`` (the Prefect tasks turn it into progress artifacts).

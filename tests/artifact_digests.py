@@ -24,10 +24,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "tiny-run-digests.json"
-# Files that hold wall times or dates, or package versions (provenance.json: the same on one machine,
-# but the rounded fingerprints are compared across machines, whose installs differ;
-# tests/test_provenance.py checks its hashes): every other file of a run is reproducible (the adapter's
-# model card names no local path, only the base model folder's name).
+# Files that hold wall times or dates, or package versions and the machine (provenance.json: the same on
+# one machine, but the rounded fingerprints are compared across machines, whose installs differ;
+# tests/test_provenance.py checks its hashes): every other file of a run is reproducible and names no
+# local path (a local model by its folder's name, as the model card does) and no machine fact
+# (tests/test_artifact_digests.py scans them).
 VOLATILE = ("train_log.json", "metrics.json", "benchmarks/lm_eval/lm_eval_timing.json", "provenance.json")
 DIGITS = 4  # significant digits kept in the rounded fingerprint
 

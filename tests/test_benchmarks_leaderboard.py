@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -211,7 +212,12 @@ def test_offline_arc_easy_on_base_model(base_run, base_model_path):
     assert written["table"] == result["table"]
     with (out / "lm_eval_table.csv").open() as handle:
         assert [float(row["value"]) for row in csv.DictReader(handle)] == [r["value"] for r in result["table"]]
-    assert result["results"]["config"]["model_args"] == {"pretrained": base_model_path, "dtype": "float32"}
+    # The record names the model as its card does (the folder's name), never by this machine's path,
+    # and holds no description of the machine (lm-eval's pretty_env_info: kernel, CPU flags).
+    name = Path(base_model_path).name
+    assert result["results"]["config"]["model_args"] == {"pretrained": name, "dtype": "float32"}
+    assert result["model"]["model_path"] == name and "pretty_env_info" not in result["results"]
+    assert base_model_path not in (out / "lm_eval_results.json").read_text()
 
 
 @needs_offline_data

@@ -31,6 +31,8 @@ from alphaspin.vllm_backend import (
 from alphaspin.vllm_server import (
     EngineSettings,
     VllmError,
+    VllmServer,
+    child_env,
     completion_body,
     find_vllm_python,
     parse_completion,
@@ -204,7 +206,41 @@ def test_server_command_and_environment(tmp_path, monkeypatch):
     assert "--gpu-memory-utilization" not in server_command(cpu, 1)  # the CPU sizes its KV cache by env
     env = server_env(cpu.__class__(**{**cpu.__dict__, "cpu_kvcache_gib": 3.0}), {"PYTHONPATH": "/ours", "X": "1"})
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert "PYTHONPATH" not in env and env["X"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    assert "PYTHONPATH" not in env and env["X"] == "1"
+    assert "HF_HUB_OFFLINE" not in env  # online where the user is online (test_the_engine_sees_the_hub_...)
+
+
+def test_the_engine_sees_the_hub_as_the_user_does(tmp_path, monkeypatch):
+    """The engine's environment is this process's: hub settings pass through unchanged (offline only
+    where the user is offline), and without a token in the environment the child reads this process's
+    token file and cache, wherever vLLM's own huggingface_hub would look."""
+    from huggingface_hub import constants
+
+    settings = EngineSettings(python="/p", model_path="/m", dtype="float32")
+    user = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "https://hub.example", "HF_HOME": "/h", "HF_TOKEN": "hf_user"}
+    env = server_env(settings, user)
+    assert {key: env[key] for key in user} == user and "HF_TOKEN_PATH" not in env
+    online = server_env(settings, {"HF_HOME": "/h"})
+    assert "HF_HUB_OFFLINE" not in online and "TRANSFORMERS_OFFLINE" not in online
+    token_file = tmp_path / "token"
+    token_file.write_text("hf_stored\n")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    logged_in = child_env({"PYTHONPATH": "/ours"})
+    assert logged_in == {"HF_TOKEN_PATH": str(token_file), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    assert child_env({"HF_HUB_CACHE": "/mine"})["HF_HUB_CACHE"] == "/mine"  # the user's own setting wins
+    token_file.unlink()
+    assert "HF_TOKEN_PATH" not in child_env({})  # not logged in: nothing to point at
+
+
+def test_an_engine_that_fails_to_start_says_why_in_its_own_words(tokenizer, tmp_path):
+    """The engine's own reason, and the memory knobs only when that reason is about memory."""
+    missing = _fake_python(tmp_path, 1, "OSError: /models/m does not appear to have a file named config.json")
+    with pytest.raises(VllmError) as error:
+        make_backend(CONFIG.model_copy(update={"vllm_python": missing}), "/models/m", tokenizer, torch.float32, "cpu")
+    message = str(error.value)
+    assert "exited while starting (exit code 1): OSError: /models/m does not appear to have a file named" in message
+    assert "memory" not in message and "alphaspin-vllm-" in message and "\n" not in message
 
 
 def test_completion_body_and_response(tokenizer):
@@ -330,6 +366,22 @@ def test_lm_eval_vllm_backend_matches_hf_with_the_adapter(real_engine, tmp_path)
     rows = {(r["task"], r["metric"]): r["value"] for r in vllm["table"]}
     assert rows == {(r["task"], r["metric"]): r["value"] for r in hf["table"]}
     assert (tmp_path / "out" / "lm_eval_results.json").exists()
+
+
+@pytest.mark.slow
+def test_the_real_engine_without_its_model_says_why(tmp_path):
+    """vllm-cpu started on a model folder that does not exist: the error is the engine's own line from
+    its log (it takes the path for a hub id), not a guess about memory."""
+    python = require_vllm()
+    missing = str(tmp_path / "no-such-model")
+    settings = EngineSettings(python=python, model_path=missing, dtype="float32", cpu_kvcache_gib=1.0)
+    with pytest.raises(VllmError) as error:
+        VllmServer(settings, start_timeout=300)
+    message = str(error.value)
+    assert message.startswith("generation.backend: vllm: the engine exited while starting (exit code ")
+    assert missing in message and "memory" not in message and "\n" not in message
+    log = message.rsplit("the engine's log: ", 1)[1]
+    assert message.split("): ", 1)[1].split("; the engine's log")[0] in Path(log).read_text()
 
 
 @pytest.mark.parametrize(

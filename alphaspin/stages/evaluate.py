@@ -9,7 +9,7 @@ from typing import Any
 
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.provenance import FILE as PROVENANCE
-from alphaspin.provenance import lm_eval_provenance, package_versions
+from alphaspin.provenance import lm_eval_provenance, machine_facts, package_versions
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
 from alphaspin.synthetic import BUILTIN_SYNTHETIC
 
@@ -57,7 +57,7 @@ def evaluate(job: Job, trained: Artifact, reference: Artifact) -> dict[str, Any]
     job.out.write_json("metrics.json", {"iteration": t, **metrics})
     record = LM_EVAL_RECORD if LM_EVAL_RECORD in job.out.list_files("benchmarks") else None
     lm_eval = lm_eval_provenance(job.out.read_json(record) if record else None)
-    job.out.write_json(PROVENANCE, {"versions": package_versions(), "lm_eval": lm_eval})
+    job.out.write_json(PROVENANCE, {"versions": package_versions(), "lm_eval": lm_eval, "machine": machine_facts()})
     return metrics
 
 
@@ -66,7 +66,8 @@ SPEC = StageSpec(
     function=evaluate,
     inputs=(Input("trained", "train"), Input("reference", "reference_logps")),
     reads=reads,
-    version=3,  # 2: chat templates write BOS for tokenizers that add one; 3: provenance.json
+    version=4,  # 2: chat templates write BOS for tokenizers that add one; 3: provenance.json;
+    # 4: no machine facts or local paths in the lm-eval record and judgments (model named as the card does)
     gpu=True,
     description="Evaluate θ_t on held-out pairs and the configured benchmarks.",
 )

@@ -69,7 +69,8 @@ SPEC = StageSpec(
     function=train,
     inputs=(Input("reference", "reference_logps"), Input("previous", "train", at="previous")),
     reads=reads,
-    version=3,  # 2: LoRA dropout active (training.disable_dropout); BOS in templates; 3: model card
+    version=4,  # 2: LoRA dropout active (training.disable_dropout); BOS in templates; 3: model card;
+    # 4: adapter_config.json names the base model as the card does (no local path)
     gpu=True,
     resumable=True,
     description="DPO-train θ_t from θ_(t-1) against the stored reference; checkpoints into storage.",

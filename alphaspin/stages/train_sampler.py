@@ -110,7 +110,7 @@ def train_sampler(job: Job, prompts: Artifact, previous: Artifact | None) -> dic
     # PEFT writes an adapter not named "default" into a subfolder of that name.
     model.save_pretrained(str(out_dir), selected_adapters=[SAMPLER])
     adapter_dir = out_dir / SAMPLER
-    _normalise_adapter_config(adapter_dir / "adapter_config.json")
+    _normalise_adapter_config(adapter_dir / "adapter_config.json", config.model.name_or_path)
     job.out.put_dir(adapter_dir, "sampler")
     job.out.write_json("train_log.json", history)
     del model, base
@@ -122,7 +122,7 @@ SPEC = StageSpec(
     function=train_sampler,
     inputs=(Input("prompts", "sample_prompts"), Input("previous", "train", at="previous")),
     reads=reads,
-    version=1,
+    version=2,  # 2: adapter_config.json names the base model as the card does (no local path)
     gpu=True,
     enabled=enabled,
     description="GFlowNet-fine-tune a LoRA sampler of π_(t-1)^α·π_base^(1-α) from θ_(t-1) (gflownet opponent).",
