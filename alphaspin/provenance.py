@@ -6,8 +6,14 @@ The generate stage writes ``provenance.json`` with the chat template and tokeniz
 lm-eval version, tasks, few-shot counts and task-config hashes (`lm_eval_provenance`). Everything
 in these files is deterministic on one machine (no times, hosts or paths).
 
+Every stage's manifest also records, under ``provenance``, the operational knobs it ran with
+(``operational``: how it executed, `alphaspin.config.OPERATIONAL_KNOBS`, which may change between
+attempts of a run) and the device it ran on (``device``).
+
 `diff_runs` lists every difference between two runs: config (dotted keys), run.json's device and
-package versions, and each stage's ``provenance.json``.
+package versions, each stage's ``provenance.json`` and the operational values each stage ran with.
+`diff_attempts` lists, within one run, the stages that ran with operational values other than the
+config the run was created with.
 """
 
 from __future__ import annotations
@@ -167,12 +173,28 @@ def stage_provenance(storage: RunStorage) -> dict[str, dict[str, Any]]:
     return out
 
 
+def stage_operational(storage: RunStorage) -> dict[str, dict[str, Any]]:
+    """``{"iter-t/<stage folder>": {"device": ..., "<operational knob>": value, ...}}`` of every finished
+    stage whose manifest records them (stages run before alphaspin recorded them are left out)."""
+    out = {}
+    for path in sorted(storage.fs.glob(storage.path("iter-*", "*", MANIFEST))):
+        iteration, folder = path.rsplit("/", 3)[-3:-1]
+        manifest = storage.stage(int(iteration.removeprefix("iter-")), folder).read_manifest()
+        ran = (manifest or {}).get("provenance") or {}
+        if "operational" in ran:
+            device = {"device": ran["device"]} if "device" in ran else {}
+            out[f"{iteration}/{folder}"] = {**device, **ran["operational"]}
+    return out
+
+
 def diff_runs(storage_a: RunStorage, storage_b: RunStorage) -> list[str]:
     """Every difference between two runs, one line each (``where key: a → b``); empty when none.
 
     Compared: the config (dotted keys; the run's id and location excepted), run.json's device and
-    package versions, and per iteration and stage the recorded provenance (chat template and
-    tokenizer hashes, backend, sampling parameters, versions, lm-eval tasks and few-shot counts).
+    package versions, per iteration and stage the recorded provenance (chat template and
+    tokenizer hashes, backend, sampling parameters, versions, lm-eval tasks and few-shot counts), and
+    the operational values and device each stage ran with (``where ran with key: a → b``; for the
+    stages both runs record them).
     """
     run_a, run_b = _run_json(storage_a), _run_json(storage_b)
     rows = _diff_flat(flatten(run_a.get("config", {})), flatten(run_b.get("config", {})), "config ", IDENTITY)
@@ -186,4 +208,21 @@ def diff_runs(storage_a: RunStorage, storage_b: RunStorage) -> list[str]:
             rows.append(f"{where}: provenance only in B")
         else:
             rows += _diff_flat(flatten(stages_a[where]), flatten(stages_b[where]), f"{where} ")
+    ran_a, ran_b = stage_operational(storage_a), stage_operational(storage_b)
+    for where in sorted(set(ran_a) & set(ran_b)):
+        rows += _diff_flat(ran_a[where], ran_b[where], f"{where} ran with ")
+    return rows
+
+
+def diff_attempts(storage: RunStorage) -> list[str]:
+    """Within one run: each stage that ran with an operational value other than the run's config in
+    run.json (the config it was created with), or on another device than run.json's, one line each
+    (``where ran with key: run.json value → the stage's``); empty when every stage ran as created."""
+    record = _run_json(storage)
+    created = {**flatten(record.get("config", {})), "device": record.get("device")}
+    rows = []
+    for where, ran in stage_operational(storage).items():
+        for key in sorted(ran):
+            if key in created and ran[key] != created[key]:
+                rows.append(f"{where} ran with {key}: {_show(created[key])} → {_show(ran[key])}")
     return rows

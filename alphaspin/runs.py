@@ -1,8 +1,11 @@
 """A run in storage: its config, ``run.json``, its fork parent, and the records of its stages.
 
-``<runs_root>/<run_id>/run.json`` binds a run id to one config: running the id with another
-config is refused (it would mix two configurations' artifacts), and a fork (``--fork-from``)
-records its parent, whose identical stages the runner adopts.
+``<runs_root>/<run_id>/run.json`` binds a run id to the result knobs of one config: running the id
+with other result knobs is refused (it would mix two configurations' artifacts), while operational
+knobs (how a stage executes: batch sizes of no-grad passes, engine memory, device, addresses) and
+orchestration knobs may change between attempts (`alphaspin.config.knob_kind`; run.json keeps the
+config the run was created with, each stage's manifest the operational values it ran with). A fork
+(``--fork-from``) records its parent, whose identical stages the runner adopts.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import platform
 import time
 from typing import Any
 
-from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dump_config
+from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dump_config, flat_config, knob_kind
 from alphaspin.sharing import donor_run_ids
 from alphaspin.stage_spec import Node
 from alphaspin.storage import RunStorage, StageDir, StageRecord
@@ -71,9 +74,10 @@ class Run:
             self._donors = None
 
     def ensure(self, fork_from: str | None = None, device: str | None = None) -> dict[str, Any]:
-        """Create run.json, or check that the existing run has the same config.
+        """Create run.json, or check that the existing run has the same result knobs.
 
-        Orchestration and tracking knobs and the run's location may differ; anything else is a conflict.
+        Operational and orchestration knobs (the run's location included) may differ: the stages that
+        run now record the operational values they use; a changed result knob is a conflict.
         The caller checks the model and data first (`Workspace.check_inputs`): a bad input
         leaves no run behind.
         """
@@ -83,7 +87,7 @@ class Run:
         if existing is not None:
             before = _comparable(_upgraded(existing.get("config", {}), self.run_json))
             if before != comparable:
-                changed = sorted(_diff(before, comparable))
+                changed = sorted(key for key in set(before) | set(comparable) if before.get(key) != comparable.get(key))
                 raise RunConflictError(
                     f"run {self.storage.url} exists with a different config (changed: {', '.join(changed)}). "
                     f"Choose a new run.run_id, or fork it: alphaspin run ... --set run.run_id=NEW --fork-from "
@@ -158,18 +162,6 @@ def _upgraded(config: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    # How the run is orchestrated and tracked is not what it computes: both may change between invocations.
-    trimmed = {k: v for k, v in config.items() if k not in ("orchestration", "tracking")}
-    run = dict(trimmed.get("run", {}))
-    run.pop("runs_root", None)
-    trimmed["run"] = run
-    return trimmed
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in set(a) | set(b):
-            out.extend(_diff(a.get(key), b.get(key), f"{prefix}{key}."))
-        return out
-    return [prefix.rstrip(".")] if a != b else []
+    """The result knobs of a dumped config, flat: what a run id is bound to. How the run is executed
+    (operational knobs), orchestrated and tracked may change between invocations."""
+    return {key: value for key, value in flat_config(config).items() if knob_kind(key) == "result"}
