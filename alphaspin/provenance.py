@@ -12,8 +12,8 @@ attempts of a run) and the device it ran on (``device``).
 
 `diff_runs` lists every difference between two runs: config (dotted keys), run.json's device and
 package versions, each stage's ``provenance.json`` and the operational values each stage ran with.
-`diff_attempts` lists, within one run, the stages that ran with operational values other than the
-config the run was created with.
+`diff_attempts` lists, within one run, the stages that ran with operational values other than those
+of run.json's config (the latest attempt's).
 """
 
 from __future__ import annotations
@@ -215,14 +215,14 @@ def diff_runs(storage_a: RunStorage, storage_b: RunStorage) -> list[str]:
 
 
 def diff_attempts(storage: RunStorage) -> list[str]:
-    """Within one run: each stage that ran with an operational value other than the run's config in
-    run.json (the config it was created with), or on another device than run.json's, one line each
-    (``where ran with key: run.json value → the stage's``); empty when every stage ran as created."""
+    """Within one run: each stage that ran with an operational value other than run.json's config
+    (which holds the latest attempt's), or on another device than the run was created on, one line each
+    (``where ran with key = the stage's value (run.json: value)``); empty when every stage ran so."""
     record = _run_json(storage)
-    created = {**flatten(record.get("config", {})), "device": record.get("device")}
+    current = {**flatten(record.get("config", {})), "device": record.get("device")}
     rows = []
     for where, ran in stage_operational(storage).items():
         for key in sorted(ran):
-            if key in created and ran[key] != created[key]:
-                rows.append(f"{where} ran with {key}: {_show(created[key])} → {_show(ran[key])}")
+            if key in current and ran[key] != current[key]:
+                rows.append(f"{where} ran with {key} = {_show(ran[key])} (run.json: {_show(current[key])})")
     return rows

@@ -6,7 +6,8 @@ under that key), ``adopt`` (the fork parent holds it under that key) or ``run`` 
 ``execute`` then holds the stage's lease in run storage (a second process on the same run waits
 instead of running it twice), adopts or runs the stage function, and commits the manifest with
 the key's provenance and the operational knobs the stage ran with (`alphaspin.config.knob_kind`:
-those never enter a key, so changing one between attempts keeps every finished stage). The Prefect tasks call ``execute`` with what the flow ``prepare``d, and
+those never enter a key, so changing one between attempts keeps every finished stage). The Prefect
+tasks call ``execute`` with what the flow ``prepare``d, and
 ``plan`` is ``prepare`` over the whole DAG without executing anything.
 """
 

@@ -3,13 +3,16 @@
 ``<runs_root>/<run_id>/run.json`` binds a run id to the result knobs of one config: running the id
 with other result knobs is refused (it would mix two configurations' artifacts), while operational
 knobs (how a stage executes: batch sizes of no-grad passes, engine memory, device, addresses) and
-orchestration knobs may change between attempts (`alphaspin.config.knob_kind`; run.json keeps the
-config the run was created with, each stage's manifest the operational values it ran with). A fork
-(``--fork-from``) records its parent, whose identical stages the runner adopts.
+orchestration knobs may change between attempts (`alphaspin.config.knob_kind`). run.json's config
+holds the operational values of the latest attempt (each change is logged in its ``changes``), so
+what reads the config back from it (a split orchestration's child runs, ``alphaspin rerun``) executes
+with them; each stage's manifest records the values it ran with. A fork (``--fork-from``) records its
+parent, whose identical stages the runner adopts.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import platform
 import time
@@ -76,8 +79,9 @@ class Run:
     def ensure(self, fork_from: str | None = None, device: str | None = None) -> dict[str, Any]:
         """Create run.json, or check that the existing run has the same result knobs.
 
-        Operational and orchestration knobs (the run's location included) may differ: the stages that
-        run now record the operational values they use; a changed result knob is a conflict.
+        Operational and orchestration knobs (the run's location included) may differ: changed
+        operational values are written into run.json's config (and logged in ``changes``), and the
+        stages that run now record them; a changed result knob is a conflict.
         The caller checks the model and data first (`Workspace.check_inputs`): a bad input
         leaves no run behind.
         """
@@ -85,7 +89,8 @@ class Run:
         comparable = _comparable(resolved)
         existing = self.record()
         if existing is not None:
-            before = _comparable(_upgraded(existing.get("config", {}), self.run_json))
+            stored = _upgraded(existing.get("config", {}), self.run_json)
+            before = _comparable(stored)
             if before != comparable:
                 changed = sorted(key for key in set(before) | set(comparable) if before.get(key) != comparable.get(key))
                 raise RunConflictError(
@@ -94,7 +99,7 @@ class Run:
                     f"{self.config.run.run_id} (the new run reuses every stage whose inputs are unchanged)."
                 )
             self._set_parent(existing.get("forked_from"))
-            return existing
+            return self._update_operational(existing, stored, resolved)
         if fork_from is not None:
             parent = RunStorage(self.config.run.runs_root, fork_from)
             if not parent.exists(parent.path("run.json")):
@@ -108,6 +113,24 @@ class Run:
             "device": device,
             "forked_from": fork_from,
         }
+        self.storage.write_json(self.run_json, record)
+        return record
+
+    def _update_operational(
+        self, existing: dict[str, Any], stored: dict[str, Any], resolved: dict[str, Any]
+    ) -> dict[str, Any]:
+        """run.json with this attempt's operational values (rewritten only when one changed)."""
+        old, new = flat_config(stored), flat_config(resolved)
+        changed = {
+            key: [old.get(key), value]
+            for key, value in new.items()
+            if knob_kind(key) == "operational" and old.get(key) != value
+        }
+        if not changed:
+            return existing
+        config = _set_flat(stored, {key: value for key, (_, value) in changed.items()})
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "changed": changed}
+        record = {**existing, "config": config, "changes": [*existing.get("changes", []), entry]}
         self.storage.write_json(self.run_json, record)
         return record
 
@@ -165,3 +188,15 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The result knobs of a dumped config, flat: what a run id is bound to. How the run is executed
     (operational knobs), orchestrated and tracked may change between invocations."""
     return {key: value for key, value in flat_config(config).items() if knob_kind(key) == "result"}
+
+
+def _set_flat(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a dumped config with ``{"section.knob": value}`` set."""
+    out = copy.deepcopy(config)
+    for key, value in values.items():
+        *sections, name = key.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return out

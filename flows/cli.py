@@ -5,7 +5,7 @@ alphaspin rerun --run-id R --iteration 1 --stage train [--runs-root ./runs]
 alphaspin plan --config configs/quickstart.yaml [--set ...] [--fork-from RUN]   (what would run, and why)
 alphaspin status --run-id R [--runs-root ./runs]
 alphaspin diff RUN_A RUN_B [--runs-root ./runs]                 (every config / provenance difference)
-alphaspin diff RUN [--runs-root ./runs]            (stages that ran with other operational knobs than RUN's config)
+alphaspin diff RUN [--runs-root ./runs]            (stages that ran with other operational knobs than run.json's)
 alphaspin export --run-id R --iteration t --out DIR [--merge] [--push-to-hub REPO_ID]   (θ_t on its own)
 alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
 alphaspin grid -c configs/grid-cpu.yaml [--status] [--no-prefect]   (a grid of runs: cells x seeds)
@@ -300,9 +300,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(
             f"{args.run_a}: "
             + (
-                f"{len(rows)} operational value(s) other than its run.json config"
+                f"{len(rows)} stage value(s) other than run.json's operational knobs (the latest attempt's)"
                 if rows
-                else "every stage ran with its run.json config's operational knobs"
+                else "every stage ran with run.json's operational knobs"
             )
         )
         for row in rows:
@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generation backend and sampling parameters, package and lm-eval versions, lm-eval tasks and few-shot) "
         "and the operational knobs and device each stage ran with, that differ between RUN_A and RUN_B. With "
         "RUN_A alone: the stages of that run that ran with operational knobs (batch sizes of no-grad passes, "
-        "engine memory, device, addresses) other than the config it was created with.",
+        "engine memory, device, addresses) other than those in its run.json (the latest attempt's).",
     )
     diff.add_argument("run_a", metavar="RUN_A")
     diff.add_argument("run_b", metavar="RUN_B", nargs="?", help="the run to compare with (default: RUN_A's attempts)")

@@ -144,6 +144,11 @@ def test_a_rerun_after_an_operational_change_reuses_every_finished_stage(finishe
     assert _attempts(changed) == before  # nothing re-ran
     assert [r["iteration"] for r in again] == [0, 1]
     assert again[1]["train/loss"] == results[1]["train/loss"]
+    # run.json now holds the new value (what a split orchestration's children and `rerun` read back)
+    record = Run(changed).record()
+    value = flat_config(dump_config(changed))[knob]
+    assert flat_config(record["config"])[knob] == value
+    assert record["changes"][-1]["changed"][knob][1] == value
 
 
 @pytest.mark.slow
@@ -184,17 +189,19 @@ def test_the_next_stage_runs_with_the_new_value_and_records_it(finished, capsys)
     for key in ("heldout/loglik_per_token", "heldout/reward_margin"):
         assert again[1][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-5), key
     assert again[1]["heldout/reward_accuracy"] == results[1]["heldout/reward_accuracy"]
-    # What ran with what: within the run, and through the CLI.
+    # What ran with what: within the run (against run.json, which holds this attempt's values), and through the CLI.
     storage = ctx.storage
+    assert ctx.record()["changes"][-1]["changed"]["evaluation.batch_size"] == [8, 2]
     rows = diff_attempts(storage)
-    assert "iter-1/evaluate ran with evaluation.batch_size: 8 → 2" in rows
-    assert "iter-1/evaluate ran with generation.vllm_concurrency: 64 → 4" in rows
-    assert not any(row.startswith("iter-0/") for row in rows)
+    assert "iter-0/evaluate ran with evaluation.batch_size = 8 (run.json: 2)" in rows
+    assert "iter-0/generate-base ran with generation.vllm_concurrency = 64 (run.json: 4)" in rows
+    assert not any(row.startswith("iter-1/evaluate ") for row in rows)
+    assert not any(row.startswith(("iter-0/train ", "iter-0/sample_prompts ")) for row in rows)  # not steered
     from alphaspin.flows.cli import main
 
     assert main(["diff", config.run.run_id, "--runs-root", config.run.runs_root]) == 0
     out = capsys.readouterr().out
-    assert "2 operational value(s)" in out and "evaluation.batch_size: 8 → 2" in out
+    assert f"{len(rows)} stage value(s)" in out and "evaluation.batch_size = 8 (run.json: 2)" in out
     # Between two runs: a fork that adopts everything but its last evaluate, run again with the old value.
     fork = make("run.run_id=identity-fork")
     run(fork, force={1: {"evaluate"}}, fork_from=config.run.run_id)
