@@ -177,13 +177,22 @@ def stage_operational(storage: RunStorage) -> dict[str, dict[str, Any]]:
     """``{"iter-t/<stage folder>": {"device": ..., "<operational knob>": value, ...}}`` of every finished
     stage whose manifest records them (stages run before alphaspin recorded them are left out)."""
     out = {}
+    for where, manifest in _manifests(storage).items():
+        ran = manifest.get("provenance") or {}
+        if "operational" in ran:
+            device = {"device": ran["device"]} if "device" in ran else {}
+            out[where] = {**device, **ran["operational"]}
+    return out
+
+
+def _manifests(storage: RunStorage) -> dict[str, dict[str, Any]]:
+    """``{"iter-t/<stage folder>": manifest}`` of every finished stage."""
+    out = {}
     for path in sorted(storage.fs.glob(storage.path("iter-*", "*", MANIFEST))):
         iteration, folder = path.rsplit("/", 3)[-3:-1]
         manifest = storage.stage(int(iteration.removeprefix("iter-")), folder).read_manifest()
-        ran = (manifest or {}).get("provenance") or {}
-        if "operational" in ran:
-            device = {"device": ran["device"]} if "device" in ran else {}
-            out[f"{iteration}/{folder}"] = {**device, **ran["operational"]}
+        if manifest is not None:
+            out[f"{iteration}/{folder}"] = manifest
     return out
 
 
@@ -217,11 +226,17 @@ def diff_runs(storage_a: RunStorage, storage_b: RunStorage) -> list[str]:
 def diff_attempts(storage: RunStorage) -> list[str]:
     """Within one run: each stage that ran with an operational value other than run.json's config
     (which holds the latest attempt's), or on another device than the run was created on, one line each
-    (``where ran with key = the stage's value (run.json: value)``); empty when every stage ran so."""
+    (``where ran with key = the stage's value (run.json: value)``), and each finished stage that
+    records none (run by an alphaspin that did not record them); empty when every stage ran so."""
     record = _run_json(storage)
     current = {**flatten(record.get("config", {})), "device": record.get("device")}
-    rows = []
-    for where, ran in stage_operational(storage).items():
+    recorded = stage_operational(storage)
+    rows = [
+        f"{where}: records no operational knobs (run before alphaspin recorded them)"
+        for where in _manifests(storage)
+        if where not in recorded
+    ]
+    for where, ran in recorded.items():
         for key in sorted(ran):
             if key in current and ran[key] != current[key]:
                 rows.append(f"{where} ran with {key} = {_show(ran[key])} (run.json: {_show(current[key])})")

@@ -300,7 +300,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(
             f"{args.run_a}: "
             + (
-                f"{len(rows)} stage value(s) other than run.json's operational knobs (the latest attempt's)"
+                f"{len(rows)} difference(s) from run.json's operational knobs (the latest attempt's)"
                 if rows
                 else "every stage ran with run.json's operational knobs"
             )

@@ -196,12 +196,12 @@ def test_the_next_stage_runs_with_the_new_value_and_records_it(finished, capsys)
     assert "iter-0/evaluate ran with evaluation.batch_size = 8 (run.json: 2)" in rows
     assert "iter-0/generate-base ran with generation.vllm_concurrency = 64 (run.json: 4)" in rows
     assert not any(row.startswith("iter-1/evaluate ") for row in rows)
-    assert not any(row.startswith(("iter-0/train ", "iter-0/sample_prompts ")) for row in rows)  # not steered
+    assert not any(row.startswith(("iter-0/train", "iter-0/sample_prompts")) for row in rows)  # not steered
     from alphaspin.flows.cli import main
 
     assert main(["diff", config.run.run_id, "--runs-root", config.run.runs_root]) == 0
     out = capsys.readouterr().out
-    assert f"{len(rows)} stage value(s)" in out and "evaluation.batch_size = 8 (run.json: 2)" in out
+    assert f"{len(rows)} difference(s)" in out and "evaluation.batch_size = 8 (run.json: 2)" in out
     # Between two runs: a fork that adopts everything but its last evaluate, run again with the old value.
     fork = make("run.run_id=identity-fork")
     run(fork, force={1: {"evaluate"}}, fork_from=config.run.run_id)
