@@ -663,6 +663,200 @@ def dump_config(config: AlphaSpinConfig) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
+# -- run identity -----------------------------------------------------------------------------------
+# Every knob is of exactly one kind (docs/architecture.md, "Run identity"; tests/test_config.py checks
+# that each field is classified, so a new field must be):
+# - result: changes what a stage computes. A run id is bound to these values: running it with others is
+#   refused, naming the knob and the fork command (`alphaspin.runs.Run.ensure`).
+# - operational: changes only how a stage executes; its outputs are equal, or differ only at float-noise
+#   level (a different summation order: batch shapes, tensor parallelism, other kernels). It may change
+#   between attempts of a run: finished stages stay finished, the next ones run with the new value. It
+#   never enters a cache key (`alphaspin.runner.key_fields`), and each stage's manifest records the values
+#   it ran with (``provenance.operational``, for the stages named here; ``alphaspin diff`` shows them).
+# - orchestration: how the run is named, located, scheduled, retried and tracked; read by no stage.
+RESULT_KNOBS = frozenset(
+    {
+        "run.seed",
+        "model.name_or_path",
+        "model.dtype",
+        "model.chat_template",
+        "data.source",
+        "data.split",
+        "data.prompt_column",
+        "data.answer_column",
+        "data.messages_column",
+        "data.heldout_size",
+        "data.max_rows",
+        "method.alpha",
+        "method.history",
+        "method.opponent",
+        "method.sir_proposals",
+        "method.reference",
+        "method.ema_decay",
+        "method.iterations",
+        "method.pairs_first_iteration",
+        "method.pairs_per_iteration",
+        "method.gflownet.prompts",
+        "method.gflownet.epochs",
+        "method.gflownet.learning_rate",
+        "method.gflownet.lora_r",
+        "method.gflownet.subtb_lambda",
+        "method.gflownet.samples_per_prompt",
+        "method.gflownet.prompts_per_step",
+        "method.gflownet.max_new_tokens",
+        "method.gflownet.exploration_temperature",
+        "method.gflownet.max_grad_norm",
+        "generation.backend",
+        "generation.temperature",
+        "generation.top_p",
+        "generation.max_new_tokens",
+        "generation.truncated_losers",
+        # The transformers backend samples each batch from one generator seeded by its first request
+        # (`alphaspin.generation.TransformersBackend`), and the token-geometric sampler batches the same
+        # way: the batch boundaries decide which draws each row gets. Other losers, not float noise.
+        "generation.batch_size",
+        # Sets those batch boundaries too (batches never straddle a shard), and an interrupted generate
+        # resumes by shard index: a new size would misread the finished shards of the old one.
+        "generation.shard_size",
+        "generation.seed",
+        "generation.per_request_seeds",
+        "training.beta",
+        "training.loss_type",
+        "training.label_smoothing",
+        "training.normalized_reference",
+        "training.partition_samples",
+        "training.partition_max_new_tokens",
+        "training.learning_rate",
+        "training.num_train_epochs",
+        # The optimisation itself: the number of optimizer steps, what each step averages, the dropout draws.
+        "training.per_device_train_batch_size",
+        "training.gradient_accumulation_steps",
+        # The effective batch is per_device_train_batch_size × num_processes × gradient_accumulation_steps:
+        # more processes, fewer and larger steps. Moving a run to a machine with another process count is a fork.
+        "training.num_processes",
+        "training.max_length",
+        "training.warmup_steps",
+        "training.disable_dropout",
+        "training.mixed_precision",  # the arithmetic (bf16/fp16 autocast), far above float noise
+        "training.lora.r",
+        "training.lora.lora_alpha",
+        "training.lora.lora_dropout",
+        "training.lora.target_modules",
+        "evaluation.heldout_likelihood",
+        "evaluation.heldout_pairs",
+        "evaluation.benchmarks",
+        "evaluation.benchmark_limit",
+        "evaluation.benchmark_num_fewshot",
+        "evaluation.benchmark_backend",
+        "evaluation.judge.enabled",
+        "evaluation.judge.base_url",
+        "evaluation.judge.model",
+        "evaluation.judge.temperature",
+        "evaluation.judge.max_tokens",
+        # A judgment that does not parse is asked again up to this many times: it decides whether a
+        # question ends with a rating or without one.
+        "evaluation.judge.max_retries",
+        "evaluation.judge.guided_choice",
+        "evaluation.judge.questions",
+        "evaluation.judge.categories",
+        "evaluation.judge.per_category",
+        "evaluation.judge.answer_max_new_tokens",
+    }
+)
+# Operational knob → the stages whose execution it steers (their manifests record its value).
+_MODEL_STAGES = ("generate", "reference_logps", "train", "train_sampler", "evaluate")
+_VLLM_STAGES = ("generate", "reference_logps", "evaluate")  # the engine: losers, log Z samples, judge, lm-eval
+OPERATIONAL_KNOBS: dict[str, tuple[str, ...]] = {
+    # Which hardware computes. The numbers differ at float-noise level, and a sampling stage draws from
+    # the device's own generator; ``model.device: auto`` (the default) already resolved to another device
+    # on another node, so the device was never part of what a run is. Each stage records the device it used.
+    "model.device": _MODEL_STAGES,
+    # vLLM's engine: how it is split over GPUs, how much memory and KV cache it takes, how many requests it
+    # batches at once, where its Python is and how long it may take to start. Every request carries its own
+    # seed (generation.per_request_seeds), so these change only how requests are batched and reduced over
+    # (float noise). max_lora_rank sizes the engine's LoRA slots: an adapter of a smaller rank is zero-padded,
+    # which adds exact zeros (a rank below the adapters' cannot serve them: an error, never other numbers).
+    "generation.tensor_parallel_size": _VLLM_STAGES,
+    "generation.gpu_memory_utilization": _VLLM_STAGES,
+    "generation.max_lora_rank": _VLLM_STAGES,
+    "generation.vllm_python": _VLLM_STAGES,
+    "generation.vllm_cpu_kvcache_gib": _VLLM_STAGES,
+    "generation.vllm_start_timeout_seconds": _VLLM_STAGES,
+    "generation.vllm_concurrency": _VLLM_STAGES,
+    # Recomputes activations in the backward pass instead of keeping them; torch's checkpoint restores the
+    # RNG state, so dropout draws the same masks: the same gradients, memory traded for compute.
+    "training.gradient_checkpointing": ("train",),
+    # Checkpoints into storage every N steps; a resumed train restores the optimizer, scheduler and RNG state.
+    "training.save_steps": ("train",),
+    # Pairs per forward of a no-grad log-prob pass (reference log-probs, the SIR sampler's scores): each
+    # sequence's log-prob is its own row; only padding widths change (float noise).
+    "training.reference_batch_size": ("generate", "reference_logps"),
+    # How num_processes is spread over machines and how they meet: the same ranks, the same data shards.
+    "training.num_machines": ("train",),
+    "training.main_process_ip": ("train",),
+    "training.main_process_port": ("train",),
+    "training.rendezvous_timeout_seconds": ("train",),
+    # A ZeRO stage 1/2 JSON partitions optimizer state and gradients over the processes: the same update up
+    # to the reduction order. (Precision and batch sizes are alphaspin's own knobs; a JSON that sets its own
+    # optimizer or precision goes beyond what alphaspin records.)
+    "training.deepspeed_config": ("train",),
+    # Sequences per forward in evaluation (held-out log-probs, judged-chat answers, lm-eval's batches):
+    # padding widths change, float noise only (a greedy answer could flip only on an exact near-tie).
+    "evaluation.batch_size": ("evaluate",),
+    # Which environment variable holds the judge endpoint's key (the endpoint and model are result knobs).
+    "evaluation.judge.api_key_env": ("evaluate",),
+    # Trajectories per forward with gradients, accumulated into the same optimizer step (memory only).
+    "method.gflownet.micro_batch_size": ("train_sampler",),
+}
+ORCHESTRATION_KNOBS = frozenset(
+    {
+        "run.run_id",
+        "run.runs_root",
+        "orchestration.retries",
+        "orchestration.retry_delay_seconds",
+        "orchestration.result_storage",
+        "orchestration.lease_seconds",
+        "orchestration.wait_for_running_stage",
+        "orchestration.child_timeout_seconds",
+        "orchestration.child_heartbeat_timeout_seconds",
+        "orchestration.child_retries",
+        "orchestration.grid",
+        "tracking.backends",
+        "tracking.mlflow_uri",
+        "tracking.experiment_name",
+    }
+)
+KnobKind = Literal["result", "operational", "orchestration"]
+
+
+def knob_kind(key: str) -> KnobKind:
+    """The kind of the knob at dotted ``key``. A key of no current field (a knob since removed, read
+    from an old run.json) counts as a result knob, the safe side, unless its section is orchestration
+    or tracking (read by no stage)."""
+    if key in OPERATIONAL_KNOBS:
+        return "operational"
+    if key in ORCHESTRATION_KNOBS or key.split(".", 1)[0] in ("orchestration", "tracking"):
+        return "orchestration"
+    return "result"
+
+
+def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A dumped config as ``{"section.knob": value}`` (lists are values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def operational_values(config: AlphaSpinConfig, stage: str) -> dict[str, Any]:
+    """The operational knobs that steer ``stage``, with their values in ``config``."""
+    flat = flat_config(dump_config(config))
+    return {key: flat[key] for key, stages in OPERATIONAL_KNOBS.items() if stage in stages}
+
+
 def knobs() -> list[tuple[str, str, str]]:
     """(dotted key, default as JSON, help) of every config knob, in declaration order."""
     import json

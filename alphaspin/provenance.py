@@ -7,8 +7,14 @@ lm-eval version, tasks, few-shot counts and task-config hashes (`lm_eval_provena
 kernel, CPU, torch's CUDA build, GPUs, driver), which no artifact holds. Everything in these files is
 deterministic on one machine (no times, host names or paths).
 
+Every stage's manifest also records, under ``provenance``, the operational knobs it ran with
+(``operational``: how it executed, `alphaspin.config.OPERATIONAL_KNOBS`, which may change between
+attempts of a run) and the device it ran on (``device``).
+
 `diff_runs` lists every difference between two runs: config (dotted keys), run.json's device and
-package versions, and each stage's ``provenance.json``.
+package versions, each stage's ``provenance.json`` and the operational values each stage ran with.
+`diff_attempts` lists, within one run, the stages that ran with operational values other than those
+of run.json's config (the latest attempt's).
 """
 
 from __future__ import annotations
@@ -214,12 +220,37 @@ def stage_provenance(storage: RunStorage) -> dict[str, dict[str, Any]]:
     return out
 
 
+def stage_operational(storage: RunStorage) -> dict[str, dict[str, Any]]:
+    """``{"iter-t/<stage folder>": {"device": ..., "<operational knob>": value, ...}}`` of every finished
+    stage whose manifest records them (stages run before alphaspin recorded them are left out)."""
+    out = {}
+    for where, manifest in _manifests(storage).items():
+        ran = manifest.get("provenance") or {}
+        if "operational" in ran:
+            device = {"device": ran["device"]} if "device" in ran else {}
+            out[where] = {**device, **ran["operational"]}
+    return out
+
+
+def _manifests(storage: RunStorage) -> dict[str, dict[str, Any]]:
+    """``{"iter-t/<stage folder>": manifest}`` of every finished stage."""
+    out = {}
+    for path in sorted(storage.fs.glob(storage.path("iter-*", "*", MANIFEST))):
+        iteration, folder = path.rsplit("/", 3)[-3:-1]
+        manifest = storage.stage(int(iteration.removeprefix("iter-")), folder).read_manifest()
+        if manifest is not None:
+            out[f"{iteration}/{folder}"] = manifest
+    return out
+
+
 def diff_runs(storage_a: RunStorage, storage_b: RunStorage) -> list[str]:
     """Every difference between two runs, one line each (``where key: a → b``); empty when none.
 
     Compared: the config (dotted keys; the run's id and location excepted), run.json's device and
-    package versions, and per iteration and stage the recorded provenance (chat template and
-    tokenizer hashes, backend, sampling parameters, versions, lm-eval tasks and few-shot counts).
+    package versions, per iteration and stage the recorded provenance (chat template and
+    tokenizer hashes, backend, sampling parameters, versions, lm-eval tasks and few-shot counts), and
+    the operational values and device each stage ran with (``where ran with key: a → b``; for the
+    stages both runs record them).
     """
     run_a, run_b = _run_json(storage_a), _run_json(storage_b)
     rows = _diff_flat(flatten(run_a.get("config", {})), flatten(run_b.get("config", {})), "config ", IDENTITY)
@@ -233,4 +264,27 @@ def diff_runs(storage_a: RunStorage, storage_b: RunStorage) -> list[str]:
             rows.append(f"{where}: provenance only in B")
         else:
             rows += _diff_flat(flatten(stages_a[where]), flatten(stages_b[where]), f"{where} ")
+    ran_a, ran_b = stage_operational(storage_a), stage_operational(storage_b)
+    for where in sorted(set(ran_a) & set(ran_b)):
+        rows += _diff_flat(ran_a[where], ran_b[where], f"{where} ran with ")
+    return rows
+
+
+def diff_attempts(storage: RunStorage) -> list[str]:
+    """Within one run: each stage that ran with an operational value other than run.json's config
+    (which holds the latest attempt's), or on another device than the run was created on, one line each
+    (``where ran with key = the stage's value (run.json: value)``), and each finished stage that
+    records none (run by an alphaspin that did not record them); empty when every stage ran so."""
+    record = _run_json(storage)
+    current = {**flatten(record.get("config", {})), "device": record.get("device")}
+    recorded = stage_operational(storage)
+    rows = [
+        f"{where}: records no operational knobs (run before alphaspin recorded them)"
+        for where in _manifests(storage)
+        if where not in recorded
+    ]
+    for where, ran in recorded.items():
+        for key in sorted(ran):
+            if key in current and ran[key] != current[key]:
+                rows.append(f"{where} ran with {key} = {_show(ran[key])} (run.json: {_show(current[key])})")
     return rows

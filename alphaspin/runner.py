@@ -1,11 +1,13 @@
 """The one cached runner: every stage of every iteration runs through `Runner`.
 
-``prepare`` computes a node's cache key once (stage name, code version, the config fields it
+``prepare`` computes a node's cache key once (stage name, code version, the result knobs it
 reads, its input digests), verifies its manifest once, and decides: ``cached`` (a valid manifest
 under that key), ``adopt`` (the fork parent holds it under that key) or ``run`` — with the reason.
 ``execute`` then holds the stage's lease in run storage (a second process on the same run waits
 instead of running it twice), adopts or runs the stage function, and commits the manifest with
-the key's provenance. The Prefect tasks call ``execute`` with what the flow ``prepare``d, and
+the key's provenance and the operational knobs the stage ran with (`alphaspin.config.knob_kind`:
+those never enter a key, so changing one between attempts keeps every finished stage). The Prefect
+tasks call ``execute`` with what the flow ``prepare``d, and
 ``plan`` is ``prepare`` over the whole DAG without executing anything.
 """
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alphaspin import console
-from alphaspin.config import AlphaSpinConfig
+from alphaspin.config import AlphaSpinConfig, knob_kind, operational_values
 from alphaspin.dag import (
     InputRef,
     bind_inputs,
@@ -69,6 +71,33 @@ def _flat_digests(inputs: Inputs) -> dict[str, str | list[str] | None]:
         else:
             out[param] = value.digest
     return out
+
+
+def key_fields(node: Node, config: AlphaSpinConfig) -> dict[str, Any]:
+    """The fields of a node's cache key: what its stage reads (``reads``), less the operational knobs
+    (how it executes, not what it computes: `alphaspin.config.OPERATIONAL_KNOBS`)."""
+    fields = REGISTRY[node.stage].reads(config, node.iteration, node.member)
+    return {key: value for key, value in fields.items() if knob_kind(key) != "operational"}
+
+
+def same_result(
+    node: Node, manifest: dict[str, Any], fields: dict[str, Any], digests: dict, absent: set[str] = frozenset()
+) -> bool:
+    """Whether a manifest committed under another key holds what ``fields`` and ``digests`` would
+    compute now: its key was computed (by an older alphaspin) with operational knobs among its fields,
+    and its recorded provenance differs from now only in those. The recorded fields must give the
+    manifest's own key back, so a provenance that does not describe its key never matches."""
+    before = manifest.get("provenance") or {}
+    if before.get("version") != REGISTRY[node.stage].version or before.get("inputs") != digests:
+        return False
+    old = before.get("fields")
+    if not isinstance(old, dict) or _results_only(old) != fields:
+        return False
+    return node_key(node, old, digests, absent) == manifest.get("cache_key")
+
+
+def _results_only(fields: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if knob_kind(key) != "operational"}
 
 
 def node_key(
@@ -132,17 +161,23 @@ class Runner:
         if missing:
             raise ValueError(f"{node.label}: inputs {missing} are missing (upstream records of {refs})")
         inputs = {param: inputs.get(param) if ref is not None else None for param, ref in refs.items()}
-        fields = spec.reads(self.config, node.iteration, node.member)
+        fields = key_fields(node, self.config)
         digests = _flat_digests(inputs)
-        key = node_key(node, fields, digests, disabled_inputs(self.config, node))
-        provenance = {"version": spec.version, "fields": fields, "inputs": digests}
+        absent = disabled_inputs(self.config, node)
+        key = node_key(node, fields, digests, absent)
+        provenance = {
+            "version": spec.version,
+            "fields": fields,
+            "inputs": digests,
+            "operational": operational_values(self.config, node.stage),
+        }
         prepared = dict(node=node, key=key, inputs=inputs, provenance=provenance, force=force)
         if force:
             return Prepared(status="run", reason="forced", **prepared)
         out = self.run.dir(node)
         manifest = out.read_manifest()
-        if manifest is not None and manifest.get("cache_key") == key:
-            record = out.verify(key, manifest=manifest)
+        if manifest is not None and self._holds(node, manifest, key, fields, digests, absent):
+            record = out.verify(manifest["cache_key"], manifest=manifest)
             if record is not None:
                 return Prepared(status="cached", reason="cached", record=record, **prepared)
         found = None  # the fork parent's manifest: a fork's new stage says what differs from it
@@ -151,12 +186,18 @@ class Runner:
             theirs = source.read_manifest()
             if donor is self.run.parent:
                 found = theirs
-            if theirs is not None and theirs.get("cache_key") == key:
+            if theirs is not None and self._holds(node, theirs, key, fields, digests, absent):
                 reason = f"adopted from {donor.run_id}"
                 return Prepared(
                     status="adopt", reason=reason, record=source.record(theirs), source=donor.run_id, **prepared
                 )
         return Prepared(status="run", reason=self._why(node, out, manifest, found, provenance, key), **prepared)
+
+    @staticmethod
+    def _holds(node: Node, manifest: dict, key: str, fields: dict, digests: dict, absent: set[str]) -> bool:
+        """Whether a manifest holds the node as computed now: under ``key``, or under the key an older
+        alphaspin computed with operational knobs in it (`same_result`)."""
+        return manifest.get("cache_key") == key or same_result(node, manifest, fields, digests, absent)
 
     def _why(
         self, node: Node, out: StageDir, manifest: dict | None, parent: dict | None, provenance: dict, key: str
@@ -175,7 +216,9 @@ class Runner:
                 return "not run yet"
             changes = self._changes(parent, provenance)
             return f"differs from the fork parent's: {changes}" if changes else "differs from the fork parent's"
-        if manifest.get("cache_key") == key:
+        if self._holds(
+            node, manifest, key, provenance["fields"], provenance["inputs"], disabled_inputs(self.config, node)
+        ):
             return "its artifacts fail verification (a file is missing or changed)"
         return self._changes(manifest, provenance) or "its cache key changed"
 
@@ -243,7 +286,9 @@ class Runner:
             metrics = spec.function(job, **self._artifacts(node, prepared.inputs))
             if lease.lost:  # we stalled past the lease and another process took the stage over
                 raise RuntimeError(f"{node.label}: lost its lease to another process while running; not committing")
-            return out.commit(spec.name, node.iteration, key, metrics, provenance=prepared.provenance), "ran"
+            # The operational values it ran with, and the device model.device resolved to here.
+            provenance = {**prepared.provenance, "device": self.workspace.device}
+            return out.commit(spec.name, node.iteration, key, metrics, provenance=provenance), "ran"
 
     def _key_lease(self, prepared: Prepared) -> AbstractContextManager:
         """In a grid: the lease on the stage's cache key, held by the one cell that computes it."""
@@ -263,13 +308,15 @@ class Runner:
     def _adopt(self, prepared: Prepared, out: StageDir) -> StageRecord | None:
         """A donor's copy of the node under its key (the prepared donor first), or None."""
         node, key = prepared.node, prepared.key
+        fields, digests = prepared.provenance["fields"], prepared.provenance["inputs"]
+        absent = disabled_inputs(self.config, node)
         donors = sorted(self.run.donors(), key=lambda donor: donor.run_id != prepared.source)
         for donor in donors:
             source = donor.stage(node.iteration, node.folder)
             theirs = source.read_manifest()
-            if theirs is None or theirs.get("cache_key") != key:
+            if theirs is None or not self._holds(node, theirs, key, fields, digests, absent):
                 continue
-            record = out.adopt(source, key)
+            record = out.adopt(source, theirs["cache_key"])  # under the donor's key: its digest carries over
             if record is not None:
                 logger.info("%s: adopted from %s", node.label, donor.run_id)
                 return record
@@ -306,7 +353,7 @@ def _knob_changes(before: dict, version: int, fields: dict[str, Any]) -> list[st
     reasons = []
     if before.get("version") != version:
         reasons.append(f"stage code version {before.get('version')} → {version}")
-    old = before.get("fields", {})
+    old = _results_only(before.get("fields", {}))  # an older manifest's fields may hold operational knobs
     for knob in sorted(set(old) | set(fields)):
         if old.get(knob) != fields.get(knob):
             reasons.append(f"{knob} changed ({_short(old.get(knob))} → {_short(fields.get(knob))})")
@@ -354,7 +401,7 @@ def plan(run: Run, force: dict[int, set[str]] | None = None) -> list[PlanRow]:
                 if manifest is None and run.parent_dir(node) is not None:
                     manifest = run.parent_dir(node).read_manifest()  # type: ignore[union-attr]
                 before = (manifest or {}).get("provenance")
-                knobs = _knob_changes(before, spec.version, spec.reads(config, t, node.member)) if before else []
+                knobs = _knob_changes(before, spec.version, key_fields(node, config)) if before else []
                 reason = "forced" if node.stage in forced else "; ".join([*knobs, _inputs_run(pending)])
                 rows.append(PlanRow(node, "run", reason))
                 known[node] = None
@@ -365,4 +412,4 @@ def plan(run: Run, force: dict[int, set[str]] | None = None) -> list[PlanRow]:
     return rows
 
 
-__all__ = ["Prepared", "Runner", "PlanRow", "begin_stage", "plan", "walk_iteration"]
+__all__ = ["Prepared", "Runner", "PlanRow", "begin_stage", "key_fields", "plan", "same_result", "walk_iteration"]

@@ -1,18 +1,24 @@
 """A run in storage: its config, ``run.json``, its fork parent, and the records of its stages.
 
-``<runs_root>/<run_id>/run.json`` binds a run id to one config: running the id with another
-config is refused (it would mix two configurations' artifacts), and a fork (``--fork-from``)
-records its parent, whose identical stages the runner adopts.
+``<runs_root>/<run_id>/run.json`` binds a run id to the result knobs of one config: running the id
+with other result knobs is refused (it would mix two configurations' artifacts), while operational
+knobs (how a stage executes: batch sizes of no-grad passes, engine memory, device, addresses) and
+orchestration knobs may change between attempts (`alphaspin.config.knob_kind`). run.json's config
+holds the operational values of the latest attempt (each change is logged in its ``changes``), so
+what reads the config back from it (a split orchestration's child runs, ``alphaspin rerun``) executes
+with them; each stage's manifest records the values it ran with. A fork (``--fork-from``) records its
+parent, whose identical stages the runner adopts.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import platform
 import time
 from typing import Any
 
-from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dump_config
+from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dump_config, flat_config, knob_kind
 from alphaspin.sharing import donor_run_ids
 from alphaspin.stage_spec import Node
 from alphaspin.storage import RunStorage, StageDir, StageRecord
@@ -71,9 +77,11 @@ class Run:
             self._donors = None
 
     def ensure(self, fork_from: str | None = None, device: str | None = None) -> dict[str, Any]:
-        """Create run.json, or check that the existing run has the same config.
+        """Create run.json, or check that the existing run has the same result knobs.
 
-        Orchestration and tracking knobs and the run's location may differ; anything else is a conflict.
+        Operational and orchestration knobs (the run's location included) may differ: changed
+        operational values are written into run.json's config (and logged in ``changes``), and the
+        stages that run now record them; a changed result knob is a conflict.
         The caller checks the model and data first (`Workspace.check_inputs`): a bad input
         leaves no run behind.
         """
@@ -81,16 +89,17 @@ class Run:
         comparable = _comparable(resolved)
         existing = self.record()
         if existing is not None:
-            before = _comparable(_upgraded(existing.get("config", {}), self.run_json))
+            stored = _upgraded(existing.get("config", {}), self.run_json)
+            before = _comparable(stored)
             if before != comparable:
-                changed = sorted(_diff(before, comparable))
+                changed = sorted(key for key in set(before) | set(comparable) if before.get(key) != comparable.get(key))
                 raise RunConflictError(
                     f"run {self.storage.url} exists with a different config (changed: {', '.join(changed)}). "
                     f"Choose a new run.run_id, or fork it: alphaspin run ... --set run.run_id=NEW --fork-from "
                     f"{self.config.run.run_id} (the new run reuses every stage whose inputs are unchanged)."
                 )
             self._set_parent(existing.get("forked_from"))
-            return existing
+            return self._update_operational(existing, stored, resolved)
         if fork_from is not None:
             parent = RunStorage(self.config.run.runs_root, fork_from)
             if not parent.exists(parent.path("run.json")):
@@ -104,6 +113,24 @@ class Run:
             "device": device,
             "forked_from": fork_from,
         }
+        self.storage.write_json(self.run_json, record)
+        return record
+
+    def _update_operational(
+        self, existing: dict[str, Any], stored: dict[str, Any], resolved: dict[str, Any]
+    ) -> dict[str, Any]:
+        """run.json with this attempt's operational values (rewritten only when one changed)."""
+        old, new = flat_config(stored), flat_config(resolved)
+        changed = {
+            key: [old.get(key), value]
+            for key, value in new.items()
+            if knob_kind(key) == "operational" and old.get(key) != value
+        }
+        if not changed:
+            return existing
+        config = _set_flat(stored, {key: value for key, (_, value) in changed.items()})
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "changed": changed}
+        record = {**existing, "config": config, "changes": [*existing.get("changes", []), entry]}
         self.storage.write_json(self.run_json, record)
         return record
 
@@ -158,18 +185,18 @@ def _upgraded(config: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    # How the run is orchestrated and tracked is not what it computes: both may change between invocations.
-    trimmed = {k: v for k, v in config.items() if k not in ("orchestration", "tracking")}
-    run = dict(trimmed.get("run", {}))
-    run.pop("runs_root", None)
-    trimmed["run"] = run
-    return trimmed
+    """The result knobs of a dumped config, flat: what a run id is bound to. How the run is executed
+    (operational knobs), orchestrated and tracked may change between invocations."""
+    return {key: value for key, value in flat_config(config).items() if knob_kind(key) == "result"}
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in set(a) | set(b):
-            out.extend(_diff(a.get(key), b.get(key), f"{prefix}{key}."))
-        return out
-    return [prefix.rstrip(".")] if a != b else []
+def _set_flat(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a dumped config with ``{"section.knob": value}`` set."""
+    out = copy.deepcopy(config)
+    for key, value in values.items():
+        *sections, name = key.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return out

@@ -5,6 +5,7 @@ alphaspin rerun --run-id R --iteration 1 --stage train [--runs-root ./runs]
 alphaspin plan --config configs/quickstart.yaml [--set ...] [--fork-from RUN]   (what would run, and why)
 alphaspin status --run-id R [--runs-root ./runs]
 alphaspin diff RUN_A RUN_B [--runs-root ./runs]                 (every config / provenance difference)
+alphaspin diff RUN [--runs-root ./runs]            (stages that ran with other operational knobs than run.json's)
 alphaspin export --run-id R --iteration t --out DIR [--merge] [--push-to-hub REPO_ID]   (θ_t on its own)
 alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
 alphaspin grid -c configs/grid-cpu.yaml [--status] [--no-prefect]   (a grid of runs: cells x seeds)
@@ -307,11 +308,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from alphaspin.provenance import diff_runs
+    from alphaspin.provenance import diff_attempts, diff_runs
     from alphaspin.storage import RunStorage
 
     for run_id in (args.run_a, args.run_b):
-        stored_config(run_id, args.runs_root)  # a clear error if there is no such run
+        if run_id is not None:
+            stored_config(run_id, args.runs_root)  # a clear error if there is no such run
+    if args.run_b is None:
+        rows = diff_attempts(RunStorage(args.runs_root, args.run_a))
+        print(
+            f"{args.run_a}: "
+            + (
+                f"{len(rows)} difference(s) from run.json's operational knobs (the latest attempt's)"
+                if rows
+                else "every stage ran with run.json's operational knobs"
+            )
+        )
+        for row in rows:
+            print(f"  {row}")
+        return 0
     rows = diff_runs(RunStorage(args.runs_root, args.run_a), RunStorage(args.runs_root, args.run_b))
     print(f"{args.run_a} → {args.run_b}: " + (f"{len(rows)} difference(s)" if rows else "no differences"))
     for row in rows:
@@ -514,10 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Why don't my numbers match: lists the config knobs (a → b), run.json's device and package "
         "versions, and per iteration and stage the recorded provenance (chat template and tokenizer hashes, "
         "generation backend and sampling parameters, package and lm-eval versions, lm-eval tasks and few-shot) "
-        "that differ between RUN_A and RUN_B.",
+        "and the operational knobs and device each stage ran with, that differ between RUN_A and RUN_B. With "
+        "RUN_A alone: the stages of that run that ran with operational knobs (batch sizes of no-grad passes, "
+        "engine memory, device, addresses) other than those in its run.json (the latest attempt's).",
     )
     diff.add_argument("run_a", metavar="RUN_A")
-    diff.add_argument("run_b", metavar="RUN_B")
+    diff.add_argument("run_b", metavar="RUN_B", nargs="?", help="the run to compare with (default: RUN_A's attempts)")
     diff.add_argument("--runs-root", default="./runs", help="fsspec URL holding both runs (default ./runs)")
     diff.set_defaults(func=cmd_diff)
     export = sub.add_parser(
