@@ -66,7 +66,9 @@ SPEC = StageSpec(
     function=evaluate,
     inputs=(Input("trained", "train"), Input("reference", "reference_logps")),
     reads=reads,
-    version=3,  # 2: chat templates write BOS for tokenizers that add one; 3: provenance.json
+    # 2: chat templates write BOS for tokenizers that add one; 3: provenance.json; 4: builtin:synthetic answers
+    # scored as "answer, then end of turn" (without the template's newline)
+    version=4,
     gpu=True,
     description="Evaluate θ_t on held-out pairs and the configured benchmarks.",
 )
