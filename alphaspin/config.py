@@ -146,7 +146,7 @@ class GFlowNetConfig(_Section):
         None,
         gt=0,
         description="gflownet: longest sampled answer in training; default generation.max_new_tokens, the length "
-        "the sampler then generates (the target is the mixture restricted to answers of at most this many tokens).",
+        "the sampler then generates (its target at this cap follows generation.truncated_losers: see method.opponent).",
     )
     exploration_temperature: float = Field(
         1.0,

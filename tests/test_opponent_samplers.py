@@ -178,13 +178,17 @@ def test_kv_cached_token_geometric_sampler_equals_a_plain_token_loop(tiny_model)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opponent", ["sir", "token_geometric"])
-def test_a_run_with_a_geometric_mixture_opponent(make_config, opponent):
+@pytest.mark.parametrize(
+    ("opponent", "truncated_losers"), [("sir", "no_eos"), ("sir", "keep"), ("token_geometric", "no_eos")]
+)
+def test_a_run_with_a_geometric_mixture_opponent(make_config, opponent, truncated_losers):
     from alphaspin.pipeline import run
     from alphaspin.runs import Run
     from alphaspin.stage_spec import Node
 
-    config = make_config(f"method.opponent={opponent}", "method.sir_proposals=3")
+    config = make_config(
+        f"method.opponent={opponent}", "method.sir_proposals=3", f"generation.truncated_losers={truncated_losers}"
+    )
     results = run(config)
     assert all(math.isfinite(r["train/loss"]) for r in results)
     stored = Run(config)

@@ -106,8 +106,8 @@ def sampling_used(config: AlphaSpinConfig, member: str) -> dict[str, Any]:
         "per_request_seeds": used.per_request_seeds or used.backend != "vllm",
         "batch_size": used.batch_size,
     }
-    if sampler == "sir":
-        params["sir_proposals"] = config.method.sir_proposals
+    if sampler == "sir":  # its weights target what truncated_losers trains
+        params.update(sir_proposals=config.method.sir_proposals, truncated_losers=config.generation.truncated_losers)
     if backend == "vllm":
         params.update(tensor_parallel_size=used.tensor_parallel_size, max_lora_rank=used.max_lora_rank)
     return {"member": member, "sampler": sampler or "policy", "backend": backend, "sampling": params}
