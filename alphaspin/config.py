@@ -146,7 +146,7 @@ class GFlowNetConfig(_Section):
         None,
         gt=0,
         description="gflownet: longest sampled answer in training; default generation.max_new_tokens, the length "
-        "the sampler then generates (the target is the mixture restricted to answers of at most this many tokens).",
+        "the sampler then generates (its target at this cap follows generation.truncated_losers: see method.opponent).",
     )
     exploration_temperature: float = Field(
         1.0,
@@ -183,7 +183,12 @@ class MethodConfig(_Section):
         "sir = self-normalised importance resampling of method.sir_proposals samples of π_(t-1) (exact as k → ∞), "
         "token_geometric = per-token logits α·ℓ_(t-1) + (1-α)·ℓ_base (cheap; biased at the sequence level), "
         "gflownet = a LoRA sampler GFlowNet-fine-tuned from θ_(t-1) toward the mixture at every t ≥ 1 (stage "
-        "train_sampler, knobs method.gflownet.*; exact at zero loss, slow).",
+        "train_sampler, knobs method.gflownet.*; exact at zero loss, slow). At the length cap L (max_new_tokens) "
+        "sir and gflownet target the mixture as generation.truncated_losers trains it: no_eos = the two policies "
+        "as generated with the cap (a cut-off prefix p weighs π_(t-1)(p)^α·π_base(p)^(1-α)); keep = answers of at "
+        "most L tokens, a cut-off one as the ended answer p⊤ (so cut-off losers become rare); drop = answers that "
+        "end within the cap (sir resamples among complete proposals; gflownet trains the keep target, whose "
+        "complete answers are that). token_geometric and arithmetic sample with the cap whatever the mode.",
     )
     sir_proposals: int = Field(
         8, ge=2, description="sir: proposals from π_(t-1) per prompt, of which one is resampled by its weight."
@@ -241,7 +246,8 @@ class GenerationConfig(_Section):
         "end-of-turn tokens (reference log-probs, training and held-out evaluation alike); drop leaves their pairs "
         "out of training (held-out pairs are kept, so every iteration evaluates the same rows); keep scores them as "
         "if the turn had ended there (cut text + end-of-turn), which teaches DPO that ending abruptly is bad from an "
-        "artifact of the cap. Default no_eos: every sample kept, each scored as exactly what was generated.",
+        "artifact of the cap. Default no_eos: every sample kept, each scored as exactly what was generated. "
+        "The sir and gflownet opponents target the geometric mixture as this mode scores it (method.opponent).",
     )
     batch_size: int = Field(8, gt=0, description="Prompts per generate call (transformers backend).")
     shard_size: int = Field(

@@ -151,6 +151,44 @@ def end_rejected_prefixes(dataset: datasets.Dataset, tokenizer: Any) -> datasets
     return dataset.map(strip, desc="Ending cut-off losers where generation stopped")
 
 
+def end_of_turn_marker(tokenizer: Any) -> list[int]:
+    """The part of `end_of_turn_ids` that the policy itself writes to end its answer: up to and
+    including the first end-of-sequence id, the token generation stops at (chatml: ``<|im_end|>``;
+    zephyr: EOS). What the template writes after it (a newline) is not a choice of the policy. A
+    template whose closing holds no EOS id: all of its closing ids."""
+    closing = end_of_turn_ids(tokenizer)
+    eos = tokenizer.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    for position, token in enumerate(closing):
+        if token in stops:
+            return closing[: position + 1]
+    return closing
+
+
+def end_answers_at_marker(
+    dataset: datasets.Dataset, tokenizer: Any, sides: tuple[str, ...] = ("chosen", "rejected")
+) -> datasets.Dataset:
+    """Score "the answer, then end of turn": the ``<side>_ids`` that end with the template's
+    end-of-turn ids (`end_of_turn_ids`) keep only its marker (`end_of_turn_marker`), so the sequence
+    is what a sampler stopped at EOS produced (answer + ``<|im_end|>``, not the newline after it).
+    Rows without the closing (a cut-off prefix of `end_rejected_prefixes`) are left as they are.
+    For probabilities of answers (the samplers' weights, log Z(x), the synthetic task's exact KL);
+    training keeps TRL's ids."""
+    closing, marker = end_of_turn_ids(tokenizer), end_of_turn_marker(tokenizer)
+    if closing == marker:
+        return dataset
+
+    def end(example: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for side in sides:
+            ids = list(example[f"{side}_ids"])
+            ended = len(ids) >= len(closing) and ids[-len(closing) :] == closing
+            out[f"{side}_ids"] = ids[: -len(closing)] + marker if ended else ids
+        return out
+
+    return dataset.map(end, desc="Ending answers at the end-of-turn marker")
+
+
 def prepare_like_trl(trainer: Any, dataset: datasets.Dataset, tokenizer: Any, args: DPOConfig, name: str):
     """TRL's ``DPOTrainer._prepare_dataset``, then `end_rejected_prefixes`: the one tokenization of
     both the reference stage (`tokenize_like_trl`) and the trainer (`GeometricReferenceDPOTrainer`)."""

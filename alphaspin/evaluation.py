@@ -66,9 +66,10 @@ def synthetic_metrics(ws: Workspace, model, heldout: pd.DataFrame, stage: StageD
     """``builtin:synthetic``: KL(p_data‖π) and the mass π puts on the support (`alphaspin.synthetic`),
     mean over the held-out prompts, for θ_t (``synthetic/kl``, ``synthetic/support_mass``) and the
     base (adapter disabled: ``synthetic/base_kl``, ``synthetic/base_support_mass``). Every answer of
-    every support is scored as training scores a chosen answer (TRL's tokenization, end of turn
-    included; `completion_logps`); the per-answer log-probs go to ``synthetic_logps.parquet``."""
-    from alphaspin.dpo import completion_logps
+    every support is scored as "the answer, then end of turn" (TRL's tokenization up to the template's
+    end-of-turn marker, without the newline after it: `end_answers_at_marker`; `completion_logps`);
+    the per-answer log-probs go to ``synthetic_logps.parquet``."""
+    from alphaspin.dpo import completion_logps, end_answers_at_marker
     from alphaspin.synthetic import support_metrics, support_of
 
     config = ws.config
@@ -82,7 +83,7 @@ def synthetic_metrics(ws: Workspace, model, heldout: pd.DataFrame, stage: StageD
             "rejected_truncated": False,
         }
     )
-    tokenized = ws.tokenize_pairs(rows)
+    tokenized = end_answers_at_marker(ws.tokenize_pairs(rows), ws.tokenizer, ("chosen",))
     full = [len(ids) for ids in tokenized["chosen_ids"]]
     if len(tokenized) != len(rows) or any(
         len(p) + n > config.training.max_length for p, n in zip(tokenized["prompt_ids"], full, strict=True)

@@ -29,14 +29,28 @@ the factor λ, which the normalisation cancels). With the one-step terms
 Why it is the target: L = 0 on every trajectory means log R_j − log q(⊤|s_j) − Σ_{k≤j} log q(y_k|s_(k-1))
 is the same number, log Z(x), at every state of every trajectory, i.e. the sampler's probability
 of answering y = y_≤j is P_q(y⊤) = Π_{k≤j} q(y_k|s_(k-1)) · q(⊤|s_j) = R(y⊤|x) / Z(x): the normalised
-geometric mixture. Those per-state estimates of log Z(x) are what ``log_z_estimates`` returns;
-their spread within a prompt measures how far the sampler is from balance.
+geometric mixture (at the forced s_L: P_q(cut at y_≤L) = R_L / Z(x), with R_L as below). Those
+per-state estimates of log Z(x) are what ``log_z_estimates`` returns; their spread within a prompt
+measures how far the sampler is from balance.
 
 Length: answers have at most L = max_new_tokens tokens. At s_L the sampler must stop, so its
 q(⊤ | s_L) := 1 (log 0) in the loss — the sampler as it is actually run (generation cuts off at L
-tokens), which makes the target the geometric mixture restricted to answers of ≤ L tokens. The
-reward keeps the policies' own π(⊤ | s_L): a cut-off answer is scored as the answer y⊤, as DPO
-scores it. (gfn-lm-tuning keeps the model's unforced log q(⊤ | s_L) there.)
+tokens, and s_L is then a cut-off answer). (gfn-lm-tuning keeps the model's unforced log q(⊤ | s_L)
+there.) What the reward of s_L is decides the target, and it follows ``generation.truncated_losers``,
+i.e. how DPO scores a cut-off loser (`cap_log_rewards`), so that the sampler, sir and the reference
+target one distribution:
+
+- no_eos (a cut-off loser is scored as its prefix): R_L = π_(t-1)(y_≤L | x)^α · π_base(y_≤L | x)^(1-α),
+  the prefix's probabilities without any end term. The target is G_L, the geometric mixture of the
+  two policies *as generated with the cap*: complete answers with π(y⊤), cut-off prefixes with π(p)
+  (the mass of all the answers that start with p).
+- keep (a cut-off loser is scored as if it had ended, p⊤): R_L = R(y_≤L ⊤ | x) with the policies' own
+  π(⊤ | s_L). The target is K_L, the geometric mixture of answers y⊤ of at most L tokens: a cut-off
+  prefix weighs π_(t-1)(⊤ | s_L)^α·π_base(⊤ | s_L)^(1-α) times its no_eos weight (e^−16 or so where the
+  policies write on: cut-off losers become rare).
+- drop (cut-off pairs left out): the keep reward; the losers that build_pairs keeps (complete ones)
+  then follow K_L restricted to complete answers, which is D_L, the mixture of answers that end within
+  the cap, and few are lost.
 
 Training is on-policy with tempered exploration, as in gfn-lm-tuning: trajectories are sampled
 from softmax(logits_q / τ) (τ = ``exploration_temperature``), then scored under q (with gradients),
@@ -205,6 +219,29 @@ def prefix_log_rewards(
     return out
 
 
+def cap_log_rewards(
+    token_prev: torch.Tensor,
+    term_prev: torch.Tensor,
+    token_base: torch.Tensor,
+    term_base: torch.Tensor,
+    lengths: torch.Tensor,
+    max_len: int,
+    alpha: float,
+    truncated_losers: str,
+) -> torch.Tensor:
+    """log R_i of every state (`prefix_log_rewards`), with the reward of a cut-off answer (a row with
+    n_b = ``max_len``, at s_L) as ``generation.truncated_losers`` scores it (module docstring): under
+    no_eos the prefix's, without the policies' end term; under keep and drop the answer y_≤L ⊤'s."""
+    if truncated_losers not in ("no_eos", "keep", "drop"):
+        raise ValueError(f"generation.truncated_losers: expected no_eos, keep or drop, got {truncated_losers!r}")
+    if truncated_losers == "no_eos":
+        width = term_prev.shape[1]
+        cut = (lengths == max_len)[:, None] & (torch.arange(width, device=term_prev.device)[None] == max_len)
+        term_prev = torch.where(cut, torch.zeros_like(term_prev), term_prev)
+        term_base = torch.where(cut, torch.zeros_like(term_base), term_base)
+    return prefix_log_rewards(token_prev, term_prev, token_base, term_base, alpha)
+
+
 # -- the training loop ------------------------------------------------------------------------------
 @dataclass
 class Trajectories:
@@ -225,7 +262,7 @@ class GFlowNetProblem(Protocol):
         ...
 
     def log_rewards(self, prompts: Sequence[Any], paths: Trajectories) -> torch.Tensor:
-        """log R(y_≤i ⊤) (B, N+1), without gradients."""
+        """log R_i (B, N+1), without gradients: of y_≤i ⊤, and at a cut-off row's s_L as `cap_log_rewards`."""
         ...
 
 
@@ -374,9 +411,19 @@ class PeftGFlowNet:
     """`GFlowNetProblem` on a PeftModel with adapters ``sampler`` (q_θ) and ``prev`` (θ_(t-1));
     π_base is the model with adapters disabled. Prompts are token-id lists (rendered chat prompts)."""
 
-    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, alpha: float, max_len: int, device: str):
+    def __init__(
+        self,
+        model,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        alpha: float,
+        max_len: int,
+        device: str,
+        truncated_losers: str = "no_eos",
+    ):
         self.model, self.eos_ids, self.pad_id = model, sorted(set(eos_ids)), pad_id
         self.alpha, self.max_len, self.device = alpha, max_len, device
+        self.truncated_losers = truncated_losers  # the reward of a cut-off answer (`cap_log_rewards`)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if f".{SAMPLER}." in n]
@@ -464,4 +511,4 @@ class PeftGFlowNet:
         ep = ep if ep is not None else torch.zeros_like(eb)
         tb = tb if tb is not None else torch.zeros_like(tp)
         eb = eb if eb is not None else torch.zeros_like(ep)
-        return prefix_log_rewards(tp, ep, tb, eb, self.alpha).cpu()
+        return cap_log_rewards(tp, ep, tb, eb, lengths, self.max_len, self.alpha, self.truncated_losers).cpu()

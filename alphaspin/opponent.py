@@ -23,8 +23,12 @@ runs the per-token mixture on a PEFT model (adapter = π_(t-1), adapter disabled
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import pandas as pd
 import torch
 
 from alphaspin.generation import left_pad
@@ -44,8 +48,58 @@ def sir_resample(
 
     Shapes: (batch, k) → indices (batch,), ess (batch,).
     """
-    log_w = sir_log_weights(lp_prev.double(), lp_base.double(), alpha)
-    probs = torch.softmax(log_w, dim=-1)
+    return sir_resample_log_weights(sir_log_weights(lp_prev.double(), lp_base.double(), alpha), generator)
+
+
+TRUNCATED_LOSERS = ("no_eos", "keep", "drop")
+
+
+def sir_log_weights_at_cap(
+    lp_prev: torch.Tensor,
+    lp_base: torch.Tensor,
+    cut: torch.Tensor,
+    alpha: float,
+    truncated_losers: str,
+    end_prev: torch.Tensor | None = None,
+    end_base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Log importance weights of proposals drawn from π_(t-1) with a length cap L, toward the target
+    that ``generation.truncated_losers`` trains (module docstring). Shapes (..., k).
+
+    ``lp_prev``/``lp_base``: log-probs of each proposal *as generated*: a complete one is "answer, then
+    end of turn", one cut off at the cap (``cut``) is its prefix p, with no end term (its proposal
+    probability is π_(t-1)(p), the mass of every answer that starts with p). Then, by mode:
+
+    - no_eos: (1-α)(lp_base − lp_prev) for every proposal; target G_L ∝ π_(t-1)^L(o)^α·π_base^L(o)^(1-α)
+      over the outcomes o of capped generation (complete answers, and prefixes cut at L scored as
+      prefixes), the very sequences DPO scores.
+    - keep: a cut-off p is trained as the answer p⊤, so its target mass is π_(t-1)(p⊤)^α·π_base(p⊤)^(1-α):
+      its weight adds α·``end_prev`` + (1-α)·``end_base`` (log π(⊤|x, p) under each policy) to the
+      above; target K_L ∝ π_(t-1)^α·π_base^(1-α)(y⊤) over answers of at most L tokens.
+    - drop: cut-off pairs are left out of training, so a cut-off proposal gets weight 0 in every row
+      that has a complete one (its target D_L is the geometric mixture of answers that end within the
+      cap); a row whose proposals were all cut keeps the no_eos weights (its loser is cut, and dropped).
+    """
+    log_w = sir_log_weights(lp_prev, lp_base, alpha)
+    cut = cut.to(torch.bool)
+    if truncated_losers == "no_eos":
+        return log_w
+    if truncated_losers == "keep":
+        if end_prev is None or end_base is None:
+            raise ValueError("sir with generation.truncated_losers: keep needs log π(⊤|x, p) of cut-off proposals")
+        ended = log_w + alpha * end_prev + (1.0 - alpha) * end_base
+        return torch.where(cut, ended, log_w)
+    if truncated_losers == "drop":
+        complete = (~cut).any(dim=-1, keepdim=True)
+        return torch.where(cut & complete, torch.full_like(log_w, -math.inf), log_w)
+    raise ValueError(f"generation.truncated_losers: expected one of {list(TRUNCATED_LOSERS)}, got {truncated_losers!r}")
+
+
+def sir_resample_log_weights(
+    log_w: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sir_resample` from given log weights (rows of -inf but one allowed). (batch, k) → (batch,), (batch,)."""
+    probs = torch.softmax(log_w.double(), dim=-1)
     indices = torch.multinomial(probs.float(), 1, generator=generator).squeeze(-1)
     ess = 1.0 / (probs**2).sum(dim=-1)
     return indices, ess
@@ -78,6 +132,80 @@ def sample_sequence(
         if token == eos:
             return prefix, False
     return prefix, True
+
+
+@dataclass
+class ScoredSamples:
+    """Log-probs of samples of π_(t-1) as generated (`score_samples`), one entry per row of ``ids``
+    (rows whose prompt fills training.max_length are left out by TRL's tokenization)."""
+
+    ids: list[str]
+    lp_prev: torch.Tensor  # (n,) log π_(t-1) of the answer + end-of-turn marker, or of the cut-off prefix
+    lp_base: torch.Tensor  # (n,) the same under π_base
+    tokenized: Any  # the scored rows (datasets.Dataset: prompt_ids, rejected_ids)
+    end_prev: torch.Tensor | None = None  # (n,) log π_(t-1)(⊤ | x, p) of cut-off rows (0 elsewhere), with_end
+    end_base: torch.Tensor | None = None
+
+
+def score_samples(
+    model,
+    tokenizer,
+    args,
+    samples: pd.DataFrame,
+    batch_size: int,
+    device: str,
+    with_end: bool = False,
+) -> ScoredSamples:
+    """log π_(t-1) (``model`` with its adapter) and log π_base (adapter disabled) of samples of a
+    policy, each scored as what generation produced: a complete answer as "the answer, then end of
+    turn" (the chat template's ids up to its end-of-turn marker, `alphaspin.dpo.end_answers_at_marker`:
+    not the newline the template writes after it), a sample cut off at the length cap (``truncated``)
+    as its prefix, without end-of-turn (`alphaspin.dpo.end_rejected_prefixes`). Ids and windows are
+    TRL's (training.max_length in ``args``), as training scores the pairs. ``samples``: id, prompt,
+    text, truncated. ``with_end``: also log π(⊤ | x, p) of each cut-off prefix p under both policies,
+    ⊤ = the end-of-turn marker (what ``generation.truncated_losers: keep`` adds to a cut-off loser).
+    Used by the sir opponent's weights and the Monte-Carlo log Z(x) samples."""
+    from alphaspin.dpo import (
+        completion_logps,
+        end_answers_at_marker,
+        end_of_turn_marker,
+        pairs_to_dataset,
+        tokenize_like_trl,
+    )
+
+    frame = pd.DataFrame(
+        {
+            "id": list(samples["id"]),
+            "prompt": list(samples["prompt"]),
+            "chosen": list(samples["text"]),
+            "rejected": list(samples["text"]),
+            "rejected_truncated": [bool(v) for v in samples["truncated"]],
+        }
+    )
+    dataset = pairs_to_dataset(frame, losers_as_prefixes=True)
+    tokenized = end_answers_at_marker(tokenize_like_trl(dataset, tokenizer, args), tokenizer, ("rejected",))
+    pad = tokenizer.pad_token_id
+
+    def score(rows) -> torch.Tensor:
+        found = completion_logps(model, rows, pad, args.max_length, batch_size, device, ("rejected",))
+        return torch.tensor(found.rejected_logps.to_numpy(), dtype=torch.float64)
+
+    lp_prev = score(tokenized)
+    with model.disable_adapter():
+        lp_base = score(tokenized)
+    scored = ScoredSamples(list(tokenized["id"]), lp_prev, lp_base, tokenized)
+    if with_end:
+        cut_of = dict(zip(frame.id, frame.rejected_truncated, strict=True))
+        rows = [i for i, row_id in enumerate(scored.ids) if cut_of[row_id]]
+        scored.end_prev, scored.end_base = torch.zeros_like(lp_prev), torch.zeros_like(lp_base)
+        if rows:
+            marker = end_of_turn_marker(tokenizer)
+            ended = tokenized.select(rows).map(lambda row: {"rejected_ids": list(row["rejected_ids"]) + marker})
+            index = torch.tensor(rows)
+            scored.end_prev[index] = score(ended) - lp_prev[index]
+            with model.disable_adapter():
+                scored.end_base[index] = score(ended) - lp_base[index]
+    return scored
 
 
 class TokenGeometricSampler:

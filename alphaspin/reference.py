@@ -26,7 +26,19 @@ With h = log π_θ(y|x) − log π_ref(y|x) (summed over the answer's tokens), t
 
 For losses where it does not cancel, `log_partition_monte_carlo` estimates log Z(x) from samples
 of π_(t-1): Z(x) = E_{y~π_(t-1)}[(π_base(y|x)/π_(t-1)(y|x))^(1−α)] (``training.normalized_reference``), and
-`log_partition_standard_error` its standard error.
+`log_partition_standard_error` its standard error. Samples cut off at a length cap count with their
+prefix's probabilities, which bounds the estimate's target from above: 0 ≤ Z_W − Z ≤
+P_prev(cut)^α·P_base(cut)^(1−α) (`alphaspin.stages.reference_logps._log_partition`).
+
+Cut-off losers (``generation.truncated_losers: no_eos``) are scored as their prefix p, and by the
+same Hölder inequality (Σ_c a_c^α b_c^(1−α) ≤ (Σ_c a_c)^α (Σ_c b_c)^(1−α) over the completions c of p)
+their reference is an upper bound of the untruncated mixture's mass on answers that start with p:
+
+    π_(t-1)(p|x)^α · π_base(p|x)^(1−α) ≥ Σ_{y ⊒ p} π_(t-1)(y|x)^α · π_base(y|x)^(1−α),
+
+with equality at α = 1 (and where the two policies agree on how p continues). The log of the ratio is
+−log E_{c~π_(t-1)(·|x,p)}[(π_base(c|x,p)/π_(t-1)(c|x,p))^(1−α)] ≥ 0: the log-partition of p's
+continuations (`prefix_reference_gap`).
 
 The other references (``method.reference``) are normalised by construction, so no log Z is needed:
 - arithmetic: π_ref = α·π_(t-1) + (1−α)·π_base (`arithmetic_reference_logps`);
@@ -42,7 +54,8 @@ import torch
 
 
 def geometric_reference_logps(lp_prev: torch.Tensor, lp_base: torch.Tensor, alpha: float) -> torch.Tensor:
-    """α·lp_prev + (1−α)·lp_base, the unnormalised log π_ref of each sequence. Shapes: (batch,)."""
+    """α·lp_prev + (1−α)·lp_base, the unnormalised log π_ref of each sequence. Shapes: (batch,).
+    Of a cut-off prefix, an upper bound of the mixture's mass on its completions (module docstring)."""
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if alpha == 1.0:
@@ -79,6 +92,15 @@ def log_partition_standard_error(
     log_mean = torch.logsumexp(log_w, dim=-1, keepdim=True) - math.log(k)
     ratio = torch.exp(log_w - log_mean)
     return ratio.std(dim=-1, unbiased=True) / math.sqrt(k)
+
+
+def prefix_reference_gap(lp_prev_continuations: torch.Tensor, lp_base_continuations: torch.Tensor, alpha: float):
+    """Monte-Carlo size of the prefix bound (module docstring) of cut-off prefixes: with k continuations
+    c_i ~ π_(t-1)(·|x, p) and their log-probs under both policies (as complete answers' tails), the
+    estimate −log mean_i (π_base(c_i|x,p)/π_(t-1)(c_i|x,p))^(1−α) of log [π_(t-1)(p)^α π_base(p)^(1−α)] −
+    log Σ_{y ⊒ p} π_(t-1)(y)^α π_base(y)^(1−α). Shapes (batch, k) → (batch,). Biased high for finite k
+    (the log of a mean is biased low, `log_partition_monte_carlo`)."""
+    return -log_partition_monte_carlo(lp_prev_continuations, lp_base_continuations, alpha)
 
 
 def arithmetic_reference_logps(lp_prev: torch.Tensor, lp_base: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -13,8 +13,10 @@ SPIN's theory (paper §2, Chen et al. 2024, Theorem 5.2) says the self-play fixe
     mass_t(x)         = Σ_y π_t(y|x)                      (y over the support of p_data(·|x))
 
 on the held-out prompts (`kl_and_support_mass`, `support_metrics`), with log π_t(y|x) the summed
-log-prob of the chat-templated answer, end-of-turn tokens included — the very sequence log-probs
-training sees (`alphaspin.dpo.completion_logps`).
+log-prob of "the answer, then end of turn": the chat-templated answer up to and including the
+template's end-of-turn marker (``<|im_end|>``, the token a sampler stops at), but not the newline
+the template writes after it, which is no choice of the policy (`alphaspin.dpo.end_answers_at_marker`;
+TRL's tokenization and `alphaspin.dpo.completion_logps` otherwise).
 
 The task is generated from the fixed seed ``TASK_SEED``, not ``run.seed``: runs that differ in
 ``run.seed`` (the seeds of a grid) learn the same truth and differ only in their held-out split,

@@ -292,6 +292,26 @@ def test_the_sampler_adapter_starts_as_theta_prev_and_trains_alone(tiny_model, t
     for row, n in enumerate(paths.lengths.tolist()):
         if n == 3:
             assert float(log_pterm[row, 3].detach()) == 0.0
+    # the reward of a cut-off answer (n = 3 = max_len) follows generation.truncated_losers: under no_eos
+    # (the default) its prefix's, under keep the ended answer's, with the policies' log π(⊤ | s_3)
+    assert problem.truncated_losers == "no_eos" and (paths.lengths == 3).any()
+    keep = PeftGFlowNet(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, 0.5, 3, "cpu", "keep")
+    keep_r = keep.log_rewards(prompts, paths)
+    with torch.no_grad():
+        use_adapter(model, PREV)
+        prev_logits = problem._state_logits(prompts, paths)
+        with model.disable_adapter():
+            base_logits = problem._state_logits(prompts, paths)
+        use_adapter(model, SAMPLER)
+    (tp, ep), (tb, eb) = (
+        step_logprobs(x, paths.tokens, paths.lengths, [tokenizer.eos_token_id]) for x in (prev_logits, base_logits)
+    )
+    for row, n in enumerate(paths.lengths.tolist()):
+        prefix = 0.5 * float(tp[row, :n].sum()) + 0.5 * float(tb[row, :n].sum())
+        ended = prefix + 0.5 * float(ep[row, n]) + 0.5 * float(eb[row, n])
+        assert float(keep_r[row, n]) == pytest.approx(ended, abs=1e-4)
+        assert float(log_r[row, n]) == pytest.approx(prefix if n == 3 else ended, abs=1e-4)
+        assert float(log_r[row, :n].sub(keep_r[row, :n]).abs().max() if n else 0.0) < 1e-5  # earlier states alike
     # the scoring forward (one pass, left padding) equals token-by-token log-probs without padding
     row = 0
     n = int(paths.lengths[row])

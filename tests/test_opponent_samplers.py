@@ -5,6 +5,7 @@ unless α = 1; and the KV-cached sampler on a real model equals a plain token-by
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -177,13 +178,17 @@ def test_kv_cached_token_geometric_sampler_equals_a_plain_token_loop(tiny_model)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opponent", ["sir", "token_geometric"])
-def test_a_run_with_a_geometric_mixture_opponent(make_config, opponent):
+@pytest.mark.parametrize(
+    ("opponent", "truncated_losers"), [("sir", "no_eos"), ("sir", "keep"), ("token_geometric", "no_eos")]
+)
+def test_a_run_with_a_geometric_mixture_opponent(make_config, opponent, truncated_losers):
     from alphaspin.pipeline import run
     from alphaspin.runs import Run
     from alphaspin.stage_spec import Node
 
-    config = make_config(f"method.opponent={opponent}", "method.sir_proposals=3")
+    config = make_config(
+        f"method.opponent={opponent}", "method.sir_proposals=3", f"generation.truncated_losers={truncated_losers}"
+    )
     results = run(config)
     assert all(math.isfinite(r["train/loss"]) for r in results)
     stored = Run(config)
@@ -196,3 +201,62 @@ def test_a_run_with_a_geometric_mixture_opponent(make_config, opponent):
         assert 1.0 <= record.metrics["sir/mean_ess"] <= 3.0
         shard = stored.dir(Node("generate", 1, member)).read_table("shards/shard-00000.parquet")
         assert shard.sir_ess.between(1.0, 3.0).all()
+
+
+# -- scoring proposals as generated ------------------------------------------------------------------
+def test_samples_are_scored_as_generated_answer_then_end_of_turn_or_the_cut_off_prefix(tiny_model, tmp_path):
+    """`score_samples` (sir's weights, the log Z(x) samples): a complete sample is "the answer, then end of
+    turn" (up to <|im_end|>, not the template's newline after it), a cut-off one its prefix; the end term
+    of a cut-off prefix is log π(<|im_end|> | x, p). Checked against plain forwards, under θ and the base."""
+    import pandas as pd
+    from peft import LoraConfig, get_peft_model
+
+    from alphaspin.config import TrainingConfig
+    from alphaspin.dpo import dpo_config, end_of_turn_ids, end_of_turn_marker, prepare_for_logps
+    from alphaspin.models import load_base_model, load_tokenizer
+    from alphaspin.opponent import score_samples
+
+    tokenizer = load_tokenizer(tiny_model)
+    closing, marker = end_of_turn_ids(tokenizer), end_of_turn_marker(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(closing) == ["<|im_end|>", "Ċ"] and marker == closing[:1]
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(prepare_for_logps(load_base_model(tiny_model)), lora).eval()
+    args = dpo_config(TrainingConfig(max_length=96), str(tmp_path / "trl"), seed=0, use_cpu=True)
+    samples = pd.DataFrame(
+        {
+            "id": ["ended", "cut"],
+            "prompt": ["How are you?", "Hello there"],
+            "text": ["Fine, thanks.", "Go away, I am"],
+            "truncated": [False, True],
+        }
+    )
+    scored = score_samples(model, tokenizer, args, samples, batch_size=2, device="cpu", with_end=True)
+    assert scored.ids == ["ended", "cut"]
+
+    @torch.no_grad()
+    def plain(prompt: str, answer: str, cut: bool) -> tuple[float, float]:
+        user = [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.apply_chat_template(user, add_generation_prompt=True, return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": answer}], return_dict=True)[
+            "input_ids"
+        ]
+        assert full[-len(closing) :] == closing
+        scored_ids = full[: -len(closing)] if cut else full[:-1]  # the prefix, or the answer + <|im_end|>
+        logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].double(), dim=-1)
+        total = float(sum(logp[i, full[i + 1]] for i in range(len(prompt_ids) - 1, len(scored_ids) - 1)))
+        end = float(logp[len(full) - len(closing) - 1, marker[0]])  # log π(<|im_end|> | x, answer)
+        return total, end
+
+    for row, (prompt, text, cut) in enumerate(zip(samples.prompt, samples.text, samples.truncated, strict=True)):
+        expected = scored.tokenized[row]["rejected_ids"]
+        assert (expected[-1:] == marker) != cut and expected[-1] != closing[-1]  # never the newline
+        for lp, end, context in (
+            (scored.lp_prev, scored.end_prev, contextlib.nullcontext),
+            (scored.lp_base, scored.end_base, model.disable_adapter),
+        ):
+            with context():
+                total, end_term = plain(prompt, text, cut)
+            assert float(lp[row]) == pytest.approx(total, abs=2e-4)
+            assert float(end[row]) == (pytest.approx(end_term, abs=2e-4) if cut else 0.0)
+    assert float(scored.lp_prev[0]) != pytest.approx(float(scored.lp_base[0]), abs=1e-3)  # θ ≠ base

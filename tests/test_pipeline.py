@@ -355,9 +355,21 @@ def test_too_many_pairs_for_the_data_names_the_field(make_config):
 
 
 @pytest.mark.slow  # a whole extra run with sampling for log Z
-def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config):
+def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config, monkeypatch):
     """ipo does not cancel log Z(x); with normalized_reference the stored reference is
-    α·lp_prev + (1−α)·lp_base − log Ẑ(x), Ẑ from samples of π_(t-1), the same for both answers."""
+    α·lp_prev + (1−α)·lp_base − log Ẑ(x), Ẑ from samples of π_(t-1), the same for both answers; the
+    samples are scored as generated ("answer, then end of turn", never the template's newline after it)."""
+    import alphaspin.opponent as opponent
+    from alphaspin.dpo import end_of_turn_ids
+
+    scored_samples = []
+    score_samples = opponent.score_samples
+
+    def recording(*args, **kwargs):
+        scored_samples.append(score_samples(*args, **kwargs))
+        return scored_samples[-1]
+
+    monkeypatch.setattr(opponent, "score_samples", recording)
     config = make_config(
         "training.loss_type=ipo",
         "training.normalized_reference=true",
@@ -375,6 +387,17 @@ def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config)
     assert (
         ctx.dir(Node("reference_logps", 0)).read_table("reference.parquet").log_partition == 0
     ).all()  # Z = 1 at t = 0
+    (scored,) = scored_samples  # t = 1's log Z samples
+    with Workspace(config) as ws:
+        closing = end_of_turn_ids(ws.tokenizer)
+    assert not any(list(ids[-len(closing) :]) == closing for ids in scored.tokenized["rejected_ids"])
+    prompts = [i.split("#")[0] for i in scored.ids]
+    log_w = 0.5 * (scored.lp_base - scored.lp_prev)
+    by_id = table.set_index("id")
+    for prompt_id in dict.fromkeys(prompts):
+        rows = torch.tensor([p == prompt_id for p in prompts])
+        expected = float(torch.logsumexp(log_w[rows], 0) - math.log(int(rows.sum())))
+        assert by_id.loc[prompt_id, "log_partition"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_run_written_before_a_knob_existed_is_the_same_run(make_config, tmp_path):

@@ -129,7 +129,8 @@ def test_builtin_source_splits_heldout_prompts_off_and_keeps_shared_answers():
 
 # -- a tiny run ------------------------------------------------------------------------------------
 def _answer_logp(model, tokenizer, prompt: str, answer: str) -> float:
-    """log π(answer + end of turn | chat-templated prompt) from full logits (not TRL's code)."""
+    """log π(answer, then end of turn | chat-templated prompt) from full logits (not TRL's code): up to
+    <|im_end|>, not the newline the template writes after it."""
     import torch
 
     user = [{"role": "user", "content": prompt}]
@@ -141,7 +142,7 @@ def _answer_logp(model, tokenizer, prompt: str, answer: str) -> float:
     ids = torch.tensor([full])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
-    return float(sum(logp[i, full[i + 1]] for i in range(len(prompt_ids) - 1, len(full) - 1)))
+    return float(sum(logp[i, full[i + 1]] for i in range(len(prompt_ids) - 1, len(full) - 2)))
 
 
 def test_tiny_run_reports_the_exact_kl(make_config, tiny_model):

@@ -235,6 +235,15 @@ def test_knob_enters_exactly_the_keys_of_the_stages_that_read_it(make_config):
         }
     for name in ("sample_prompts", "generate"):
         assert keys["keep"][name] == keys["drop"][name] == keys["no_eos"][name], name
+    # except sir's generate: its weights target what the mode trains (alphaspin.opponent.sir_log_weights_at_cap)
+    sir = {
+        mode: REGISTRY["generate"].reads(make_config(f"generation.truncated_losers={mode}"), 1, "sir-iter-0")
+        for mode in ("keep", "drop", "no_eos")
+    }
+    assert len({repr(sorted(fields.items())) for fields in sir.values()}) == 3
+    assert all(fields["generation.truncated_losers"] == mode for mode, fields in sir.items())
+    for member in ("iter-0", "token_geometric-iter-0", "gflownet-iter-0"):
+        assert "generation.truncated_losers" not in REGISTRY["generate"].reads(make_config(), 1, member), member
     # build_pairs writes other pairs only with drop; keep and no_eos tokenize the same pairs differently
     assert keys["keep"]["build_pairs"] == keys["no_eos"]["build_pairs"] != keys["drop"]["build_pairs"]
     for name in ("reference_logps", "train", "evaluate"):

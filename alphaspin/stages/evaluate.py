@@ -66,8 +66,10 @@ SPEC = StageSpec(
     function=evaluate,
     inputs=(Input("trained", "train"), Input("reference", "reference_logps")),
     reads=reads,
-    version=4,  # 2: chat templates write BOS for tokenizers that add one; 3: provenance.json;
-    # 4: no machine facts or local paths in the lm-eval record and judgments (model named as the card does)
+    # 2: chat templates write BOS for tokenizers that add one; 3: provenance.json;
+    # 4: no machine facts or local paths in the lm-eval record and judgments (model named as the card does);
+    # 5: builtin:synthetic answers scored as "answer, then end of turn" (without the template's newline)
+    version=5,
     gpu=True,
     description="Evaluate θ_t on held-out pairs and the configured benchmarks.",
 )

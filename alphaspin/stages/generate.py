@@ -21,7 +21,7 @@ from alphaspin.backends import make_backend
 from alphaspin.config import AlphaSpinConfig, GenerationConfig
 from alphaspin.generation import Completion, build_requests, render_prompt_ids, request_seed
 from alphaspin.mixture import member_sampler
-from alphaspin.opponent import sir_resample
+from alphaspin.opponent import score_samples, sir_log_weights_at_cap, sir_resample_log_weights
 from alphaspin.provenance import FILE as PROVENANCE
 from alphaspin.provenance import collect
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
@@ -38,7 +38,8 @@ VLLM_EXECUTION = (
     "generation.vllm_concurrency",
 )
 EXECUTION_ONLY = ("generation.shard_size", "generation.gpu_memory_utilization", *VLLM_EXECUTION)
-# Knobs of what later stages do with the losers, not of sampling them.
+# Knobs of what later stages do with the losers, not of sampling them; except for sir, whose weights
+# target the distribution that generation.truncated_losers trains (`sir_log_weights_at_cap`).
 DOWNSTREAM_ONLY = ("generation.truncated_losers",)
 PER_REQUEST_SEEDS = "generation.per_request_seeds"
 
@@ -73,7 +74,7 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
     elif sampler is not None:
         fields.update(pick(config, "method.alpha"))
         if sampler == "sir":
-            fields.update(pick(config, "method.sir_proposals", "training.max_length"))
+            fields.update(pick(config, "method.sir_proposals", "training.max_length", "generation.truncated_losers"))
     return fields
 
 
@@ -105,8 +106,8 @@ def sampling_used(config: AlphaSpinConfig, member: str) -> dict[str, Any]:
         "per_request_seeds": used.per_request_seeds or used.backend != "vllm",
         "batch_size": used.batch_size,
     }
-    if sampler == "sir":
-        params["sir_proposals"] = config.method.sir_proposals
+    if sampler == "sir":  # its weights target what truncated_losers trains
+        params.update(sir_proposals=config.method.sir_proposals, truncated_losers=config.generation.truncated_losers)
     if backend == "vllm":
         params.update(tensor_parallel_size=used.tensor_parallel_size, max_lora_rank=used.max_lora_rank)
     return {"member": member, "sampler": sampler or "policy", "backend": backend, "sampling": params}
@@ -142,7 +143,9 @@ class PlainSampler:
 class SirSampler:
     """Self-normalised importance resampling toward π_(t-1)^α·π_base^(1-α) (`alphaspin.opponent`):
     k proposals per prompt from π_(t-1) itself (temperature 1, top-p 1), scored under π_(t-1) and
-    π_base on the ids TRL trains on, one resampled by weight with a per-row seed."""
+    π_base as generated (`score_samples`: "answer, then end of turn", or a cut-off prefix), weighted
+    toward the target ``generation.truncated_losers`` trains (`sir_log_weights_at_cap`), one resampled
+    by weight with a per-row seed."""
 
     def __init__(self, job: Job, adapter: Artifact):
         exact = sampling_config(job.config, "sir")
@@ -152,39 +155,35 @@ class SirSampler:
         self.ess: list[float] = []
 
     def __call__(self, shard: pd.DataFrame) -> dict[str, list]:
-        from alphaspin.dpo import completion_logps
-
         ws, job = self.job.workspace, self.job
+        mode, alpha = job.config.generation.truncated_losers, job.config.method.alpha
         rows = [(f"{i}#{j}", p) for i, p in zip(shard.id, shard.prompt, strict=True) for j in range(self.k)]
         completions = self.proposals.complete(rows, f"{job.node.member}-proposals")
         texts = [c.text for c in completions]
-        frame = pd.DataFrame({"id": [r[0] for r in rows], "prompt": [r[1] for r in rows], "chosen": texts})
-        # Proposals are scored as the losers they may become: as the `rejected` side, so a cut-off one is
-        # scored the way generation.truncated_losers will score and train it (e.g. as a prefix).
-        frame["rejected"] = frame.chosen
-        frame["rejected_truncated"] = [c.truncated for c in completions]
-        tokenized = ws.tokenize_pairs(frame)
-        if len(tokenized) != len(frame):
+        samples = pd.DataFrame(
+            {
+                "id": [r[0] for r in rows],
+                "prompt": [r[1] for r in rows],
+                "text": texts,
+                "truncated": [c.truncated for c in completions],
+            }
+        )
+        training = job.config.training
+        scored = score_samples(
+            self.model, ws.tokenizer, ws.dpo_args(), samples, training.reference_batch_size, ws.device, mode == "keep"
+        )
+        if len(scored.ids) != len(samples):
             raise ValueError(f"{job.node.label}: a prompt fills training.max_length; its proposals cannot be scored")
-        model, training, pad = self.model, job.config.training, ws.tokenizer.pad_token_id
-
-        def score(policy) -> torch.Tensor:
-            found = completion_logps(
-                policy, tokenized, pad, training.max_length, training.reference_batch_size, ws.device, ("rejected",)
-            )
-            return torch.tensor(found.rejected_logps.to_numpy()).view(len(shard), self.k)
-
-        lp_prev = score(model)
-        with model.disable_adapter():
-            lp_base = score(model)
+        shape = (len(shard), self.k)
+        cut = torch.tensor(samples.truncated.to_numpy()).view(shape)
+        ends = [e.view(shape) if e is not None else None for e in (scored.end_prev, scored.end_base)]
+        log_w = sir_log_weights_at_cap(scored.lp_prev.view(shape), scored.lp_base.view(shape), cut, alpha, mode, *ends)
         chosen, truncated, ess = [], [], []
         for row, row_id in enumerate(shard.id):
             generator = torch.Generator().manual_seed(
                 request_seed(self.proposals.seed, job.iteration, str(job.node.member), str(row_id))
             )
-            index, row_ess = sir_resample(
-                lp_prev[row : row + 1], lp_base[row : row + 1], job.config.method.alpha, generator
-            )
+            index, row_ess = sir_resample_log_weights(log_w[row : row + 1], generator)
             chosen.append(texts[row * self.k + int(index[0])])
             truncated.append(completions[row * self.k + int(index[0])].truncated)
             ess.append(float(row_ess[0]))

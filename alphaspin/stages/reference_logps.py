@@ -195,12 +195,15 @@ def _log_partition(
     k = ``training.partition_samples`` samples y ~ π_(t-1)(·|x) per prompt, drawn from π_(t-1) itself
     (`partition_sampler`: temperature 1, top-p 1, no top-k; the losers' settings would bias the
     estimate), then log Ẑ = log mean_i (π_base(y_i|x)/π_(t-1)(y_i|x))^(1−α) and its delta-method SE.
+    A complete sample is scored as "the answer, then end of turn" (`alphaspin.opponent.score_samples`:
+    its ids up to the template's end-of-turn marker, e.g. ``<|im_end|>``, without the newline the
+    template writes after it), so Z(x) = Σ_y π_(t-1)(y⊤|x)^α·π_base(y⊤|x)^(1−α) over answers y⊤.
 
     Cut-off samples. What is scored of a sample is at most ``training.max_length`` tokens of prompt +
     answer (TRL's truncation: the very window in which the training pairs' reference log-probs are
     computed), and a sample may stop at the generation limit without its end token. Such a sample is
-    not a complete sequence; it is kept, with the probabilities of its scored prefix (the end-of-turn
-    tokens the chat template would append are not scored). Then, with W the window, the mean weight
+    not a complete sequence; it is kept, with the probabilities of its scored prefix (no end-of-turn
+    token is scored). Then, with W the window, the mean weight
     is unbiased for Z_W = Σ_{complete y in W} π_prev^α π_base^(1−α) + Σ_{prefixes p that fill W}
     π_prev(p)^α π_base(p)^(1−α), and by Hölder's inequality (Σ_y a^α b^(1−α) ≤ (Σ a)^α (Σ b)^(1−α)
     over the completions of each prefix)
@@ -209,13 +212,16 @@ def _log_partition(
 
     a bias upwards bounded by the cut-off tail masses, which vanishes as the limit grows past the
     answers. Z_W is also exactly the normaliser of the reference over the truncated sequences that
-    training scores. Dropping cut-off samples instead would estimate E[w | complete] (bias of either
+    training scores. The same Hölder step, for one prefix: the geometric reference of a cut-off
+    loser p (``generation.truncated_losers: no_eos``), π_prev(p)^α·π_base(p)^(1−α), is an upper bound
+    of the mass Σ_{y ⊒ p} π_prev(y)^α·π_base(y)^(1−α) that the untruncated mixture puts on answers
+    starting with p, exact at α = 1 (`alphaspin.reference.geometric_reference_logps`). Dropping cut-off samples instead would estimate E[w | complete] (bias of either
     sign, ~P_prev(cut)) and leave prompts whose samples are all cut with no estimate at all. The
     count of cut-off samples is reported (``partition/cut_off_samples``): a large share means the
     estimate is of Z_W rather than Z. The generation backend says which samples hit the limit.
     On top of this, log of a mean is biased low by ≈ −Var(w)/(2k·E[w]²) (`log_partition_monte_carlo`).
     """
-    from alphaspin.dpo import completion_logps, pairs_to_dataset, tokenize_like_trl
+    from alphaspin.opponent import score_samples
 
     ws, config = job.workspace, job.config
     training = config.training
@@ -232,39 +238,35 @@ def _log_partition(
         )
     finally:
         backend.close()
-    texts = [c.text for c in completions]
     samples = pd.DataFrame(
         {
             "id": [r[0] for r in rows],
             "prompt": [r[1] for r in rows],
-            "chosen": texts,
-            "rejected": texts,
-            "rejected_truncated": [c.truncated for c in completions],  # stopped by the limit, not by its end
+            "text": [c.text for c in completions],
+            "truncated": [c.truncated for c in completions],  # stopped by the limit, not by its end
         }
     )
-    # A cut-off sample is scored as the prefix it is (without the template's end of turn), whatever
-    # generation.truncated_losers says of the losers: see the docstring for what is then estimated.
-    tokenized = tokenize_like_trl(pairs_to_dataset(samples, losers_as_prefixes=True), ws.tokenizer, ws.dpo_args())
+    # A complete sample is scored as "answer, then end of turn" (not the template's newline after it), a
+    # cut-off one as the prefix it is, whatever generation.truncated_losers says of the losers: see the
+    # docstring for what is then estimated.
+    scored = score_samples(model, ws.tokenizer, ws.dpo_args(), samples, training.reference_batch_size, ws.device)
+    tokenized = scored.tokenized
     cut = np.array(
         [
             truncated or len(p) + len(c) > training.max_length
             for truncated, p, c in zip(
-                samples.set_index("id").loc[list(tokenized["id"]), "rejected_truncated"],
+                samples.set_index("id").loc[scored.ids, "truncated"],
                 tokenized["prompt_ids"],
                 tokenized["rejected_ids"],
                 strict=True,
             )
         ]
     )
-    pad, size = ws.tokenizer.pad_token_id, training.reference_batch_size
-    prev = completion_logps(model, tokenized, pad, training.max_length, size, ws.device, ("rejected",))
-    with model.disable_adapter():
-        base = completion_logps(model, tokenized, pad, training.max_length, size, ws.device, ("rejected",))
     table = pd.DataFrame(
         {
-            "prompt": samples.set_index("id").loc[list(tokenized["id"]), "prompt"].values,
-            "prev": prev.rejected_logps.values,
-            "base": base.rejected_logps.values,
+            "prompt": samples.set_index("id").loc[scored.ids, "prompt"].values,
+            "prev": scored.lp_prev.numpy(),
+            "base": scored.lp_base.numpy(),
         }
     )
     alpha = config.method.alpha
@@ -296,8 +298,9 @@ SPEC = StageSpec(
     ),
     reads=reads,
     # 2: chat templates write BOS for tokenizers that add one; 3: cut-off losers (truncated_losers), log Z
-    # samples from π_(t-1) itself, log_partition_se column, method.reference (arithmetic, ema)
-    version=3,
+    # samples from π_(t-1) itself, log_partition_se column, method.reference (arithmetic, ema); 4: log Z samples
+    # scored as "answer, then end of turn" (without the template's newline)
+    version=4,
     gpu=True,
     description="Tokenize the pairs as TRL does and store lp_base, lp_prev and the reference (method.reference).",
 )

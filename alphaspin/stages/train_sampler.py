@@ -3,7 +3,8 @@
 Only with ``method.opponent: gflownet`` and at t ≥ 1 (at t = 0 the mixture is π_base itself). A LoRA
 sampler starts as θ_(t-1) and is fine-tuned with the modified sub-trajectory balance loss
 (`alphaspin.gflownet`) on the iteration's training prompts (at most ``method.gflownet.prompts``);
-``generate`` then samples the losers from it. Writes ``sampler/`` (the adapter) and
+``generate`` then samples the losers from it. Its target at the length cap follows
+``generation.truncated_losers`` (`alphaspin.gflownet`, "Length"). Writes ``sampler/`` (the adapter) and
 ``train_log.json`` (one record per optimizer step).
 """
 
@@ -46,6 +47,10 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
     )
     if config.method.gflownet.max_new_tokens is None:
         fields.update(pick(config, "generation.max_new_tokens"))
+    # The reward of a cut-off answer: its prefix's under no_eos, the ended answer's under keep and drop
+    # (`alphaspin.gflownet.cap_log_rewards`; keep and drop train the same sampler).
+    if config.generation.losers_as_prefixes:
+        fields.update(pick(config, "generation.truncated_losers"))
     return fields
 
 
@@ -81,6 +86,7 @@ def train_sampler(job: Job, prompts: Artifact, previous: Artifact | None) -> dic
         config.method.alpha,
         max_new_tokens(config),
         ws.device,
+        config.generation.truncated_losers,
     )
     settings = GFlowNetSettings(
         epochs=knobs.epochs,
@@ -122,7 +128,9 @@ SPEC = StageSpec(
     function=train_sampler,
     inputs=(Input("prompts", "sample_prompts"), Input("previous", "train", at="previous")),
     reads=reads,
-    version=2,  # 2: adapter_config.json names the base model as the card does (no local path)
+    # 2: adapter_config.json names the base model as the card does (no local path);
+    # 3: the reward of a cut-off answer follows generation.truncated_losers (no_eos: its prefix's)
+    version=3,
     gpu=True,
     enabled=enabled,
     description="GFlowNet-fine-tune a LoRA sampler of π_(t-1)^α·π_base^(1-α) from θ_(t-1) (gflownet opponent).",
