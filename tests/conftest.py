@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Idle OpenMP threads sleep instead of spinning: the suite's processes (two pytest workers, Prefect
+# servers and workers, training subprocesses) share the cores, and a spinning thread of one steals them
+# from the others; only read before torch loads, so set here and inherited by every child (bench/README.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
@@ -122,3 +126,63 @@ def s3_runs_root(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setenv(name, value)
     bucket = s3_server.make_bucket(f"test-{uuid.uuid4().hex[:16]}")
     return f"s3://{bucket}/runs"
+
+
+# -- parallel runs (pytest-xdist: scripts/test.sh runs `-n 2 --dist loadgroup`) -----------------------
+# Each worker is a pytest process of its own: session fixtures (the Prefect harness, the S3 server) start
+# once per worker. The tests of one module stay on one worker (their module-scoped fixtures, e.g. a
+# finished run that several tests read, are built once), except in SPLIT_MODULES, whose slow tests share
+# no module fixture and are spread one by one. The vLLM modules share one worker: only one engine runs at a
+# time, and test_vllm_pipeline counts the machine's vLLM servers before and after a kill.
+# Work is handed out in this order, longest first, so that the long, mostly waiting tests (a Prefect stack
+# waiting out a heartbeat timeout) start early beside the CPU-bound ones and no long test is left for the
+# end (seconds: a serial run on 2 idle cores; the rest follows in collection order).
+SLOWEST_FIRST = (
+    "test_pools.py",  # 200 s, mostly waiting for the killed worker's heartbeat timeout
+    "test_deploy.py",
+    "test_vllm_backend.py",
+    "test_vllm_pipeline.py",
+    "test_flow.py",
+    "test_grid.py",
+    "test_bench.py",
+    "test_distributed_training.py",
+    "test_resume.py",
+    "test_evaluate_benchmarks.py",
+    "test_benchmarks_leaderboard.py",
+    "test_tracking.py",
+    "test_pipeline.py",
+    "test_reference_variants.py",
+    "test_opponent_samplers.py",
+    "test_losses.py",
+    "test_console.py",
+    "test_concurrent_runs.py",
+    "test_gflownet.py",
+    "test_truncated_losers.py",
+    "test_artifact_digests.py",
+)
+SPLIT_MODULES = {"test_deploy.py", "test_flow.py", "test_grid.py"}
+GROUPS = {"test_vllm_backend.py": "vllm", "test_vllm_pipeline.py": "vllm"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a plain run keeps the collection order
+    rank = {name: position for position, name in enumerate(SLOWEST_FIRST)}
+    for item in items:
+        module = item.path.name
+        if module not in SPLIT_MODULES:
+            item.add_marker(pytest.mark.xdist_group(GROUPS.get(module, module)))
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, the controller builds the models that tests convert or build on first use (the tiny
+    models, the builtin SmolLM2) before any worker starts: two workers would race to create them."""
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        from alphaspin.models import resolve_model_path
+        from alphaspin.testing.tiny_model import tiny_model_path
+
+        resolve_model_path("builtin:smollm2-135m-instruct")
+        tiny_model_path()
+        tiny_model_path(head_dim=32)
