@@ -9,4 +9,4 @@ source "$(dirname "$0")/env.sh" --vllm
 cd "$ROOT"
 ruff check alphaspin tasks flows tests bench
 ruff format --check alphaspin tasks flows tests bench
-exec python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder "$@"
+exec python -m pytest -n 2 "$@"
