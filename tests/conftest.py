@@ -174,8 +174,9 @@ def work_unit(nodeid: str) -> str:
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """For ``-n N`` (xdist's default ``--dist load``): its load-scope scheduling over `work_unit`s, in collection order (xdist's own ``loadgroup``
-    cannot be used: its ``xdist_group`` marks rename node ids, which pytest 9 no longer allows)."""
+    """For ``-n N`` (xdist's default ``--dist load``): xdist's load-scope scheduling over `work_unit`s, in
+    collection order. (xdist's own ``--dist loadgroup`` does nothing here: its ``xdist_group`` marks work by
+    renaming node ids, which pytest 9 no longer lets a plugin do.)"""
     if config.getvalue("dist") != "load":
         return None  # another --dist asked for on the command line: xdist's own
     from xdist.scheduler import LoadScopeScheduling
