@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Idle OpenMP threads sleep instead of spinning: the suite's processes (two pytest workers, Prefect
+# servers and workers, training subprocesses) share the cores, and a spinning thread of one steals them
+# from the others; only read before torch loads, so set here and inherited by every child (bench/README.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
@@ -122,3 +126,88 @@ def s3_runs_root(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setenv(name, value)
     bucket = s3_server.make_bucket(f"test-{uuid.uuid4().hex[:16]}")
     return f"s3://{bucket}/runs"
+
+
+# -- parallel runs (pytest-xdist: scripts/test.sh runs `-n 2`) ------------------------------------------
+# Each worker is a pytest process of its own: session fixtures (the Prefect harness, the S3 server) start
+# once per worker. The tests of one module stay on one worker (their module-scoped fixtures, e.g. a
+# finished run that several tests read, are built once), except in SPLIT_MODULES, whose slow tests share
+# no module fixture and are handed out one by one; the vLLM modules share one worker (GROUPS: one engine
+# at a time). Work is handed out in SLOWEST_FIRST order, so that the long, mostly waiting tests (a Prefect
+# stack waiting out a heartbeat timeout) start early beside the CPU-bound ones and no long test is left for
+# the end; the other modules follow in collection order.
+SLOWEST_FIRST = (
+    "test_pools.py",  # minutes, mostly waiting for the killed worker's heartbeat timeout
+    "test_deploy.py",
+    "test_vllm_backend.py",
+    "test_vllm_pipeline.py",
+    "test_flow.py",
+    "test_grid.py",
+    "test_bench.py",
+    "test_distributed_training.py",
+    "test_resume.py",
+    "test_evaluate_benchmarks.py",
+    "test_benchmarks_leaderboard.py",
+    "test_tracking.py",
+    "test_pipeline.py",
+    "test_synthetic.py",
+    "test_provenance.py",
+    "test_reference_variants.py",
+    "test_opponent_samplers.py",
+    "test_losses.py",
+    "test_console.py",
+    "test_concurrent_runs.py",
+    "test_gflownet.py",
+    "test_truncated_losers.py",
+    "test_artifact_digests.py",
+)
+SPLIT_MODULES = {"test_deploy.py", "test_flow.py", "test_grid.py"}
+GROUPS = {"test_vllm_backend.py": "vllm", "test_vllm_pipeline.py": "vllm"}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module, the test itself in SPLIT_MODULES, or a group."""
+    module = nodeid.split("::", 1)[0]
+    name = module.rsplit("/", 1)[-1]
+    return nodeid if name in SPLIT_MODULES else GROUPS.get(name, module)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """For ``-n N`` (xdist's default ``--dist load``): xdist's load-scope scheduling over `work_unit`s, in
+    collection order. (xdist's own ``--dist loadgroup`` does nothing here: its ``xdist_group`` marks work by
+    renaming node ids, which pytest 9 no longer lets a plugin do.)"""
+    if config.getvalue("dist") != "load":
+        return None  # another --dist asked for on the command line: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep SLOWEST_FIRST, not xdist's most-tests-first
+    return WorkUnits(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the order work is handed out in; a plain run keeps its order
+        rank = {name: position for position, name in enumerate(SLOWEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, the controller builds the models that tests convert or build on first use (the tiny
+    models, the builtin SmolLM2) before any worker starts: two workers would race to create them."""
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        from pathlib import Path
+
+        models = Path(os.environ.get("ALPHASPIN_CACHE", Path.home() / ".cache" / "alphaspin")) / "models"
+        names = ("smollm2-135m-instruct", "tiny-llama-seed0", "tiny-llama-hd32-seed0")  # alphaspin.models' names
+        if all((models / name / "config.json").exists() for name in names):
+            return  # built by an earlier run: no need to load torch here
+        from alphaspin.models import resolve_model_path
+        from alphaspin.testing.tiny_model import tiny_model_path
+
+        resolve_model_path("builtin:smollm2-135m-instruct")
+        tiny_model_path()
+        tiny_model_path(head_dim=32)

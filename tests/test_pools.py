@@ -132,13 +132,14 @@ def test_split_run_on_cpu_and_gpu_pools_survives_a_killed_gpu_worker(tmp_path: P
         stack.start_server()
         for line in POOL_COMMANDS:
             stack.cli(line)
+        # the workers start up (seconds of imports) while the result block is saved and the deployments made
+        stack.start_worker("cpu", name="cpu-1")
+        gpu_a = stack.start_worker("gpu", name="gpu-a")
         done = subprocess.run(
             [sys.executable, "-c", RESULT_BLOCK], cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 0, done.stderr[-3000:]
         stack.cli(DEPLOY_COMMAND, timeout=300)
-        stack.start_worker("cpu", name="cpu-1")
-        gpu_a = stack.start_worker("gpu", name="gpu-a")
         lap("stack")
 
         parent_id = stack.run_deployment(

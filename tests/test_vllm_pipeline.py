@@ -11,10 +11,13 @@ environment), and a generation killed with SIGKILL on it that resumes to the sam
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ from alphaspin.stage_spec import Node
 pytestmark = pytest.mark.slow  # a vLLM engine per run process (≈ 45 s to start on 2 cores)
 
 ROOT = Path(__file__).parents[1]
+TAG = "ALPHASPIN_TEST_VLLM_RUN"  # marks the vLLM servers of one test's runs (`_servers`)
 RECIPE = ROOT / "configs" / "quickstart.yaml"
 VLLM = [
     "generation.backend=vllm",
@@ -45,17 +49,41 @@ def vllm_model() -> str:
     return tiny_model_path(head_dim=32)  # vLLM's CPU attention runs head sizes from 32 up
 
 
-def _servers() -> set[int]:
+def _servers(tag: str) -> set[int]:
+    """The vLLM servers of the runs that `_drive` started with ``tag`` (it is in their environment): other
+    processes on the machine (another pytest worker, another test run) may start and stop engines meanwhile."""
     found = subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True, text=True)
-    return {int(pid) for pid in found.stdout.split()}
+    mine = set()
+    for pid in found.stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if f"{TAG}={tag}".encode() in environ:
+            mine.add(int(pid))
+    return mine
 
 
-def _drive(point: str, overrides: list[str]) -> int:
+def _drive(point: str, overrides: list[str], tag: str = "", seen: set[int] | None = None) -> int:
+    """Run tests/crash_driver.py; the pids of its vLLM servers (found by ``tag``) are added to ``seen``."""
     command = [sys.executable, str(ROOT / "tests" / "crash_driver.py"), point, *overrides]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if done.returncode not in (0, -signal.SIGKILL):
-        print(done.stderr[-5000:])  # shown by pytest with the failure
-    return done.returncode
+    env = {**os.environ, TAG: tag}  # inherited by the run's vLLM server (vllm_server.server_env)
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 900
+        while process.poll() is None and time.monotonic() < deadline:
+            if seen is not None:
+                seen |= _servers(tag)
+            time.sleep(0.5)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"{point}: the run did not end within 900 s")
+        code = process.wait()
+        if code not in (0, -signal.SIGKILL):
+            stderr.seek(0)
+            print(stderr.read().decode(errors="replace")[-5000:])  # shown by pytest with the failure
+    return code
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +112,13 @@ def test_every_sampler_of_the_run_uses_the_engine(uninterrupted: Run) -> None:
 
 def test_sigkilled_generation_resumes_to_the_same_losers(uninterrupted: Run, vllm_model, tmp_path) -> None:
     overrides = [*tiny_overrides(vllm_model, tmp_path / "runs"), *VLLM, "method.iterations=0"]
-    before = _servers()
-    assert _drive("generate:1", overrides) == -signal.SIGKILL
+    tag, seen = uuid.uuid4().hex, set()
+    assert _drive("generate:1", overrides, tag, seen) == -signal.SIGKILL
+    assert seen, "no vLLM server of the killed run was found while it ran"
     deadline = time.monotonic() + 60
-    while _servers() - before and time.monotonic() < deadline:  # the killed run's engine follows it
+    while _servers(tag) and time.monotonic() < deadline:  # the killed run's engine follows it
         time.sleep(1)
-    assert not _servers() - before, "the engine of a SIGKILLed run outlived it"
+    assert not _servers(tag), "the engine of a SIGKILLed run outlived it"
     run = Run(load_config(RECIPE, overrides))
     stage = run.storage.stage(0, "generate-base")
     assert stage.read_manifest() is None
