@@ -8,6 +8,7 @@ By hand: π_prev = (0.5, 0.3, 0.2), π_base = (0.2, 0.2, 0.6), α = 0.75. The ar
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +240,33 @@ def test_log_partition_samples_come_from_the_previous_policy_itself(make_config,
     assert metrics["partition/samples"] == 2 * prompts and metrics["partition/cut_off_samples"] == prompts
     assert metrics["partition/mean_log_z_se"] > 0
     assert all(math.isfinite(r["train/loss"]) for r in results)
+
+
+def test_forcing_a_stage_the_run_does_not_have_is_refused_naming_its_knob():
+    """``--force 1:ema_adapter`` without the EMA reference used to be accepted and do nothing."""
+    from alphaspin.dag import check_forced, force_plan, parse_force
+
+    geometric = load_config(None, [])
+    with pytest.raises(ConfigError, match=r"--force '1:ema_adapter'.*method\.reference: ema.*'geometric'"):
+        parse_force(["1:ema_adapter"], geometric.method.iterations, geometric)
+    with pytest.raises(ConfigError, match=r"method\.opponent: gflownet.*'arithmetic'"):
+        parse_force(["1:train_sampler"], geometric.method.iterations, geometric)
+    with pytest.raises(ConfigError, match=r"--stage 2:ema_adapter.*method\.reference"):  # alphaspin rerun
+        check_forced(geometric, {2: {"ema_adapter"}}, "--stage")
+    with pytest.raises(ConfigError, match=r"force_stages 'ema_adapter'.*method\.reference: ema"):  # the flows' form
+        force_plan(2, stages=["ema_adapter"], config=geometric)
+    assert parse_force(["1:train"], 2, geometric) == {1: {"train"}}
+    ema = load_config(None, ["method.reference=ema"])
+    assert parse_force(["1:ema_adapter"], 2, ema) == {1: {"ema_adapter"}}
+    with pytest.raises(ConfigError, match=r"t ≥ 1"):  # θ_ema(0) = θ_base: no stage at t = 0
+        parse_force(["0:ema_adapter"], 2, ema)
+    assert force_plan(2, stages=["ema_adapter"], config=ema) == {1: {"ema_adapter"}, 2: {"ema_adapter"}}
+
+
+def test_the_pipeline_refuses_a_forced_absent_stage_before_any_work(make_config):
+    from alphaspin.pipeline import run
+
+    config = make_config()
+    with pytest.raises(ConfigError, match="method.reference: ema"):
+        run(config, force={1: {"ema_adapter"}})
+    assert not list(Path(config.run.runs_root).glob("**/*.json"))  # nothing written
