@@ -16,6 +16,15 @@ to sample. ``method.opponent`` offers samplers of the geometric mixture itself:
   where the two policies disagree (small z_s) are over-weighted. It is exact when α ∈ {0, 1} or
   the policies agree.
 
+No tempering: every sampler here samples at temperature 1 without nucleus (top-p) truncation,
+whatever ``generation.temperature`` / ``generation.top_p`` say (those apply to the arithmetic
+opponent's plain policies). The target of these samplers is the geometric mixture itself, the
+distribution the DPO loss's reference is; tempering after mixing, softmax((α·ℓ_(t-1) + (1-α)·ℓ_base)/T)
+with nucleus truncation, would sample another distribution (sharper for T < 1, with the tail cut),
+and the losers would no longer come from the reference they are scored against (paper Appendix A).
+So it is not offered as a knob; the generate stage's cache key and its ``provenance.json`` record
+temperature 1 and top-p 1 for these members (`alphaspin.stages.generate.sampling_config`).
+
 The pure functions here take tensors (tested on enumerable toy policies); `TokenGeometricSampler`
 runs the per-token mixture on a PEFT model (adapter = π_(t-1), adapter disabled = π_base).
 """
@@ -27,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from alphaspin.generation import left_pad
+from alphaspin.generation import Completion, left_pad
 
 
 def sir_log_weights(lp_prev: torch.Tensor, lp_base: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -81,7 +90,8 @@ def sample_sequence(
 
 
 class TokenGeometricSampler:
-    """Per-token geometric mixture of a PEFT model with its adapter (π_(t-1)) and without (π_base).
+    """Per-token geometric mixture of a PEFT model with its adapter (π_(t-1)) and without (π_base),
+    sampled as it is (temperature 1, no top-p: see the module docstring for why it is not tempered).
 
     Two forwards per token, each with its own KV cache; every row samples from its own seeded
     generator, so a row's text does not depend on its batch (resume by shard stays exact).
@@ -94,15 +104,15 @@ class TokenGeometricSampler:
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[tuple[str, bool]]:
-        """(text, cut off) for each prompt (token ids of the rendered chat prompt)."""
-        out: list[tuple[str, bool]] = []
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Completion]:
+        """The completion (text, cut off, generated ids) of each prompt (token ids of the rendered chat prompt)."""
+        out: list[Completion] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
             out.extend(self._batch(batch, seeds[start : start + self.batch_size]))
         return out
 
-    def _batch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[tuple[str, bool]]:
+    def _batch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Completion]:
         pad = self.tokenizer.pad_token_id
         ids, mask = left_pad(prompts, pad, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -138,5 +148,7 @@ class TokenGeometricSampler:
             step_ids = torch.tensor(chosen, device=self.device)[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step_positions = step_positions[:, -1:] + 1
-        texts = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
-        return [(text, not finished) for text, finished in zip(texts, done, strict=True)]
+        return [
+            Completion(self.tokenizer.decode(row, skip_special_tokens=True).strip(), not finished, tuple(row))
+            for row, finished in zip(tokens, done, strict=True)
+        ]

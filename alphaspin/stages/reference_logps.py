@@ -240,6 +240,7 @@ def _log_partition(
             "chosen": texts,
             "rejected": texts,
             "rejected_truncated": [c.truncated for c in completions],  # stopped by the limit, not by its end
+            "rejected_generated_ids": [list(c.token_ids) for c in completions],  # a cut-off one is scored on these
         }
     )
     # A cut-off sample is scored as the prefix it is (without the template's end of turn), whatever
@@ -296,8 +297,9 @@ SPEC = StageSpec(
     ),
     reads=reads,
     # 2: chat templates write BOS for tokenizers that add one; 3: cut-off losers (truncated_losers), log Z
-    # samples from π_(t-1) itself, log_partition_se column, method.reference (arithmetic, ema)
-    version=3,
+    # samples from π_(t-1) itself, log_partition_se column, method.reference (arithmetic, ema); 4: cut-off
+    # losers and log Z samples scored on their generated ids (rejected_generated_ids)
+    version=4,
     gpu=True,
     description="Tokenize the pairs as TRL does and store lp_base, lp_prev and the reference (method.reference).",
 )
