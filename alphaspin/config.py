@@ -160,6 +160,12 @@ class GFlowNetConfig(_Section):
         ge=1,
         description="gflownet: trajectories per forward with gradients (accumulated into one step; memory only).",
     )
+    save_steps: int = Field(
+        8,
+        ge=1,
+        description="gflownet: checkpoint the sampler's training (weights, AdamW, random state) into the stage's "
+        "folder every N steps; an interrupted train_sampler resumes there and ends as an uninterrupted one would.",
+    )
 
 
 class MethodConfig(_Section):
@@ -200,6 +206,14 @@ class MethodConfig(_Section):
         lt=1.0,
         description="reference ema: θ_ema(t) = decay·θ_ema(t-1) + (1-decay)·θ_(t-1) on the LoRA weight deltas, "
         "θ_ema(0) = θ_base; read only with method.reference: ema (ignored otherwise).",
+    )
+    ema_max_rank: int | None = Field(
+        None,
+        ge=1,
+        description="reference ema: the EMA adapter's LoRA rank grows by training.lora.r per iteration (the iterates' "
+        "adapters concatenated, exact); this caps it: above the cap each layer's delta is replaced by its best "
+        "approximation of this rank (truncated SVD), exact whenever the delta's own rank fits. The error is in the "
+        "ema_adapter stage's metrics (ema/relative_error, ema/exact). null: no cap.",
     )
     iterations: int = Field(2, ge=0, description="T: iterations t = 0..T are run (T + 1 in all).")
     pairs_first_iteration: int = Field(24, gt=0, description="n_0: pairs sampled at t = 0 (paper: 50k).")
@@ -307,10 +321,26 @@ class TrainingConfig(_Section):
         description="Pairwise loss, with h = log π_θ(y|x) − log π_ref(y|x) summed over answer tokens: sigmoid = "
         "DPO/SPIN −log σ(β(h_w − h_l)) (paper eq. 6); ipo_pairwise = the paper's IPO ((h_w − h_l) − 1/(2β))², "
         "β in the role of τ (TRL's ipo averages h per token, so log Z does not cancel); hinge = TRL's SLiC-style "
-        "max(0, 1 − β(h_w − h_l)) against the reference; slic = the paper's SLiC max(0, 1/β − (log π_θ(y_w|x) − "
-        "log π_θ(y_l|x))), reference-free (δ = 1/β, λ = 0); sppo_hard = SPPO with hard win probabilities "
+        "max(0, 1 − β(h_w − h_l)) against the reference; slic = the paper's SLiC (§2.3) max(0, δ − log π_θ(y_w|x) + "
+        "log π_θ(y_l|x)) − λ·log π_θ(y_w|x) (δ = training.slic_delta, λ = training.slic_lambda; β unused), "
+        "reference-free: with method.opponent arithmetic, method.alpha then has no effect on the run at all; "
+        "sppo_hard = SPPO with hard win probabilities "
         "(h_w − 1/(2β))² + (h_l + 1/(2β))², which needs training.normalized_reference when method.alpha < 1. "
         "Other names are TRL's DPO losses.",
+    )
+    slic_delta: float = Field(
+        1.0,
+        gt=0.0,
+        description="slic: the margin δ of SLiC's calibration hinge max(0, δ − log π_θ(y_w|x) + log π_θ(y_l|x)), in "
+        "nats of sequence log-probability (the paper requires δ > 0 and states no value; 1 is SLiC's unit margin). "
+        "Read only with training.loss_type: slic.",
+    )
+    slic_lambda: float = Field(
+        0.1,
+        ge=0.0,
+        description="slic: the weight λ of SLiC's regulariser −λ·log π_θ(y_ref|x), y_ref = the SFT answer y_w (as in "
+        "SPIN), summed over its tokens (the paper requires λ > 0 and states no value; 0 drops the term). Read only "
+        "with training.loss_type: slic.",
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="For robust/exo_pair/aot losses.")
     normalized_reference: bool = Field(

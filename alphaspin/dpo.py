@@ -70,6 +70,11 @@ def pairs_to_dataset(
     return datasets.Dataset.from_dict(records)
 
 
+def slic_settings(training: TrainingConfig) -> dict[str, float]:
+    """The trainer's SLiC arguments from the config: δ = ``training.slic_delta``, λ = ``training.slic_lambda``."""
+    return {"slic_delta": training.slic_delta, "slic_lambda": training.slic_lambda}
+
+
 def dpo_config(training: TrainingConfig, output_dir: str, seed: int, use_cpu: bool, **overrides: Any) -> DPOConfig:
     """TRL's DPOConfig from ours (same names where TRL has them)."""
     values: dict[str, Any] = dict(
@@ -249,8 +254,9 @@ class GeometricReferenceDPOTrainer(DPOTrainer):
     on the ids of `prepare_like_trl` (the reference stage's tokenization), with the paper's losses
     TRL lacks (``ipo_pairwise``, ``slic``) added to TRL's loss dispatch.
 
-    ``slic_delta`` / ``slic_lambda`` are SLiC's margin δ (default 1/β, the margin TRL's hinge
-    puts on log-ratios: max(0, 1 − β·m) = β·max(0, 1/β − m)) and SFT weight λ (default 0)."""
+    ``slic_delta`` / ``slic_lambda`` are SLiC's margin δ and SFT weight λ (paper §2.3), from
+    ``training.slic_delta`` / ``training.slic_lambda`` (`slic_settings`). Constructed without them, δ is
+    1/β (the margin TRL's hinge puts on log-ratios: max(0, 1 − β·m) = β·max(0, 1/β − m)) and λ = 0."""
 
     def __init__(self, *args: Any, slic_delta: float | None = None, slic_lambda: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -127,6 +127,29 @@ def concatenate_lora(
     return a, b
 
 
+def compress_lora(a: torch.Tensor, b: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The best rank-``max_rank`` LoRA (A', B') of the delta B·A (truncated SVD, Eckart–Young), and
+    (‖B·A − B'·A'‖_F², ‖B·A‖_F²). Exact (error 0 up to rounding) whenever rank(B·A) ≤ max_rank, e.g. when
+    the concatenated adapters' deltas share directions.
+
+    Without forming B·A (out × in): with thin QRs B = Q_b R_b and Aᵀ = Q_a R_a, B·A = Q_b (R_b R_aᵀ) Q_aᵀ,
+    so the SVD of the small core R_b R_aᵀ = U S Vᵀ gives B·A = (Q_b U) S (Q_a V)ᵀ; keep the top
+    ``max_rank`` singular values, split as √S on each side. A core smaller than ``max_rank`` is padded
+    with zero ranks, so every module has the same rank (one LoRA config)."""
+    if a.shape[0] != b.shape[1]:
+        raise ValueError(f"compress_lora: A {tuple(a.shape)} and B {tuple(b.shape)} do not chain")
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k = min(max_rank, s.shape[0])
+    root = s[:k].sqrt()
+    b_new = torch.zeros(b.shape[0], max_rank, dtype=b.dtype)
+    a_new = torch.zeros(max_rank, a.shape[1], dtype=a.dtype)
+    b_new[:, :k] = (qb @ u[:, :k]) * root
+    a_new[:k] = root[:, None] * (vh[:k] @ qa.T)
+    return a_new, b_new, float((s[k:] ** 2).sum()), float((s**2).sum())
+
+
 def dpo_margin(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
