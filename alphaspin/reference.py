@@ -25,8 +25,10 @@ With h = log π_θ(y|x) − log π_ref(y|x) (summed over the answer's tokens), t
   (h_w − 1/(2β))² + (h_l + 1/(2β))² — each h on its own: log Z(x) does NOT cancel.
 
 For losses where it does not cancel, `log_partition_monte_carlo` estimates log Z(x) from samples
-of π_(t-1): Z(x) = E_{y~π_(t-1)}[(π_base(y|x)/π_(t-1)(y|x))^(1−α)] (``training.normalized_reference``), and
-`log_partition_standard_error` its standard error.
+of π_(t-1): Z(x) = E_{y~π_(t-1)}[(π_base(y|x)/π_(t-1)(y|x))^(1−α)] (``training.normalized_reference``);
+`log_partition_jackknife` its bias (log of a mean is biased low) and standard error, and
+`log_partition_interval` a confidence interval. The delta-method `log_partition_standard_error`
+understates the spread at small k (see `log_partition_jackknife`).
 
 The other references (``method.reference``) are normalised by construction, so no log Z is needed:
 - arithmetic: π_ref = α·π_(t-1) + (1−α)·π_base (`arithmetic_reference_logps`);
@@ -79,6 +81,55 @@ def log_partition_standard_error(
     log_mean = torch.logsumexp(log_w, dim=-1, keepdim=True) - math.log(k)
     ratio = torch.exp(log_w - log_mean)
     return ratio.std(dim=-1, unbiased=True) / math.sqrt(k)
+
+
+def log_partition_jackknife(
+    lp_prev_samples: torch.Tensor, lp_base_samples: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bias, standard error) of `log_partition_monte_carlo` by the jackknife over the k samples.
+
+    With θ̂ = log mean(w) of all k samples and θ_(i) = log mean(w) of the k − 1 others, θ̄ = mean_i θ_(i):
+    bias ≈ (k − 1)(θ̄ − θ̂) (an estimate of E[θ̂] − log Z, negative: Jensen), SE = √((k − 1)/k · Σ_i (θ_(i) − θ̄)²).
+
+    Why not the delta method alone: sd(w)/(√k·mean(w)) linearises log at mean(w) and uses the sample sd
+    of k skewed weights, both of which understate the spread at small k. On an enumerable toy (six
+    answers, α = 0.5, tests/test_reference_math.py) at k = 4: the spread of θ̂ over draws is 0.356,
+    the mean delta-method SE 0.288, the mean jackknife SE 0.321; the bias is −0.067, the mean jackknife
+    bias −0.059. Shapes (batch, k) → (batch,), (batch,); NaN where k < 2.
+    """
+    k = lp_prev_samples.shape[-1]
+    log_w = (1.0 - alpha) * (lp_base_samples.double() - lp_prev_samples.double())
+    if k < 2:
+        nan = torch.full(log_w.shape[:-1], float("nan"), dtype=log_w.dtype)
+        return nan, nan.clone()
+    full = torch.logsumexp(log_w, dim=-1) - math.log(k)
+    # leave-one-out log-means: log(Σ_j w_j − w_i) − log(k − 1), computed as logsumexp over the others
+    others = log_w.unsqueeze(-2).expand(*log_w.shape[:-1], k, k)
+    keep = ~torch.eye(k, dtype=torch.bool)
+    loo = torch.logsumexp(others.masked_fill(~keep, float("-inf")), dim=-1) - math.log(k - 1)
+    mean = loo.mean(dim=-1)
+    bias = (k - 1) * (mean - full)
+    se = ((k - 1) / k * ((loo - mean.unsqueeze(-1)) ** 2).sum(dim=-1)).sqrt()
+    return bias, se
+
+
+def log_partition_interval(
+    estimate: torch.Tensor, bias: torch.Tensor, se: torch.Tensor, k: int, level: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``level`` interval for log Z(x): the bias-corrected estimate θ̂ − bias ± t_(k−1) · SE (jackknife
+    bias and SE, `log_partition_jackknife`; Student's t with k − 1 degrees of freedom for the few samples).
+
+    Honest, not exact: on the toy of `log_partition_jackknife` the 95% interval covers the true log Z in
+    89% of draws at k = 4 (the delta-method θ̂ ± 1.96·SE: 78%), 90% at k = 8 and 93% at k = 16; with
+    heavier-tailed weights (policies far apart) the gap is larger. NaN where k < 2."""
+    from scipy.stats import t as student
+
+    if k < 2:
+        nan = torch.full_like(estimate, float("nan"), dtype=torch.float64)
+        return nan, nan.clone()
+    half = float(student.ppf(0.5 + level / 2.0, k - 1)) * se
+    centre = estimate - bias
+    return centre - half, centre + half
 
 
 def arithmetic_reference_logps(lp_prev: torch.Tensor, lp_base: torch.Tensor, alpha: float) -> torch.Tensor:

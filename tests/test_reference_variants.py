@@ -235,10 +235,14 @@ def test_log_partition_samples_come_from_the_previous_policy_itself(make_config,
     stored = Run(config)
     table = stored.dir(Node("reference_logps", 1)).read_table("reference.parquet")
     assert table.log_partition_se.map(math.isfinite).all() and (table.log_partition_se > 0).all()
+    # the jackknife bias (≤ 0 here: two samples, one of them cut off) and the interval around the corrected value
+    assert (table.log_partition_bias <= 0).all()
+    corrected = table.log_partition - table.log_partition_bias
+    assert ((table.log_partition_low < corrected) & (corrected < table.log_partition_high)).all()
     metrics = stored.stored_record(Node("reference_logps", 1)).metrics
     prompts = table.prompt.nunique()
     assert metrics["partition/samples"] == 2 * prompts and metrics["partition/cut_off_samples"] == prompts
-    assert metrics["partition/mean_log_z_se"] > 0
+    assert metrics["partition/mean_log_z_se"] > 0 and metrics["partition/mean_log_z_bias"] <= 0
     assert all(math.isfinite(r["train/loss"]) for r in results)
 
 
