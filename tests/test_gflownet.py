@@ -483,6 +483,7 @@ def test_an_interrupted_train_sampler_stage_resumes_and_ends_as_an_uninterrupted
         "method.gflownet.learning_rate=1e-3",
         "method.gflownet.save_steps=2",
         "evaluation.judge.enabled=false",
+        "evaluation.benchmarks=[]",
     ]
     original = gflownet.train_sampler
 
