@@ -350,3 +350,52 @@ def test_ema_max_rank_enters_the_key_only_when_set():
     assert reads(capped, 1, None)["method.ema_max_rank"] == 16
     with pytest.raises(ConfigError, match="method.ema_max_rank"):
         load_config(None, ["method.ema_max_rank=0"])
+
+
+def test_the_ema_adapter_stage_caps_the_rank_and_reports_the_error(tmp_path):
+    """The stage function on three stored toy adapters whose updates share A (rank 2 each): with
+    method.ema_max_rank 2 it writes a rank-2 adapter, exact, and says so in its metrics; uncapped, rank 6."""
+    import json
+    import types
+
+    from safetensors.torch import load_file, save_file
+
+    from alphaspin.stages.ema_adapter import ema_adapter
+
+    adapters, layers = _toy_adapters(shared=True)
+    trained = []
+    for k, (tensors, config) in enumerate(adapters):
+        folder = tmp_path / f"iter-{k}"
+        folder.mkdir()
+        save_file({n: t.float().contiguous() for n, t in tensors.items()}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        trained.append(types.SimpleNamespace(iteration=k, folder=folder))
+
+    def stage(max_rank):
+        out = {}
+        config = load_config(None, ["method.reference=ema", "method.ema_decay=0.5"])
+        if max_rank is not None:
+            config = load_config(
+                None, ["method.reference=ema", "method.ema_decay=0.5", f"method.ema_max_rank={max_rank}"]
+            )
+        workspace = types.SimpleNamespace(local_adapter=lambda artifact: artifact.folder, scratch=tmp_path / "scratch")
+        job = types.SimpleNamespace(
+            workspace=workspace,
+            iteration=3,
+            config=config,
+            key=f"key{max_rank}",
+            out=types.SimpleNamespace(put_dir=lambda local, name: out.update(folder=local)),
+        )
+        metrics = ema_adapter(job, trained)
+        return metrics, load_file(str(out["folder"] / "adapter_model.safetensors"))
+
+    full, full_tensors = stage(None)
+    assert full["rank"] == 6 and full["ema/concatenated_rank"] == 6 and full["ema/relative_error"] == 0.0
+    capped, capped_tensors = stage(2)
+    assert capped["rank"] == capped["ema/rank"] == 2 and capped["ema/exact"]
+    assert capped["ema/relative_error"] < 1e-9
+    for layer in layers:
+        a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+        assert capped_tensors[a].shape[0] == 2
+        merged = capped_tensors[b].double() @ capped_tensors[a].double()  # scale 1 (lora_alpha = r)
+        assert torch.allclose(merged, full_tensors[b].double() @ full_tensors[a].double(), atol=1e-5)
