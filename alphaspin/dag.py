@@ -110,8 +110,42 @@ def trained_nodes(before: int) -> list[Node]:
 
 
 # -- forced stages --------------------------------------------------------------------------------
-def parse_force(items: Iterable[str], iterations: int | None = None) -> dict[int, set[str]]:
-    """``["1:train", "0:generate"]`` → {1: {"train"}, 0: {"generate"}}; errors name the item."""
+# The knob that puts an optional stage in the DAG (`StageSpec.enabled`), for the one-line refusal of a
+# forced stage that this configuration does not have.
+OPTIONAL_STAGES = {
+    "ema_adapter": ("method.reference", "ema"),
+    "train_sampler": ("method.opponent", "gflownet"),
+}
+
+
+def _absent(config: AlphaSpinConfig, stage: str, where: str) -> ConfigError:
+    knob = OPTIONAL_STAGES.get(stage)
+    if knob is None:
+        return ConfigError(f"{where}: this run has no {stage} stage there")
+    field, wanted = knob
+    section, name = field.split(".")
+    current = getattr(getattr(config, section), name)
+    return ConfigError(
+        f"{where}: the {stage} stage runs only with {field}: {wanted} (this run has {current!r}) and at t ≥ 1; "
+        "forcing it would do nothing"
+    )
+
+
+def check_forced(config: AlphaSpinConfig, force: dict[int, set[str]], where: str = "--force") -> None:
+    """Refuse a forced stage that the DAG does not have at that iteration (``--force 1:ema_adapter``
+    without ``method.reference: ema``), naming the knob that enables it: before, it was accepted and
+    did nothing."""
+    for t, stages in sorted(force.items()):
+        for stage in sorted(stages):
+            if stage in REGISTRY and not REGISTRY[stage].enabled(config, t):
+                raise _absent(config, stage, f"{where} {t}:{stage}")
+
+
+def parse_force(
+    items: Iterable[str], iterations: int | None = None, config: AlphaSpinConfig | None = None
+) -> dict[int, set[str]]:
+    """``["1:train", "0:generate"]`` → {1: {"train"}, 0: {"generate"}}; errors name the item. With
+    ``config``, a stage absent from that iteration's DAG is refused (`check_forced`)."""
     force: dict[int, set[str]] = {}
     for item in items:
         t, sep, stage = str(item).partition(":")
@@ -119,21 +153,34 @@ def parse_force(items: Iterable[str], iterations: int | None = None) -> dict[int
             raise ConfigError(f"--force {item!r}: expected ITERATION:STAGE with STAGE one of {list(STAGE_NAMES)}")
         if iterations is not None and int(t) > iterations:
             raise ConfigError(f"--force {item!r}: the run has iterations 0..{iterations}")
+        if config is not None and not REGISTRY[stage.strip()].enabled(config, int(t)):
+            raise _absent(config, stage.strip(), f"--force {item!r}")
         force.setdefault(int(t), set()).add(stage.strip())
     return force
 
 
 def force_plan(
-    iterations: int, items: Iterable[str] = (), stages: Iterable[str] = (), only_iterations: Iterable[int] = ()
+    iterations: int,
+    items: Iterable[str] = (),
+    stages: Iterable[str] = (),
+    only_iterations: Iterable[int] = (),
+    config: AlphaSpinConfig | None = None,
 ) -> dict[int, set[str]]:
     """Forced stages per iteration from "T:STAGE" items plus ``stages`` in ``only_iterations``
-    (every iteration when empty): the CLI's, the flows' and the deployments' one parser."""
-    force = parse_force(items, iterations)
+    (every iteration when empty): the CLI's, the flows' and the deployments' one parser. With
+    ``config``, an item whose stage that iteration lacks is refused, and so is a stage of ``stages``
+    that none of those iterations has (``ema_adapter`` without ``method.reference: ema``); a stage
+    that some of them have is forced where it exists."""
+    force = parse_force(items, iterations, config)
     stages = list(stages)
     for stage in stages:
         if stage not in STAGE_NAMES:
             raise ConfigError(f"force_stages: {stage!r} is not a stage; expected one of {list(STAGE_NAMES)}")
-    for t in list(only_iterations) or range(iterations + 1):
-        if stages:
-            force.setdefault(t, set()).update(stages)
+    selected = list(only_iterations) or list(range(iterations + 1))
+    for stage in stages:
+        present = [t for t in selected if config is None or REGISTRY[stage].enabled(config, t)]
+        if not present:
+            raise _absent(config, stage, f"force_stages {stage!r} (iterations {selected})")
+        for t in present:
+            force.setdefault(t, set()).add(stage)
     return force

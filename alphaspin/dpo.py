@@ -38,6 +38,9 @@ REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Dataset column: True where the rejected answer is a prefix cut off by generation.max_new_tokens,
 # to be tokenized without the chat template's end-of-turn tokens (`end_rejected_prefixes`).
 PREFIX_COLUMN = "rejected_is_prefix"
+# Pairs and dataset column: the token ids the loser was generated as (`alphaspin.generation.Completion`);
+# a cut-off loser's rejected ids are these, not the re-tokenized text (`end_rejected_prefixes`).
+GENERATED_COLUMN = "rejected_generated_ids"
 
 
 def pairs_to_dataset(
@@ -47,7 +50,7 @@ def pairs_to_dataset(
 
     ``losers_as_prefixes`` (``generation.truncated_losers: no_eos``): rows whose ``rejected_truncated``
     is true get ``rejected_is_prefix``, so that `prepare_like_trl` ends their rejected ids where
-    generation stopped."""
+    generation stopped, on the ids it generated (``rejected_generated_ids``, when the pairs have them)."""
     records: dict[str, list[Any]] = {
         "id": list(pairs["id"]),
         "prompt": [chat_prompt(p) for p in pairs["prompt"]],
@@ -60,7 +63,16 @@ def pairs_to_dataset(
         if "rejected_truncated" not in pairs.columns:
             raise ValueError("generation.truncated_losers: no_eos needs the pairs' rejected_truncated column")
         records[PREFIX_COLUMN] = [bool(v) for v in pairs["rejected_truncated"]]
+        if GENERATED_COLUMN in pairs.columns:
+            records[GENERATED_COLUMN] = [
+                [int(i) for i in ids] if ids is not None else [] for ids in pairs[GENERATED_COLUMN]
+            ]
     return datasets.Dataset.from_dict(records)
+
+
+def slic_settings(training: TrainingConfig) -> dict[str, float]:
+    """The trainer's SLiC arguments from the config: δ = ``training.slic_delta``, λ = ``training.slic_lambda``."""
+    return {"slic_delta": training.slic_delta, "slic_lambda": training.slic_lambda}
 
 
 def dpo_config(training: TrainingConfig, output_dir: str, seed: int, use_cpu: bool, **overrides: Any) -> DPOConfig:
@@ -130,25 +142,35 @@ def end_rejected_prefixes(dataset: datasets.Dataset, tokenizer: Any) -> datasets
     "cut text + end-of-turn", and DPO would learn that ending abruptly is bad, from a signal that
     is an artifact of the cap (the policy never ended there). Dropping those pairs instead loses
     data and biases the losers toward short answers; scoring the prefix keeps every sample and
-    scores exactly what was generated. A no-op on datasets without the column."""
+    scores exactly what was generated.
+
+    "Exactly": the prefix is the token ids the sampler generated (column ``rejected_generated_ids``,
+    where the pairs carry them), not the re-tokenized decoded text, which can differ (a word written
+    in two pieces re-tokenizes as one token; decoding strips a leading space). Without that column
+    (pairs written before it existed) the re-tokenized text is used. A no-op on datasets without
+    the ``rejected_is_prefix`` column."""
     if PREFIX_COLUMN not in dataset.column_names:
         return dataset
     closing = end_of_turn_ids(tokenizer)
-    if not closing:
+    generated = GENERATED_COLUMN in dataset.column_names
+    if not closing and not generated:
         return dataset
 
     def strip(example: dict[str, Any]) -> dict[str, Any]:
         ids = list(example["rejected_ids"])
         if not example[PREFIX_COLUMN]:
             return {"rejected_ids": ids}
-        if ids[-len(closing) :] != closing:
+        if closing and ids[-len(closing) :] != closing:
             raise ValueError(
                 f"generation.truncated_losers: no_eos: the rejected ids of row {example.get('id')!r} do not end "
                 f"with the chat template's end-of-turn ids {closing}; use truncated_losers keep or drop"
             )
-        return {"rejected_ids": ids[: -len(closing)]}
+        if generated and example[GENERATED_COLUMN]:
+            return {"rejected_ids": list(example[GENERATED_COLUMN])}
+        return {"rejected_ids": ids[: -len(closing)] if closing else ids}
 
-    return dataset.map(strip, desc="Ending cut-off losers where generation stopped")
+    ended = dataset.map(strip, desc="Ending cut-off losers where generation stopped")
+    return ended.remove_columns(GENERATED_COLUMN) if generated else ended
 
 
 def end_of_turn_marker(tokenizer: Any) -> list[int]:
@@ -270,8 +292,9 @@ class GeometricReferenceDPOTrainer(DPOTrainer):
     on the ids of `prepare_like_trl` (the reference stage's tokenization), with the paper's losses
     TRL lacks (``ipo_pairwise``, ``slic``) added to TRL's loss dispatch.
 
-    ``slic_delta`` / ``slic_lambda`` are SLiC's margin δ (default 1/β, the margin TRL's hinge
-    puts on log-ratios: max(0, 1 − β·m) = β·max(0, 1/β − m)) and SFT weight λ (default 0)."""
+    ``slic_delta`` / ``slic_lambda`` are SLiC's margin δ and SFT weight λ (paper §2.3), from
+    ``training.slic_delta`` / ``training.slic_lambda`` (`slic_settings`). Constructed without them, δ is
+    1/β (the margin TRL's hinge puts on log-ratios: max(0, 1 − β·m) = β·max(0, 1/β − m)) and λ = 0."""
 
     def __init__(self, *args: Any, slic_delta: float | None = None, slic_lambda: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -78,11 +78,29 @@ def build_requests(
 
 @dataclass(frozen=True)
 class Completion:
-    """One request's answer: the decoded text, and whether ``generation.max_new_tokens`` cut it off
-    (the sampler stopped at the cap, not at an end-of-sequence token)."""
+    """One request's answer: the decoded text, whether ``generation.max_new_tokens`` cut it off
+    (the sampler stopped at the cap, not at an end-of-sequence token), and the token ids the sampler
+    generated (its end-of-sequence token included when it stopped there; empty where unknown).
+
+    The ids matter for a cut-off loser under ``generation.truncated_losers: no_eos``: it is scored
+    and trained as the prefix the policy wrote, and re-tokenizing its decoded text need not give
+    that prefix back (a word the sampler wrote in two pieces comes back as one token, a stripped
+    space goes missing): `alphaspin.dpo.end_rejected_prefixes` uses these ids instead."""
 
     text: str
     truncated: bool
+    token_ids: tuple[int, ...] = ()
+
+
+def generated_ids(ids: Sequence[int], eos_ids: set[int]) -> tuple[int, ...]:
+    """The ids a sampler generated: up to and including the first end-of-sequence token (what
+    follows it in a batch is padding), or all of them when it was cut off."""
+    out = []
+    for token in ids:
+        out.append(int(token))
+        if int(token) in eos_ids:
+            break
+    return tuple(out)
 
 
 def left_pad(
@@ -187,8 +205,13 @@ class TransformersBackend:
         completions = generated[:, width:]
         # generate stops a row at EOS (then pads it) or at max_new_tokens: a row without EOS was cut off.
         ended = (completions == self.tokenizer.eos_token_id).any(dim=1).tolist()
+        eos = {int(self.tokenizer.eos_token_id)}
         return [
-            Completion(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), not stopped)
+            Completion(
+                self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                not stopped,
+                generated_ids(ids.tolist(), eos),
+            )
             for ids, stopped in zip(completions, ended, strict=True)
         ]
 

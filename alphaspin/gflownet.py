@@ -66,6 +66,7 @@ model with adapters disabled.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -154,7 +155,7 @@ def log_z_estimates(
     step_valid = torch.arange(width, device=lengths.device)[None] < lengths[:, None]
     state_valid = torch.arange(width + 1, device=lengths.device)[None] <= lengths[:, None]
     pf = torch.where(step_valid, log_pf, torch.zeros_like(log_pf))
-    prefix = torch.cat([torch.zeros_like(pf[:, :1]), pf.cumsum(dim=1)], dim=1)
+    prefix = torch.cat([pf.new_zeros(pf.shape[0], 1), pf.cumsum(dim=1)], dim=1)  # N = 0 too
     estimates = log_r.to(prefix.dtype) - log_pterm - prefix
     return torch.where(state_valid, estimates, torch.full_like(estimates, math.nan))
 
@@ -208,7 +209,7 @@ def prefix_log_rewards(
     (B, N) and termination log-probs (B, N+1) of each policy. A weight of 0 drops its policy."""
 
     def sequence(token: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-        prefix = torch.cat([torch.zeros_like(token[:, :1]), token.cumsum(dim=1)], dim=1)
+        prefix = torch.cat([token.new_zeros(token.shape[0], 1), token.cumsum(dim=1)], dim=1)  # N = 0 too
         return prefix + term
 
     out = 0.0
@@ -284,22 +285,36 @@ def train_sampler(
     settings: GFlowNetSettings,
     seed: int = 0,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    save_steps: int | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune the problem's sampler with the modified SubTB loss, on-policy with tempered
     exploration: every step takes ``prompts_per_step`` prompts (shuffled each epoch), samples
     ``samples_per_prompt`` trajectories of each, and takes one AdamW step on the loss of the batch
     (accumulated over micro-batches, normalised by the batch's total weight). Returns one record
-    per step: epoch, step, loss, log_z_spread, log_z_mean, mean_length."""
+    per step: epoch, step, loss, log_z_spread, log_z_mean, mean_length.
+
+    Checkpoints: every ``save_steps`` steps (not after the last) ``on_checkpoint`` gets the whole
+    training state (`checkpoint_state`: the sampler's trainable tensors, AdamW's state, the sampling
+    generator's state, the epoch's prompt order and position, the history). Passed back as
+    ``resume``, training continues from that step and ends exactly as an uninterrupted one (the same
+    random draws, the same updates)."""
     generator = torch.Generator().manual_seed(int(seed))
     params = [p for p in problem.parameters() if p.requires_grad]
     if not params:
         raise ValueError("gflownet: the sampler has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     history: list[dict[str, Any]] = []
-    step = 0
-    for epoch in range(settings.epochs):
-        order = torch.randperm(len(prompts), generator=generator).tolist()
-        for start in range(0, len(order), settings.prompts_per_step):
+    step, epoch, position, order = 0, 0, 0, None
+    if resume is not None:
+        step, epoch, position, order, history = restore_state(resume, params, optimizer, generator)
+    total_steps = settings.epochs * -(-len(prompts) // settings.prompts_per_step)
+    while epoch < settings.epochs:
+        if order is None:
+            order = torch.randperm(len(prompts), generator=generator).tolist()
+        while position < len(order):
+            start = position
             chosen = order[start : start + settings.prompts_per_step]
             rows = [i for i in chosen for _ in range(settings.samples_per_prompt)]
             batch = [prompts[i] for i in rows]
@@ -338,7 +353,50 @@ def train_sampler(
             if on_step is not None:
                 on_step(record)
             step += 1
+            position = start + settings.prompts_per_step
+            if save_steps and on_checkpoint is not None and step % save_steps == 0 and step < total_steps:
+                on_checkpoint(checkpoint_state(step, epoch, position, order, history, params, optimizer, generator))
+        epoch, position, order = epoch + 1, 0, None
     return history
+
+
+def checkpoint_state(
+    step: int,
+    epoch: int,
+    position: int,
+    order: list[int],
+    history: list[dict[str, Any]],
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Everything `train_sampler` needs to go on after ``step`` steps (for ``torch.save``)."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "position": position,
+        "order": list(order),
+        "history": [dict(h) for h in history],
+        "params": [p.detach().cpu().clone() for p in params],
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "generator": generator.get_state(),
+    }
+
+
+def restore_state(
+    state: dict[str, Any], params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, generator
+) -> tuple[int, int, int, list[int], list[dict[str, Any]]]:
+    """Load a `checkpoint_state` into the sampler, AdamW and the generator; (step, epoch, position,
+    order, history) to go on from."""
+    saved = state["params"]
+    if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params, strict=True)):
+        raise ValueError("gflownet: the checkpoint's sampler does not match this sampler (shapes differ)")
+    with torch.no_grad():
+        for param, value in zip(params, saved, strict=True):
+            param.copy_(value.to(param.device, param.dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return state["step"], state["epoch"], state["position"], list(state["order"]), list(state["history"])
 
 
 def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,6 +16,15 @@ to sample. ``method.opponent`` offers samplers of the geometric mixture itself:
   where the two policies disagree (small z_s) are over-weighted. It is exact when α ∈ {0, 1} or
   the policies agree.
 
+No tempering: every sampler here samples at temperature 1 without nucleus (top-p) truncation,
+whatever ``generation.temperature`` / ``generation.top_p`` say (those apply to the arithmetic
+opponent's plain policies). The target of these samplers is the geometric mixture itself, the
+distribution the DPO loss's reference is; tempering after mixing, softmax((α·ℓ_(t-1) + (1-α)·ℓ_base)/T)
+with nucleus truncation, would sample another distribution (sharper for T < 1, with the tail cut),
+and the losers would no longer come from the reference they are scored against (paper Appendix A).
+So it is not offered as a knob; the generate stage's cache key and its ``provenance.json`` record
+temperature 1 and top-p 1 for these members (`alphaspin.stages.generate.sampling_config`).
+
 The pure functions here take tensors (tested on enumerable toy policies); `TokenGeometricSampler`
 runs the per-token mixture on a PEFT model (adapter = π_(t-1), adapter disabled = π_base).
 """
@@ -31,7 +40,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from alphaspin.generation import left_pad
+from alphaspin.generation import Completion, left_pad
 
 
 def sir_log_weights(lp_prev: torch.Tensor, lp_base: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -162,7 +171,7 @@ def score_samples(
     not the newline the template writes after it), a sample cut off at the length cap (``truncated``)
     as its prefix, without end-of-turn (`alphaspin.dpo.end_rejected_prefixes`). Ids and windows are
     TRL's (training.max_length in ``args``), as training scores the pairs. ``samples``: id, prompt,
-    text, truncated. ``with_end``: also log π(⊤ | x, p) of each cut-off prefix p under both policies,
+    text, truncated (optionally generated_ids: a cut-off sample is then scored on those ids). ``with_end``: also log π(⊤ | x, p) of each cut-off prefix p under both policies,
     ⊤ = the end-of-turn marker (what ``generation.truncated_losers: keep`` adds to a cut-off loser).
     Used by the sir opponent's weights and the Monte-Carlo log Z(x) samples."""
     from alphaspin.dpo import (
@@ -182,6 +191,8 @@ def score_samples(
             "rejected_truncated": [bool(v) for v in samples["truncated"]],
         }
     )
+    if "generated_ids" in samples.columns:  # a cut-off sample is scored on the ids it was generated as
+        frame["rejected_generated_ids"] = [[int(i) for i in ids] for ids in samples["generated_ids"]]
     dataset = pairs_to_dataset(frame, losers_as_prefixes=True)
     tokenized = end_answers_at_marker(tokenize_like_trl(dataset, tokenizer, args), tokenizer, ("rejected",))
     pad = tokenizer.pad_token_id
@@ -209,7 +220,8 @@ def score_samples(
 
 
 class TokenGeometricSampler:
-    """Per-token geometric mixture of a PEFT model with its adapter (π_(t-1)) and without (π_base).
+    """Per-token geometric mixture of a PEFT model with its adapter (π_(t-1)) and without (π_base),
+    sampled as it is (temperature 1, no top-p: see the module docstring for why it is not tempered).
 
     Two forwards per token, each with its own KV cache; every row samples from its own seeded
     generator, so a row's text does not depend on its batch (resume by shard stays exact).
@@ -222,15 +234,15 @@ class TokenGeometricSampler:
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[tuple[str, bool]]:
-        """(text, cut off) for each prompt (token ids of the rendered chat prompt)."""
-        out: list[tuple[str, bool]] = []
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Completion]:
+        """The completion (text, cut off, generated ids) of each prompt (token ids of the rendered chat prompt)."""
+        out: list[Completion] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
             out.extend(self._batch(batch, seeds[start : start + self.batch_size]))
         return out
 
-    def _batch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[tuple[str, bool]]:
+    def _batch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Completion]:
         pad = self.tokenizer.pad_token_id
         ids, mask = left_pad(prompts, pad, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -266,5 +278,7 @@ class TokenGeometricSampler:
             step_ids = torch.tensor(chosen, device=self.device)[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step_positions = step_positions[:, -1:] + 1
-        texts = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
-        return [(text, not finished) for text, finished in zip(texts, done, strict=True)]
+        return [
+            Completion(self.tokenizer.decode(row, skip_special_tokens=True).strip(), not finished, tuple(row))
+            for row, finished in zip(tokens, done, strict=True)
+        ]

@@ -11,7 +11,7 @@ import logging
 
 from alphaspin import console
 from alphaspin.config import AlphaSpinConfig
-from alphaspin.dag import walk_iteration
+from alphaspin.dag import check_forced, walk_iteration
 from alphaspin.runner import Runner
 from alphaspin.runs import Run
 from alphaspin.stage_spec import Node
@@ -31,6 +31,7 @@ def run(
     from alphaspin.tracking import check_tracking
 
     check_tracking(config)  # an unreachable tracker fails here, before any work
+    check_forced(config, force or {})  # a forced stage this configuration lacks: one line, before any work
     stored = Run(config, fork_from)
     with Workspace(config) as workspace:
         runner = Runner(stored, workspace)

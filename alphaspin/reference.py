@@ -25,8 +25,10 @@ With h = log π_θ(y|x) − log π_ref(y|x) (summed over the answer's tokens), t
   (h_w − 1/(2β))² + (h_l + 1/(2β))² — each h on its own: log Z(x) does NOT cancel.
 
 For losses where it does not cancel, `log_partition_monte_carlo` estimates log Z(x) from samples
-of π_(t-1): Z(x) = E_{y~π_(t-1)}[(π_base(y|x)/π_(t-1)(y|x))^(1−α)] (``training.normalized_reference``), and
-`log_partition_standard_error` its standard error. Samples cut off at a length cap count with their
+of π_(t-1): Z(x) = E_{y~π_(t-1)}[(π_base(y|x)/π_(t-1)(y|x))^(1−α)] (``training.normalized_reference``);
+`log_partition_jackknife` its bias (log of a mean is biased low) and standard error, and
+`log_partition_interval` a confidence interval (the delta-method `log_partition_standard_error` understates
+the spread at small k). Samples cut off at a length cap count with their
 prefix's probabilities, which bounds the estimate's target from above: 0 ≤ Z_W − Z ≤
 P_prev(cut)^α·P_base(cut)^(1−α) (`alphaspin.stages.reference_logps._log_partition`).
 
@@ -103,6 +105,55 @@ def prefix_reference_gap(lp_prev_continuations: torch.Tensor, lp_base_continuati
     return -log_partition_monte_carlo(lp_prev_continuations, lp_base_continuations, alpha)
 
 
+def log_partition_jackknife(
+    lp_prev_samples: torch.Tensor, lp_base_samples: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bias, standard error) of `log_partition_monte_carlo` by the jackknife over the k samples.
+
+    With θ̂ = log mean(w) of all k samples and θ_(i) = log mean(w) of the k − 1 others, θ̄ = mean_i θ_(i):
+    bias ≈ (k − 1)(θ̄ − θ̂) (an estimate of E[θ̂] − log Z, negative: Jensen), SE = √((k − 1)/k · Σ_i (θ_(i) − θ̄)²).
+
+    Why not the delta method alone: sd(w)/(√k·mean(w)) linearises log at mean(w) and uses the sample sd
+    of k skewed weights, both of which understate the spread at small k. On an enumerable toy (six
+    answers, α = 0.5, tests/test_reference_math.py) at k = 4: the spread of θ̂ over draws is 0.356,
+    the mean delta-method SE 0.288, the mean jackknife SE 0.321; the bias is −0.067, the mean jackknife
+    bias −0.059. Shapes (batch, k) → (batch,), (batch,); NaN where k < 2.
+    """
+    k = lp_prev_samples.shape[-1]
+    log_w = (1.0 - alpha) * (lp_base_samples.double() - lp_prev_samples.double())
+    if k < 2:
+        nan = torch.full(log_w.shape[:-1], float("nan"), dtype=log_w.dtype)
+        return nan, nan.clone()
+    full = torch.logsumexp(log_w, dim=-1) - math.log(k)
+    # leave-one-out log-means: log(Σ_j w_j − w_i) − log(k − 1), computed as logsumexp over the others
+    others = log_w.unsqueeze(-2).expand(*log_w.shape[:-1], k, k)
+    keep = ~torch.eye(k, dtype=torch.bool)
+    loo = torch.logsumexp(others.masked_fill(~keep, float("-inf")), dim=-1) - math.log(k - 1)
+    mean = loo.mean(dim=-1)
+    bias = (k - 1) * (mean - full)
+    se = ((k - 1) / k * ((loo - mean.unsqueeze(-1)) ** 2).sum(dim=-1)).sqrt()
+    return bias, se
+
+
+def log_partition_interval(
+    estimate: torch.Tensor, bias: torch.Tensor, se: torch.Tensor, k: int, level: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``level`` interval for log Z(x): the bias-corrected estimate θ̂ − bias ± t_(k−1) · SE (jackknife
+    bias and SE, `log_partition_jackknife`; Student's t with k − 1 degrees of freedom for the few samples).
+
+    Honest, not exact: on the toy of `log_partition_jackknife` the 95% interval covers the true log Z in
+    89% of draws at k = 4 (the delta-method θ̂ ± 1.96·SE: 78%), 90% at k = 8 and 93% at k = 16; with
+    heavier-tailed weights (policies far apart) the gap is larger. NaN where k < 2."""
+    from scipy.stats import t as student
+
+    if k < 2:
+        nan = torch.full_like(estimate, float("nan"), dtype=torch.float64)
+        return nan, nan.clone()
+    half = float(student.ppf(0.5 + level / 2.0, k - 1)) * se
+    centre = estimate - bias
+    return centre - half, centre + half
+
+
 def arithmetic_reference_logps(lp_prev: torch.Tensor, lp_base: torch.Tensor, alpha: float) -> torch.Tensor:
     """log(α·π_(t-1)(y|x) + (1−α)·π_base(y|x)) of each sequence, from its log-probs. Shapes: (batch,).
 
@@ -147,6 +198,29 @@ def concatenate_lora(
     a = torch.cat([A for A, _ in factors], dim=0)
     b = torch.cat([w * B for (_, B), w in zip(factors, weights, strict=True)], dim=1)
     return a, b
+
+
+def compress_lora(a: torch.Tensor, b: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The best rank-``max_rank`` LoRA (A', B') of the delta B·A (truncated SVD, Eckart–Young), and
+    (‖B·A − B'·A'‖_F², ‖B·A‖_F²). Exact (error 0 up to rounding) whenever rank(B·A) ≤ max_rank, e.g. when
+    the concatenated adapters' deltas share directions.
+
+    Without forming B·A (out × in): with thin QRs B = Q_b R_b and Aᵀ = Q_a R_a, B·A = Q_b (R_b R_aᵀ) Q_aᵀ,
+    so the SVD of the small core R_b R_aᵀ = U S Vᵀ gives B·A = (Q_b U) S (Q_a V)ᵀ; keep the top
+    ``max_rank`` singular values, split as √S on each side. A core smaller than ``max_rank`` is padded
+    with zero ranks, so every module has the same rank (one LoRA config)."""
+    if a.shape[0] != b.shape[1]:
+        raise ValueError(f"compress_lora: A {tuple(a.shape)} and B {tuple(b.shape)} do not chain")
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k = min(max_rank, s.shape[0])
+    root = s[:k].sqrt()
+    b_new = torch.zeros(b.shape[0], max_rank, dtype=b.dtype)
+    a_new = torch.zeros(max_rank, a.shape[1], dtype=a.dtype)
+    b_new[:, :k] = (qb @ u[:, :k]) * root
+    a_new[:k] = root[:, None] * (vh[:k] @ qa.T)
+    return a_new, b_new, float((s[k:] ** 2).sum()), float((s**2).sum())
 
 
 def dpo_margin(

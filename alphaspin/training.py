@@ -218,7 +218,7 @@ def fit(
     ``stage``; rank 0 saves θ_t into ``adapter_dir``."""
     from peft import LoraConfig, PeftModel
 
-    from alphaspin.dpo import REFERENCE_COLUMNS, GeometricReferenceDPOTrainer, pairs_to_dataset
+    from alphaspin.dpo import REFERENCE_COLUMNS, GeometricReferenceDPOTrainer, pairs_to_dataset, slic_settings
     from alphaspin.models import load_base_model
 
     config = ws.config
@@ -252,7 +252,12 @@ def fit(
     # The trainer tokenizes it with `alphaspin.dpo.prepare_like_trl`, as the reference stage did.
     dataset = pairs_to_dataset(pairs, REFERENCE_COLUMNS, losers_as_prefixes=config.generation.losers_as_prefixes)
     trainer = GeometricReferenceDPOTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=ws.tokenizer, peft_config=peft_config
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=ws.tokenizer,
+        peft_config=peft_config,
+        **slic_settings(config.training),
     )
     total = trainer.get_train_dataloader().__len__()  # per process: the loader is sharded over the ranks
     total_steps = max(

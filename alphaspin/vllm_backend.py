@@ -221,7 +221,7 @@ class VllmBackend:
             # finish_reason "length": stopped by max_tokens (generation.max_new_tokens), not by the EOS stop token.
             token_ids, truncated = parse_completion(response)
             text = self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-            completions.append(Completion(text, truncated))
+            completions.append(Completion(text, truncated, tuple(token_ids)))
         if on_batch:
             on_batch(len(requests))
         return completions

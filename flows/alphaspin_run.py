@@ -66,7 +66,9 @@ def alphaspin_run(
     """A whole α-SPIN run, t = 0..T. Completed stages are skipped (Cached); ``force_stages`` re-runs
     those stages in ``force_iterations`` (all iterations when empty) and everything downstream.
     ``force`` takes "T:STAGE" items (the CLI's form)."""
-    forced = force_plan(config.method.iterations, force or [], force_stages or [], force_iterations or [])
+    forced = force_plan(
+        config.method.iterations, force or [], force_stages or [], force_iterations or [], config=config
+    )
     if flow_run.ui_url and PREFECT_API_URL.value():  # a temporary server's UI is gone at exit
         console.current().link("Prefect UI", flow_run.ui_url)
     ensure_run(config, fork_from)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from alphaspin.config import AlphaSpinConfig, ConfigError, load_config
-from alphaspin.dag import parse_force
+from alphaspin.dag import check_forced, parse_force
 from alphaspin.data import DataError
 from alphaspin.leases import LeaseHeldError
 from alphaspin.preemption import Preempted, raise_on_sigterm
@@ -220,14 +220,16 @@ def _run_in_console(config: AlphaSpinConfig, args: argparse.Namespace, force: di
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    return _run_in_console(config, args, parse_force(args.force, config.method.iterations), "run")
+    return _run_in_console(config, args, parse_force(args.force, config.method.iterations, config), "run")
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     config = stored_config(args.run_id, args.runs_root)
     if args.iteration > config.method.iterations:
         raise ConfigError(f"--iteration {args.iteration}: the run has iterations 0..{config.method.iterations}")
-    return _run_in_console(config, args, {args.iteration: set(args.stage)}, "rerun")
+    force = {args.iteration: set(args.stage)}
+    check_forced(config, force, "--stage")
+    return _run_in_console(config, args, force, "rerun")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -260,7 +262,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     run = Run(config, args.fork_from)
     if args.fork_from is not None and run.parent is not None and not run.parent.exists(run.parent.path("run.json")):
         raise ConfigError(f"--fork-from {args.fork_from}: no run at {run.parent.url}")
-    rows = plan(run, parse_force(args.force, config.method.iterations))
+    rows = plan(run, parse_force(args.force, config.method.iterations, config))
     if args.json:
         print(
             json.dumps(

@@ -194,7 +194,7 @@ def _run_iterations_on(
         logger.warning("could not create the zombie flow-run automation (%s); relying on the parent's watch", error)
     ensure_run(config, fork_from)  # run.json first: the child reads the config from it
     iterations = list(range(config.method.iterations + 1))
-    plan = force_plan(config.method.iterations, stages=force_stages, only_iterations=force_iterations)
+    plan = force_plan(config.method.iterations, stages=force_stages, only_iterations=force_iterations, config=config)
     forced = {t: sorted(plan.get(t, ())) for t in iterations}
     parent = str(current_flow_run.id or config.run.run_id)
     results = []

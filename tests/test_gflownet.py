@@ -254,6 +254,72 @@ def test_training_the_sampler_reaches_the_geometric_mixture():
     assert history[-1]["log_z_spread"] < 0.05
 
 
+# -- checkpoint and resume -------------------------------------------------------------------------------
+def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one():
+    """Interrupt during step 7 (checkpoints every 3 steps: the last after step 6, at an epoch's end), resume
+    from it on a fresh sampler: the same history and exactly the same final weights."""
+    import io
+
+    prev, base, alpha = ToyPolicy(1), ToyPolicy(2), 0.5
+    for policy in (prev, base):
+        policy.requires_grad_(False)
+    settings = GFlowNetSettings(
+        epochs=4, learning_rate=0.05, samples_per_prompt=3, prompts_per_step=1, exploration_temperature=1.3
+    )  # two prompts, one per step: 2 steps per epoch, 8 in all
+
+    clean = copy.deepcopy(prev).requires_grad_(True)
+    full = train_sampler(ToyProblem(clean, prev, base, alpha), list(PROMPTS), settings, seed=5)
+
+    class Interrupted(Exception):
+        pass
+
+    saved: list[bytes] = []
+
+    def store(state):  # as the stage stores it: torch.save, read back with weights_only
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        saved.append(buffer.getvalue())
+
+    def crash(record):
+        if record["step"] == 6:  # the 7th step: after the checkpoint of step 6
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_sampler(
+            ToyProblem(copy.deepcopy(prev).requires_grad_(True), prev, base, alpha),
+            list(PROMPTS),
+            settings,
+            seed=5,
+            on_step=crash,
+            save_steps=3,
+            on_checkpoint=store,
+        )
+    assert len(saved) == 2  # after steps 3 and 6
+    state = torch.load(io.BytesIO(saved[-1]), weights_only=True)
+    # taken at the end of epoch 2 (its order used up): the resumed run draws epoch 3's order next
+    assert (state["step"], state["epoch"], state["position"], len(state["history"])) == (6, 2, 2, 6)
+    resumed_sampler = ToyPolicy(99)  # whatever it holds: the checkpoint's weights replace it
+    seen = []
+    resumed = train_sampler(
+        ToyProblem(resumed_sampler, prev, base, alpha),
+        list(PROMPTS),
+        settings,
+        seed=5,
+        on_step=lambda record: seen.append(record["step"]),
+        resume=state,
+    )
+    assert seen == [6, 7]  # only the steps not done
+    assert resumed == full
+    for a, b in zip(resumed_sampler.parameters(), clean.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # a mid-epoch checkpoint (after step 3: epoch 1, its second prompt next) resumes exactly too
+    mid = torch.load(io.BytesIO(saved[0]), weights_only=True)
+    assert (mid["step"], mid["epoch"], mid["position"]) == (3, 1, 1)
+    again = ToyPolicy(98)
+    assert train_sampler(ToyProblem(again, prev, base, alpha), list(PROMPTS), settings, seed=5, resume=mid) == full
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), clean.parameters(), strict=True))
+
+
 # -- the sampler adapter on a real (tiny) model -----------------------------------------------------------
 def test_the_sampler_adapter_starts_as_theta_prev_and_trains_alone(tiny_model, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -412,3 +478,61 @@ def test_a_run_with_the_gflownet_opponent(make_config):
     assert stored.dir(Node("generate", 1, "gflownet-iter-0")).read_manifest() is not None
     assert stored.dir(Node("train_sampler", 1)).read_manifest() is not None
     assert stored.dir(Node("train_sampler", 0)).read_manifest() is None  # t = 0: the mixture is π_base
+
+
+@pytest.mark.slow
+def test_an_interrupted_train_sampler_stage_resumes_and_ends_as_an_uninterrupted_one(make_config, monkeypatch):
+    """The stage checkpoints into its folder (_scratch/) every method.gflownet.save_steps; interrupted
+    after step 3 (last checkpoint: step 2), the rerun resumes at step 2 and writes the same sampler."""
+    from safetensors.torch import load
+
+    import alphaspin.gflownet as gflownet
+    from alphaspin.pipeline import run
+    from alphaspin.runs import Run
+    from alphaspin.stage_spec import Node
+    from alphaspin.stages.train_sampler import CHECKPOINT
+
+    knobs = [
+        "method.iterations=1",
+        "method.opponent=gflownet",
+        "method.gflownet.prompts=4",
+        "method.gflownet.epochs=2",
+        "method.gflownet.samples_per_prompt=2",
+        "method.gflownet.prompts_per_step=2",
+        "method.gflownet.max_new_tokens=4",
+        "method.gflownet.learning_rate=1e-3",
+        "method.gflownet.save_steps=2",
+        "evaluation.judge.enabled=false",
+        "evaluation.benchmarks=[]",
+    ]
+    original = gflownet.train_sampler
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted(*args, on_step=None, **kwargs):
+        def crash(record):
+            if record["step"] == 2:  # the third step, after the checkpoint of step 2
+                raise Interrupted
+
+        return original(*args, on_step=crash, **kwargs)
+
+    config = make_config(*knobs)
+    monkeypatch.setattr(gflownet, "train_sampler", interrupted)
+    with pytest.raises(Interrupted):
+        run(config)
+    monkeypatch.setattr(gflownet, "train_sampler", original)
+    stored = Run(config)
+    folder = stored.dir(Node("train_sampler", 1))
+    assert folder.read_manifest() is None and CHECKPOINT in folder.list_files()
+    run(config)
+    assert stored.stored_record(Node("train_sampler", 1)).metrics["gflownet/resumed_from_step"] == 2
+    assert CHECKPOINT not in folder.list_files()  # cleared once done
+    name = next(n for n in folder.list_files("sampler") if n.endswith(".safetensors"))
+    resumed_log, resumed = folder.read_json("train_log.json"), load(folder.read_bytes(name))
+
+    run(config, force={1: {"train_sampler"}})  # the same stage again, from scratch, uninterrupted
+    assert stored.stored_record(Node("train_sampler", 1)).metrics["gflownet/resumed_from_step"] is None
+    clean = load(folder.read_bytes(name))
+    assert resumed_log == folder.read_json("train_log.json") and len(resumed_log) == 4
+    assert resumed.keys() == clean.keys() and all(torch.equal(resumed[k], clean[k]) for k in clean)

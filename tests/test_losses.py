@@ -232,3 +232,50 @@ def test_tiny_run_trains_with_each_paper_loss(make_config, overrides, first_loss
     if first_loss is not None:
         log = stored.dir(Node("train", 0)).read_json("train_log.json")
         assert next(h["loss"] for h in log if "loss" in h) == pytest.approx(first_loss, rel=1e-3)
+
+
+def test_slic_takes_the_papers_delta_and_lambda_from_the_config(tiny_model, tmp_path):
+    """SLiC as the paper writes it (§2.3), with δ and λ knobs: δ = 1, λ = 0.1 by default (the paper requires
+    δ > 0, λ > 0). On the table: raw = 1, −2, 3.5 → max(0, 1 − raw) = 0, 3, 0; −0.1·log π_θ(y_w) = 0.4, 0.6,
+    0.3; mean (0.4 + 3.6 + 0.3)/3. δ no longer follows β: β = 0.5 here, 1/β = 2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alphaspin.dpo import slic_settings
+
+    training = TrainingConfig(beta=BETA, loss_type="slic")
+    assert slic_settings(training) == {"slic_delta": 1.0, "slic_lambda": 0.1}
+    row = {
+        "prompt": [[{"role": "user", "content": "hi"}]],
+        "chosen": [[{"role": "assistant", "content": "a"}]],
+        "rejected": [[{"role": "assistant", "content": "b"}]],
+        "ref_chosen_logps": [0.0],
+        "ref_rejected_logps": [0.0],
+    }
+    configured = GeometricReferenceDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model),
+        args=dpo_config(training, str(tmp_path / "trl"), seed=0, use_cpu=True),
+        train_dataset=datasets.Dataset.from_dict(row),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model),
+        **slic_settings(training),
+    )
+    assert (configured.slic_delta, configured.slic_lambda) == (1.0, 0.1)
+    loss, grad = trainer_loss(configured, "slic", slic_lambda=configured.slic_lambda)
+    assert loss == pytest.approx((0.4 + 3.6 + 0.3) / 3, abs=1e-6)
+    # d/d log π_θ(y_w) = (−1[hinge active] − λ)/3; d/d log π_θ(y_l) = 1[hinge active]/3: only pair 2 is active
+    assert grad == pytest.approx([-0.1 / 3, -1.1 / 3, -0.1 / 3, 0.0, 1 / 3, 0.0], abs=1e-6)
+    wide = slic_settings(TrainingConfig(loss_type="slic", slic_delta=4.0, slic_lambda=0.0))
+    assert slic_loss(torch.tensor([-4.0]), torch.tensor([-5.0]), wide["slic_delta"], wide["slic_lambda"]).item() == 3.0
+
+
+def test_slic_knobs_enter_only_the_keys_of_slic_runs():
+    from alphaspin.stages import REGISTRY
+
+    reads = REGISTRY["train"].reads
+    sigmoid = load_config(None, [])
+    assert not any(k.startswith("training.slic") for k in reads(sigmoid, 1, None))
+    assert reads(sigmoid, 1, None) == reads(load_config(None, ["training.slic_lambda=0.5"]), 1, None)
+    slic = load_config(None, ["training.loss_type=slic", "training.slic_delta=2"])
+    assert reads(slic, 1, None)["training.slic_delta"] == 2.0 and reads(slic, 1, None)["training.slic_lambda"] == 0.1
+    for bad in ("training.slic_delta=0", "training.slic_lambda=-1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])

@@ -171,9 +171,12 @@ def test_kv_cached_token_geometric_sampler_equals_a_plain_token_loop(tiny_model)
             return token_geometric_logprobs(prev[None], base_logits[None], alpha)[0]
 
         tokens, cut_off = sample_sequence(next_logprobs, eos, steps, torch.Generator().manual_seed(seed))
-        return tokenizer.decode(list(tokens), skip_special_tokens=True).strip(), cut_off
+        return tokenizer.decode(list(tokens), skip_special_tokens=True).strip(), cut_off, tuple(tokens)
 
-    assert cached == [plain(p, s) for p, s in zip(prompts, seeds, strict=True)]
+    # text, cut off, and the generated ids (what a no_eos cut-off loser is scored on)
+    assert [(c.text, c.truncated, c.token_ids) for c in cached] == [
+        plain(p, s) for p, s in zip(prompts, seeds, strict=True)
+    ]
     assert cached != TokenGeometricSampler(model, tokenizer, alpha, steps, "cpu", 2)._batch(prompts, [13, 14])
 
 
@@ -260,3 +263,27 @@ def test_samples_are_scored_as_generated_answer_then_end_of_turn_or_the_cut_off_
             assert float(lp[row]) == pytest.approx(total, abs=2e-4)
             assert float(end[row]) == (pytest.approx(end_term, abs=2e-4) if cut else 0.0)
     assert float(scored.lp_prev[0]) != pytest.approx(float(scored.lp_base[0]), abs=1e-3)  # θ ≠ base
+
+
+def test_token_geometric_records_and_keys_the_untempered_sampling_it_runs():
+    """The per-token mixture is sampled as it is (temperature 1, top-p 1): provenance, `alphaspin diff`
+    and the cache key say so, whatever generation.temperature / top_p are (they apply to plain members)."""
+    from alphaspin.config import load_config
+    from alphaspin.stages import REGISTRY
+    from alphaspin.stages.generate import sampling_used
+
+    warm = load_config(None, ["method.opponent=token_geometric", "generation.temperature=0.7", "generation.top_p=0.9"])
+    cold = load_config(None, ["method.opponent=token_geometric", "generation.temperature=0.3", "generation.top_p=0.5"])
+    for sampler in ("token_geometric", "sir"):
+        member = f"{sampler}-iter-0"
+        used = sampling_used(warm, member)["sampling"]
+        assert (used["temperature"], used["top_p"]) == (1.0, 1.0), sampler
+        reads = REGISTRY["generate"].reads
+        assert "generation.temperature" not in reads(warm, 1, member) and "generation.top_p" not in reads(
+            warm, 1, member
+        )
+        assert reads(warm, 1, member) == reads(cold, 1, member)  # one key: the same losers are sampled
+    # a plain policy member (the arithmetic opponent, and t = 0's base) applies and records them
+    assert sampling_used(warm, "base")["sampling"]["temperature"] == 0.7
+    assert REGISTRY["generate"].reads(warm, 0, "base")["generation.temperature"] == 0.7
+    assert REGISTRY["generate"].reads(warm, 0, "base") != REGISTRY["generate"].reads(cold, 0, "base")

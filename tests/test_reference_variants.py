@@ -8,6 +8,7 @@ By hand: π_prev = (0.5, 0.3, 0.2), π_base = (0.2, 0.2, 0.6), α = 0.75. The ar
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,8 +235,167 @@ def test_log_partition_samples_come_from_the_previous_policy_itself(make_config,
     stored = Run(config)
     table = stored.dir(Node("reference_logps", 1)).read_table("reference.parquet")
     assert table.log_partition_se.map(math.isfinite).all() and (table.log_partition_se > 0).all()
+    # the jackknife bias (≤ 0 here: two samples, one of them cut off) and the interval around the corrected value
+    assert (table.log_partition_bias <= 0).all()
+    corrected = table.log_partition - table.log_partition_bias
+    assert ((table.log_partition_low < corrected) & (corrected < table.log_partition_high)).all()
     metrics = stored.stored_record(Node("reference_logps", 1)).metrics
     prompts = table.prompt.nunique()
     assert metrics["partition/samples"] == 2 * prompts and metrics["partition/cut_off_samples"] == prompts
-    assert metrics["partition/mean_log_z_se"] > 0
+    assert metrics["partition/mean_log_z_se"] > 0 and metrics["partition/mean_log_z_bias"] <= 0
     assert all(math.isfinite(r["train/loss"]) for r in results)
+
+
+def test_forcing_a_stage_the_run_does_not_have_is_refused_naming_its_knob():
+    """``--force 1:ema_adapter`` without the EMA reference used to be accepted and do nothing."""
+    from alphaspin.dag import check_forced, force_plan, parse_force
+
+    geometric = load_config(None, [])
+    with pytest.raises(ConfigError, match=r"--force '1:ema_adapter'.*method\.reference: ema.*'geometric'"):
+        parse_force(["1:ema_adapter"], geometric.method.iterations, geometric)
+    with pytest.raises(ConfigError, match=r"method\.opponent: gflownet.*'arithmetic'"):
+        parse_force(["1:train_sampler"], geometric.method.iterations, geometric)
+    with pytest.raises(ConfigError, match=r"--stage 2:ema_adapter.*method\.reference"):  # alphaspin rerun
+        check_forced(geometric, {2: {"ema_adapter"}}, "--stage")
+    with pytest.raises(ConfigError, match=r"force_stages 'ema_adapter'.*method\.reference: ema"):  # the flows' form
+        force_plan(2, stages=["ema_adapter"], config=geometric)
+    assert parse_force(["1:train"], 2, geometric) == {1: {"train"}}
+    ema = load_config(None, ["method.reference=ema"])
+    assert parse_force(["1:ema_adapter"], 2, ema) == {1: {"ema_adapter"}}
+    with pytest.raises(ConfigError, match=r"t ≥ 1"):  # θ_ema(0) = θ_base: no stage at t = 0
+        parse_force(["0:ema_adapter"], 2, ema)
+    assert force_plan(2, stages=["ema_adapter"], config=ema) == {1: {"ema_adapter"}, 2: {"ema_adapter"}}
+
+
+def test_the_pipeline_refuses_a_forced_absent_stage_before_any_work(make_config):
+    from alphaspin.pipeline import run
+
+    config = make_config()
+    with pytest.raises(ConfigError, match="method.reference: ema"):
+        run(config, force={1: {"ema_adapter"}})
+    assert not list(Path(config.run.runs_root).glob("**/*.json"))  # nothing written
+
+
+def test_compress_lora_by_hand_exact_when_the_rank_fits_and_the_best_approximation_otherwise():
+    from alphaspin.reference import compress_lora
+
+    # B·A = diag(3, 1, 0) on a 3×3 layer, written as a rank-3 LoRA (the third rank is zero)
+    a = torch.eye(3, dtype=torch.float64)
+    b = torch.diag(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64))
+    a2, b2, lost, whole = compress_lora(a, b, 2)  # rank(B·A) = 2 fits: exact
+    assert a2.shape == (2, 3) and b2.shape == (3, 2)
+    assert torch.allclose(b2 @ a2, b @ a, atol=1e-12) and lost == pytest.approx(0.0, abs=1e-20) and whole == 10.0
+    a1, b1, lost, whole = compress_lora(a, b, 1)  # the best rank 1: diag(3, 0, 0); error ‖diag(0,1,0)‖² = 1
+    assert torch.allclose(b1 @ a1, torch.diag(torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)), atol=1e-12)
+    assert (lost, whole) == (pytest.approx(1.0), pytest.approx(10.0))
+    a4, b4, _, _ = compress_lora(a[:1], b[:, :1], 4)  # a rank-1 core, padded with zero ranks to 4
+    assert a4.shape == (4, 3) and torch.allclose(b4 @ a4, b[:, :1] @ a[:1], atol=1e-12)
+
+
+def _toy_adapters(shared: bool, count: int = 3, r: int = 2):
+    """``count`` toy adapters (rank r, scale 2) of two layers; ``shared``: every iterate's A is the same,
+    so the EMA delta Σ c_k s B_k A has rank r however many iterates it sums."""
+    generator = torch.Generator().manual_seed(1)
+    layers = ("base_model.model.layers.0.q_proj", "base_model.model.layers.1.v_proj")
+    config = {"r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"}
+    common = {layer: torch.randn(r, 6, generator=generator, dtype=torch.float64) for layer in layers}
+    adapters = []
+    for _ in range(count):
+        tensors = {}
+        for layer in layers:
+            own = torch.randn(r, 6, generator=generator, dtype=torch.float64)
+            tensors[f"{layer}.lora_A.weight"] = common[layer].clone() if shared else own
+            tensors[f"{layer}.lora_B.weight"] = torch.randn(5, r, generator=generator, dtype=torch.float64)
+        adapters.append((tensors, dict(config)))
+    return adapters, layers
+
+
+def test_the_ema_adapter_rank_cap_is_exact_when_the_rank_fits_and_reports_its_error_otherwise():
+    weights = ema_coefficients(0.5, 3)
+
+    def merged(tensors, config, layer):
+        scale = config["lora_alpha"] / config["r"]
+        return scale * tensors[f"{layer}.lora_B.weight"].double() @ tensors[f"{layer}.lora_A.weight"].double()
+
+    for shared in (True, False):
+        adapters, layers = _toy_adapters(shared)
+        exact, exact_config = ema_lora(adapters, weights)  # rank 6: the concatenation
+        errors: dict[str, float] = {}
+        capped, capped_config = ema_lora(adapters, weights, max_rank=2, errors=errors)
+        assert exact_config["r"] == 6 and capped_config["r"] == capped_config["lora_alpha"] == 2
+        relative = []
+        for layer in layers:
+            want, got = merged(exact, exact_config, layer), merged(capped, capped_config, layer)
+            relative.append(float((want - got).norm() / want.norm()))
+            # the best rank-2 approximation: its error is what SVD says is left
+            s = torch.linalg.svdvals(want)
+            assert float((want - got).norm()) == pytest.approx(float(s[2:].norm()), rel=1e-9, abs=1e-12)
+        assert errors["max_layer_relative_error"] == pytest.approx(max(relative), rel=1e-6, abs=1e-12)
+        if shared:  # the three updates share A: rank 2 fits, the cap is exact
+            assert errors["relative_error"] < 1e-12 and max(relative) < 1e-12
+        else:
+            assert 0.05 < errors["relative_error"] < 1 and max(relative) > 0.05
+    errors = {}
+    same, same_config = ema_lora(adapters, weights, max_rank=6, errors=errors)  # the cap is not reached
+    assert same_config["r"] == 6 and errors["relative_error"] == 0.0
+    assert all(torch.equal(same[k], exact[k]) for k in exact)
+
+
+def test_ema_max_rank_enters_the_key_only_when_set():
+    from alphaspin.stages import REGISTRY
+
+    reads = REGISTRY["ema_adapter"].reads
+    assert reads(load_config(None, ["method.reference=ema"]), 1, None) == {"method.ema_decay": 0.5}
+    capped = load_config(None, ["method.reference=ema", "method.ema_max_rank=16"])
+    assert reads(capped, 1, None)["method.ema_max_rank"] == 16
+    with pytest.raises(ConfigError, match="method.ema_max_rank"):
+        load_config(None, ["method.ema_max_rank=0"])
+
+
+def test_the_ema_adapter_stage_caps_the_rank_and_reports_the_error(tmp_path):
+    """The stage function on three stored toy adapters whose updates share A (rank 2 each): with
+    method.ema_max_rank 2 it writes a rank-2 adapter, exact, and says so in its metrics; uncapped, rank 6."""
+    import json
+    import types
+
+    from safetensors.torch import load_file, save_file
+
+    from alphaspin.stages.ema_adapter import ema_adapter
+
+    adapters, layers = _toy_adapters(shared=True)
+    trained = []
+    for k, (tensors, config) in enumerate(adapters):
+        folder = tmp_path / f"iter-{k}"
+        folder.mkdir()
+        save_file({n: t.float().contiguous() for n, t in tensors.items()}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        trained.append(types.SimpleNamespace(iteration=k, folder=folder))
+
+    def stage(max_rank):
+        out = {}
+        config = load_config(None, ["method.reference=ema", "method.ema_decay=0.5"])
+        if max_rank is not None:
+            config = load_config(
+                None, ["method.reference=ema", "method.ema_decay=0.5", f"method.ema_max_rank={max_rank}"]
+            )
+        workspace = types.SimpleNamespace(local_adapter=lambda artifact: artifact.folder, scratch=tmp_path / "scratch")
+        job = types.SimpleNamespace(
+            workspace=workspace,
+            iteration=3,
+            config=config,
+            key=f"key{max_rank}",
+            out=types.SimpleNamespace(put_dir=lambda local, name: out.update(folder=local)),
+        )
+        metrics = ema_adapter(job, trained)
+        return metrics, load_file(str(out["folder"] / "adapter_model.safetensors"))
+
+    full, full_tensors = stage(None)
+    assert full["rank"] == 6 and full["ema/concatenated_rank"] == 6 and full["ema/relative_error"] == 0.0
+    capped, capped_tensors = stage(2)
+    assert capped["rank"] == capped["ema/rank"] == 2 and capped["ema/exact"]
+    assert capped["ema/relative_error"] < 1e-9
+    for layer in layers:
+        a, b = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+        assert capped_tensors[a].shape[0] == 2
+        merged = capped_tensors[b].double() @ capped_tensors[a].double()  # scale 1 (lora_alpha = r)
+        assert torch.allclose(merged, full_tensors[b].double() @ full_tensors[a].double(), atol=1e-5)

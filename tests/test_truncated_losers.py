@@ -72,6 +72,22 @@ def test_transformers_backend_reports_cut_off_and_ended_rows(tiny_model, tokeniz
     assert exact.generated[0] == r0[: k + 1]
 
 
+def test_completions_carry_the_generated_ids(tiny_model, tokenizer):
+    """Each completion holds the ids generate sampled: all of them when cut off, up to and including
+    EOS when it ended (what follows EOS in the batch is padding)."""
+    requests = build_requests(tokenizer, PROMPTS, None, 0, 0, "base")
+    capped = _backend(tiny_model, tokenizer, 8)
+    completions = capped.complete(requests)
+    assert [list(c.token_ids) for c in completions] == capped.generated
+    r0 = capped.generated[0]
+    k = next(i for i, token in enumerate(r0) if token not in r0[:i] and token not in capped.generated[1])
+    stops_r0 = copy.deepcopy(tokenizer)
+    stops_r0.eos_token = tokenizer.convert_ids_to_tokens(r0[k])
+    ended = _backend(tiny_model, stops_r0, 8).complete(requests)
+    assert list(ended[0].token_ids) == r0[: k + 1] and not ended[0].truncated
+    assert list(ended[1].token_ids) == capped.generated[1]
+
+
 # -- build_pairs: the column, the counts, drop ------------------------------------------------------
 class _Table:
     def __init__(self, tables: dict[str, pd.DataFrame]):
@@ -110,6 +126,7 @@ def _build_pairs(truncated_losers: str):
                 "rejected": [f"loser {i}" for i in ids[m::2]],
                 "opponent": member,
                 "truncated": [i in cut for i in ids[m::2]],
+                "generated_ids": [[m, len(i)] for i in ids[m::2]],
             }
         )
         for m, member in enumerate(["base", "iter-0"])
@@ -136,6 +153,8 @@ def test_build_pairs_records_and_counts_cut_off_losers(mode):
     assert metrics["truncated_losers"] == 2 and metrics["truncated_share"] == 0.5
     assert metrics["heldout_truncated_losers"] == 1 and metrics["dropped_truncated_losers"] == 0
     assert metrics["pairs"] == 4 and metrics["heldout_pairs"] == 2
+    # the ids each loser was generated as travel with it (member index, len(id) in this toy)
+    assert pairs.set_index("id").rejected_generated_ids.map(list).to_dict()["t1"] == [1, 2]
 
 
 def test_drop_leaves_cut_off_losers_out_of_training_only():
@@ -190,6 +209,28 @@ def test_no_eos_ends_a_cut_off_loser_where_generation_stopped(tokenizer, tmp_pat
     assert tokenizer.decode(prefix[0]["rejected_ids"]) == "Go away, I am"
 
 
+def test_no_eos_scores_a_cut_off_loser_on_its_generated_ids_not_its_retokenized_text(tokenizer, tmp_path):
+    """The sampler wrote " Go away, I am" as " Go", " a", "way", ...: decoding gives "Go away, I am"
+    (leading space stripped, "away" one token when re-tokenized). The prefix scored and trained is the
+    generated ids themselves; a loser that ended, or pairs without the column, keep the text's ids."""
+    from alphaspin.dpo import dpo_config, pairs_to_dataset, tokenize_like_trl
+
+    args = dpo_config(TrainingConfig(max_length=96), str(tmp_path / "trl"), seed=0, use_cpu=True)
+    written = _ids(tokenizer, " Go") + _ids(tokenizer, " a") + _ids(tokenizer, "way, I am")
+    retokenized = _ids(tokenizer, "Go away, I am")
+    assert tokenizer.decode(written).strip() == "Go away, I am" and written != retokenized  # the premise
+    frame = _pairs()
+    frame["rejected_generated_ids"] = [written, _ids(tokenizer, "Why do you ask") + [tokenizer.eos_token_id]]
+    rows = tokenize_like_trl(pairs_to_dataset(frame, losers_as_prefixes=True), tokenizer, args)
+    assert rows[0]["rejected_ids"] == written  # the cut-off loser: exactly what was generated
+    assert "rejected_generated_ids" not in rows.column_names  # nothing extra reaches TRL's collator
+    without = tokenize_like_trl(pairs_to_dataset(_pairs(), losers_as_prefixes=True), tokenizer, args)
+    assert without[0]["rejected_ids"] == retokenized  # before: the re-tokenized text
+    assert rows[1]["rejected_ids"] == without[1]["rejected_ids"]  # the ended loser: as TRL tokenizes it
+    keep = tokenize_like_trl(pairs_to_dataset(frame), tokenizer, args)
+    assert keep[0]["rejected_ids"][: len(retokenized)] == retokenized  # keep/drop: the text, ended
+
+
 def test_the_trainer_trains_on_the_reference_stage_ids(make_config, tiny_model):
     """The dataset GeometricReferenceDPOTrainer ends up with, built as run_training builds it,
     has the ids Workspace.tokenize_pairs (the reference stage) scored."""
@@ -200,8 +241,12 @@ def test_the_trainer_trains_on_the_reference_stage_ids(make_config, tiny_model):
     config = make_config()
     assert config.generation.truncated_losers == "no_eos"  # the default
     with Workspace(config) as ws:
-        reference = ws.tokenize_pairs(_pairs())
-        dataset = pairs_to_dataset(_pairs(), REFERENCE_COLUMNS, losers_as_prefixes=config.generation.losers_as_prefixes)
+        pairs = _pairs()
+        written = _ids(ws.tokenizer, " Go") + _ids(ws.tokenizer, " a") + _ids(ws.tokenizer, "way, I am")
+        pairs["rejected_generated_ids"] = [written, []]
+        reference = ws.tokenize_pairs(pairs)
+        assert reference["rejected_ids"][0] == written
+        dataset = pairs_to_dataset(pairs, REFERENCE_COLUMNS, losers_as_prefixes=config.generation.losers_as_prefixes)
         trainer = GeometricReferenceDPOTrainer(
             model=load_base_model(tiny_model), args=ws.dpo_args(), train_dataset=dataset, processing_class=ws.tokenizer
         )

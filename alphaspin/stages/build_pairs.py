@@ -1,7 +1,8 @@
 """Stage ``build_pairs``: join the prompts with their generated losers into (x, y_w, y_l) pairs.
 
 Each pair records whether its loser was cut off by ``generation.max_new_tokens``
-(``rejected_truncated``). With ``generation.truncated_losers: drop`` the training pairs whose loser
+(``rejected_truncated``) and the token ids it was generated as (``rejected_generated_ids``: a cut-off
+loser is scored on those under ``truncated_losers: no_eos``, `alphaspin.dpo.end_rejected_prefixes`). With ``generation.truncated_losers: drop`` the training pairs whose loser
 was cut off are left out here; held-out pairs are kept, so every iteration evaluates the same rows.
 """
 
@@ -15,7 +16,7 @@ from alphaspin.config import AlphaSpinConfig
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec
 from alphaspin.stages.generate import read_generations
 
-COLUMNS = ["id", "prompt", "chosen", "rejected", "rejected_truncated", "opponent", "split"]
+COLUMNS = ["id", "prompt", "chosen", "rejected", "rejected_truncated", "rejected_generated_ids", "opponent", "split"]
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
@@ -32,8 +33,12 @@ def build_pairs(job: Job, prompts: Artifact, generations: list[Artifact]) -> dic
     losers = pd.concat([read_generations(g) for g in generations], ignore_index=True)
     if losers.id.duplicated().any():
         raise RuntimeError(f"iter-{t}: a prompt has losers from two members; generation outputs are inconsistent")
-    losers = losers.rename(columns={"truncated": "rejected_truncated"})
-    pairs = frame.merge(losers[["id", "rejected", "rejected_truncated"]], on="id", how="inner", validate="one_to_one")
+    losers = losers.rename(columns={"truncated": "rejected_truncated", "generated_ids": "rejected_generated_ids"})
+    if "rejected_generated_ids" not in losers.columns:  # shards of generate version < 5
+        losers["rejected_generated_ids"] = [[] for _ in range(len(losers))]
+    losers["rejected_generated_ids"] = [[int(i) for i in ids] for ids in losers.rejected_generated_ids]
+    columns = ["id", "rejected", "rejected_truncated", "rejected_generated_ids"]
+    pairs = frame.merge(losers[columns], on="id", how="inner", validate="one_to_one")
     if len(pairs) != len(frame):
         raise RuntimeError(f"iter-{t}: {len(frame) - len(pairs)} prompts have no generated loser")
     pairs = pairs.rename(columns={"answer": "chosen"})[COLUMNS].astype({"rejected_truncated": bool})
@@ -69,7 +74,7 @@ SPEC = StageSpec(
     function=build_pairs,
     inputs=(Input("prompts", "sample_prompts"), Input("generations", "generate", at="members")),
     reads=reads,
-    version=2,  # 2: the rejected_truncated column; generation.truncated_losers: drop
+    version=3,  # 2: the rejected_truncated column; generation.truncated_losers: drop; 3: rejected_generated_ids
     gpu=False,
     description="Join prompts, human answers and generated losers into (x, y_w, y_l) pairs.",
 )

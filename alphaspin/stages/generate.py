@@ -42,6 +42,9 @@ EXECUTION_ONLY = ("generation.shard_size", "generation.gpu_memory_utilization", 
 # target the distribution that generation.truncated_losers trains (`sir_log_weights_at_cap`).
 DOWNSTREAM_ONLY = ("generation.truncated_losers",)
 PER_REQUEST_SEEDS = "generation.per_request_seeds"
+# Knobs that a sampler of the geometric mixture never applies (it samples its target at temperature 1,
+# top-p 1: `sampling_config`), so they stay out of its key, as they stay out of what it records.
+UNTEMPERED = ("generation.temperature", "generation.top_p")
 
 
 def seeding_fields(config: AlphaSpinConfig) -> dict[str, Any]:
@@ -75,19 +78,25 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         fields.update(pick(config, "method.alpha"))
         if sampler == "sir":
             fields.update(pick(config, "method.sir_proposals", "training.max_length", "generation.truncated_losers"))
+    if sampler is not None:
+        for knob in UNTEMPERED:
+            fields.pop(knob, None)
     return fields
 
 
 def sampling_config(config: AlphaSpinConfig, sampler: str | None) -> GenerationConfig:
-    """The generation settings a member's sampler actually uses: sir proposes from π_(t-1) itself and
-    gflownet samples its trained policy, both at temperature 1 without nucleus truncation (gflownet up
-    to the length it was trained on); every other sampler uses ``generation`` as configured."""
+    """The generation settings a member's sampler actually uses: sir proposes from π_(t-1) itself,
+    token_geometric samples the per-token mixture softmax(α·ℓ_(t-1) + (1-α)·ℓ_base) itself, and gflownet
+    samples its trained policy, all at temperature 1 without nucleus truncation (gflownet up to the
+    length it was trained on): each targets the geometric mixture, and tempering would change the
+    target (`alphaspin.opponent`). A plain policy member (the arithmetic opponent) uses ``generation``
+    as configured. What is returned here is what ``provenance.json`` records and `alphaspin diff` compares."""
     if sampler == "gflownet":
         from alphaspin.stages.train_sampler import max_new_tokens
 
         update = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens(config)}
         return config.generation.model_copy(update=update)
-    if sampler == "sir":
+    if sampler in ("sir", "token_geometric"):
         return config.generation.model_copy(update={"temperature": 1.0, "top_p": 1.0})
     return config.generation
 
@@ -113,6 +122,15 @@ def sampling_used(config: AlphaSpinConfig, member: str) -> dict[str, Any]:
     return {"member": member, "sampler": sampler or "policy", "backend": backend, "sampling": params}
 
 
+def _columns(completions: list[Completion]) -> dict[str, list]:
+    """The shard columns of the losers: text, whether cut off, and the generated ids (`Completion`)."""
+    return {
+        "rejected": [c.text for c in completions],
+        "truncated": [c.truncated for c in completions],
+        "generated_ids": [list(c.token_ids) for c in completions],
+    }
+
+
 class PlainSampler:
     """One policy (the base, or θ_k as a LoRA adapter) through the generation backend."""
 
@@ -134,7 +152,7 @@ class PlainSampler:
 
     def __call__(self, shard: pd.DataFrame) -> dict[str, list]:
         completions = self.complete(list(zip(shard.id, shard.prompt, strict=True)), str(self.job.node.member))
-        return {"rejected": [c.text for c in completions], "truncated": [c.truncated for c in completions]}
+        return _columns(completions)
 
     def close(self) -> None:
         self.backend.close()
@@ -166,6 +184,7 @@ class SirSampler:
                 "prompt": [r[1] for r in rows],
                 "text": texts,
                 "truncated": [c.truncated for c in completions],
+                "generated_ids": [list(c.token_ids) for c in completions],  # a cut-off one is scored on these
             }
         )
         training = job.config.training
@@ -178,17 +197,16 @@ class SirSampler:
         cut = torch.tensor(samples.truncated.to_numpy()).view(shape)
         ends = [e.view(shape) if e is not None else None for e in (scored.end_prev, scored.end_base)]
         log_w = sir_log_weights_at_cap(scored.lp_prev.view(shape), scored.lp_base.view(shape), cut, alpha, mode, *ends)
-        chosen, truncated, ess = [], [], []
+        chosen, ess = [], []
         for row, row_id in enumerate(shard.id):
             generator = torch.Generator().manual_seed(
                 request_seed(self.proposals.seed, job.iteration, str(job.node.member), str(row_id))
             )
             index, row_ess = sir_resample_log_weights(log_w[row : row + 1], generator)
-            chosen.append(texts[row * self.k + int(index[0])])
-            truncated.append(completions[row * self.k + int(index[0])].truncated)
+            chosen.append(completions[row * self.k + int(index[0])])
             ess.append(float(row_ess[0]))
         self.ess.extend(ess)
-        return {"rejected": chosen, "truncated": truncated, "sir_ess": ess}
+        return {**_columns(chosen), "sir_ess": ess}
 
     def metrics(self) -> dict[str, Any]:
         mean = sum(self.ess) / len(self.ess) if self.ess else None
@@ -221,8 +239,7 @@ class TokenGeometricSampler:
         ws, job, member = self.job.workspace, self.job, str(self.job.node.member)
         prompts = [render_prompt_ids(ws.tokenizer, p) for p in shard.prompt]
         seeds = [request_seed(self.seed, job.iteration, member, str(i)) for i in shard.id]
-        drawn = self.sampler.generate(prompts, seeds)
-        return {"rejected": [text for text, _ in drawn], "truncated": [cut for _, cut in drawn]}
+        return _columns(self.sampler.generate(prompts, seeds))
 
     def close(self) -> None:
         del self.model
@@ -294,10 +311,11 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None, sampler: Art
 
 
 def read_generations(generation: Artifact) -> pd.DataFrame:
-    """The losers of one member's generate stage: (id, rejected, opponent, truncated)."""
+    """The losers of one member's generate stage: (id, rejected, opponent, truncated, generated_ids;
+    generated_ids is absent from shards written before version 5)."""
     frames = [generation.read_table(name) for name in generation.files("shards/")]
     if not frames:
-        return pd.DataFrame(columns=["id", "rejected", "opponent", "truncated"])
+        return pd.DataFrame(columns=["id", "rejected", "opponent", "truncated", "generated_ids"])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -311,8 +329,9 @@ SPEC = StageSpec(
         Input("sampler", "train_sampler"),
     ),
     reads=reads,
-    # 2: chat templates write BOS for tokenizers that add one; 3: the `truncated` column; 4: provenance.json
-    version=4,
+    # 2: chat templates write BOS for tokenizers that add one; 3: the `truncated` column; 4: provenance.json;
+    # 5: the `generated_ids` column (a cut-off loser is scored on the ids it was generated as)
+    version=5,
     gpu=True,
     per_member=True,
     resumable=True,

@@ -27,6 +27,8 @@ EXECUTION_ONLY = (
 KEYED_WHEN_SET = {"training.num_processes": 1, "training.mixed_precision": "auto"}
 # Knobs of the log Z(x) estimate: reference_logps reads them, train sees their effect through its input.
 REFERENCE_ONLY = ("training.partition_samples", "training.partition_max_new_tokens")
+# SLiC's δ and λ: in the key of slic runs only (other losses never read them; their keys stay as they were).
+SLIC_ONLY = ("training.slic_delta", "training.slic_lambda")
 
 
 def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[str, Any]:
@@ -37,8 +39,10 @@ def reads(config: AlphaSpinConfig, iteration: int, member: str | None) -> dict[s
         "model.chat_template",
         "training",
         "run.seed",
-        exclude=EXECUTION_ONLY + REFERENCE_ONLY + tuple(KEYED_WHEN_SET),
+        exclude=EXECUTION_ONLY + REFERENCE_ONLY + SLIC_ONLY + tuple(KEYED_WHEN_SET),
     )
+    if config.training.loss_type == "slic":
+        fields.update(pick(config, *SLIC_ONLY))
     fields.update({k: v for k, v in pick(config, *KEYED_WHEN_SET).items() if v != KEYED_WHEN_SET[k]})
     if config.generation.losers_as_prefixes:  # the trainer tokenizes cut-off losers without end-of-turn
         fields.update(pick(config, "generation.truncated_losers"))

@@ -6,10 +6,16 @@ sampler starts as θ_(t-1) and is fine-tuned with the modified sub-trajectory ba
 ``generate`` then samples the losers from it. Its target at the length cap follows
 ``generation.truncated_losers`` (`alphaspin.gflownet`, "Length"). Writes ``sampler/`` (the adapter) and
 ``train_log.json`` (one record per optimizer step).
+
+Every ``method.gflownet.save_steps`` steps the whole training state (the sampler's weights, AdamW's
+state, the sampling generator, the epoch's prompt order, the log) goes to ``_scratch/`` in the stage's
+folder; a rerun of an interrupted stage (same cache key) resumes from it and ends exactly as an
+uninterrupted run (`alphaspin.gflownet.train_sampler`); the checkpoint is cleared once the stage is done.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 from typing import Any
@@ -18,11 +24,13 @@ import torch
 
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.stage_spec import Artifact, Input, Job, StageSpec, pick
+from alphaspin.storage import SCRATCH
 
 logger = logging.getLogger(__name__)
 
 # Knobs that change how the sampler is trained, not what it converges to.
-EXECUTION_ONLY = ("method.gflownet.micro_batch_size",)
+EXECUTION_ONLY = ("method.gflownet.micro_batch_size", "method.gflownet.save_steps")
+CHECKPOINT = f"{SCRATCH}/sampler-checkpoint.pt"
 
 
 def enabled(config: AlphaSpinConfig, iteration: int) -> bool:
@@ -109,7 +117,26 @@ def train_sampler(job: Job, prompts: Artifact, previous: Artifact | None) -> dic
     # The seed depends on the run and the iteration only: a rerun trains the same sampler.
     seed = config.run.seed * 1_000_003 + t
     torch.manual_seed(seed)
-    history = train_loop(problem, prompt_ids, settings, seed=seed, on_step=on_step)
+    resume = None
+    if CHECKPOINT in job.out.list_files(SCRATCH):
+        resume = torch.load(io.BytesIO(job.out.read_bytes(CHECKPOINT)), weights_only=True)
+        logger.info("%s: resuming the sampler's training after step %d", job.node.label, resume["step"])
+
+    def on_checkpoint(state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        job.out.write_bytes(CHECKPOINT, buffer.getvalue())
+
+    history = train_loop(
+        problem,
+        prompt_ids,
+        settings,
+        seed=seed,
+        on_step=on_step,
+        resume=resume,
+        save_steps=knobs.save_steps,
+        on_checkpoint=on_checkpoint,
+    )
 
     out_dir = ws.scratch / f"sampler-out-{t}"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -120,7 +147,12 @@ def train_sampler(job: Job, prompts: Artifact, previous: Artifact | None) -> dic
     job.out.put_dir(adapter_dir, "sampler")
     job.out.write_json("train_log.json", history)
     del model, base
-    return {**summarise(history), "prompts": len(prompt_ids), "max_new_tokens": max_new_tokens(config)}
+    return {
+        **summarise(history),
+        "prompts": len(prompt_ids),
+        "max_new_tokens": max_new_tokens(config),
+        "gflownet/resumed_from_step": resume["step"] if resume is not None else None,
+    }
 
 
 SPEC = StageSpec(
@@ -132,6 +164,7 @@ SPEC = StageSpec(
     # 3: the reward of a cut-off answer follows generation.truncated_losers (no_eos: its prefix's)
     version=3,
     gpu=True,
+    resumable=True,  # its checkpoint in _scratch/ survives an interrupted attempt
     enabled=enabled,
     description="GFlowNet-fine-tune a LoRA sampler of π_(t-1)^α·π_base^(1-α) from θ_(t-1) (gflownet opponent).",
 )
