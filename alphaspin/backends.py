@@ -46,6 +46,31 @@ def served_lora_ranks(config: AlphaSpinConfig, device: str) -> dict[str, int]:
     return ranks
 
 
+def uses_vllm(config: AlphaSpinConfig) -> bool:
+    """Whether a stage of this run starts a vLLM engine (generation, log Z samples, judged chat, lm-eval)."""
+    return config.generation.backend == "vllm" or config.evaluation.benchmark_backend == "vllm"
+
+
+def check_engine_gpus(generation: GenerationConfig, device: str, visible: int | None = None) -> None:
+    """On CUDA, the engine's tensor × data parallel GPUs must be visible to this process (``visible``:
+    default ``torch.cuda.device_count()``, which honours ``CUDA_VISIBLE_DEVICES``); vLLM would refuse
+    them only after the stage started."""
+    if str(device).startswith("cpu"):
+        return
+    if generation.vllm_data_parallel_size > 1 and str(device).startswith("mps"):
+        raise ConfigError("generation.vllm_data_parallel_size: data parallel engines need CUDA GPUs; set it to 1")
+    if not str(device).startswith("cuda"):
+        return
+    visible = torch.cuda.device_count() if visible is None else visible
+    if generation.engine_gpus > visible:
+        raise ConfigError(
+            f"generation.vllm_data_parallel_size: {generation.tensor_parallel_size} (generation.tensor_parallel_size) "
+            f"× {generation.vllm_data_parallel_size} = {generation.engine_gpus} GPUs for the vLLM engine, but this "
+            f"process sees {visible} (CUDA_VISIBLE_DEVICES); lower generation.vllm_data_parallel_size or "
+            f"generation.tensor_parallel_size"
+        )
+
+
 def check_engines(config: AlphaSpinConfig, device: str | None = None) -> str:
     """What a run executed here needs besides its data, checked before its first stage; returns the
     device. Each problem is a `ConfigError` naming the knob: one line, nothing written yet.
@@ -55,6 +80,9 @@ def check_engines(config: AlphaSpinConfig, device: str | None = None) -> str:
     - vLLM's LoRA capacity: ``generation.max_lora_rank`` below the rank of an adapter it serves
       (`served_lora_ranks`), and vLLM's environment (``generation.backend`` or
       ``evaluation.benchmark_backend``: vllm);
+    - the engine's GPUs: ``generation.tensor_parallel_size`` × ``generation.vllm_data_parallel_size``
+      more than the GPUs this process sees on CUDA (`check_engine_gpus`), and extra engine arguments
+      alphaspin sets itself (``generation.vllm_args``);
     - the weights of every model an engine loads (``model.name_or_path``; ``evaluation.judge.model``
       for the local judge): a missing folder, a folder without weights, a hub id the hub cache lacks
       while the hub is off (`alphaspin.models.check_weights`);
@@ -62,7 +90,7 @@ def check_engines(config: AlphaSpinConfig, device: str | None = None) -> str:
     """
     from alphaspin import distributed
     from alphaspin.models import check_weights
-    from alphaspin.vllm_server import VllmError, find_vllm_python
+    from alphaspin.vllm_server import VllmError, check_extra_args, find_vllm_python
     from alphaspin.workspace import resolve_device
 
     device = resolve_device(device or config.model.device)
@@ -73,8 +101,10 @@ def check_engines(config: AlphaSpinConfig, device: str | None = None) -> str:
                     f"generation.max_lora_rank: {config.generation.max_lora_rank} is below training.lora.r = {rank}, "
                     f"the rank of the adapters vLLM serves ({engine}); set generation.max_lora_rank to at least {rank}"
                 )
-        if config.generation.backend == "vllm" or config.evaluation.benchmark_backend == "vllm":
+        if uses_vllm(config):
             find_vllm_python(config.generation.vllm_python)
+            check_extra_args(config.generation.vllm_args)
+            check_engine_gpus(config.generation, device)
         check_weights(config.model.name_or_path, "model.name_or_path")
         judge = config.evaluation.judge
         if judge.enabled and judge.base_url == "local":

@@ -11,8 +11,8 @@ deployment (on the GPU pool) and waits for it. What can go wrong on a real clust
 - the child never starts (no worker polls the pool) or runs too long (`child_verdict`'s timeout);
 - the parent is retried while its child still runs: the child is joined, not started twice
   (`child_idempotency_key`), so two processes never write the same stage;
-- the run needs several GPUs (``generation.tensor_parallel_size``): the child's pool is asked for
-  them (`child_job_variables`).
+- the run needs several GPUs (the engine's tensor × data parallel GPUs, or ``training.num_processes``):
+  the child's pool is asked for them (`child_gpu_count`, `child_job_variables`).
 """
 
 from __future__ import annotations
@@ -43,18 +43,38 @@ def check_split_pools(iteration_deployment: str, parent_pool: str | None, child_
         )
 
 
+def child_gpu_count(config: AlphaSpinConfig) -> tuple[int, str]:
+    """(GPUs an iteration's child run needs, the knobs that ask for them): the vLLM engine's
+    ``generation.tensor_parallel_size`` × ``generation.vllm_data_parallel_size``, or the training
+    processes of one machine (``training.num_processes`` / ``training.num_machines``: the other
+    machines' processes run on their own nodes), whichever is more; the stages of an iteration run
+    one after another in the child, so they share its GPUs."""
+    generation = config.generation
+    engine = generation.engine_gpus
+    engine_knobs = (
+        f"generation.tensor_parallel_size × generation.vllm_data_parallel_size = "
+        f"{generation.tensor_parallel_size} × {generation.vllm_data_parallel_size}"
+    )
+    training = config.training
+    processes = training.num_processes // training.num_machines
+    if processes > engine:
+        per_machine = f" / training.num_machines = {training.num_machines}" if training.num_machines > 1 else ""
+        return processes, f"training.num_processes = {training.num_processes}{per_machine}"
+    return engine, engine_knobs
+
+
 def child_job_variables(config: AlphaSpinConfig, pool_variables: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Job variables of an iteration's child run, given the variables of its pool's base job template:
-    ``gpu_count`` = ``generation.tensor_parallel_size`` where the template has that variable (the
+    ``gpu_count`` = `child_gpu_count` where the template has that variable (the
     Docker and Kubernetes templates of deploy/). A process pool has none: the GPUs are those its
     worker sees (``CUDA_VISIBLE_DEVICES``). A pool pinned to GPU ids (``gpu_device_ids`` default)
     keeps them; a run needing more GPUs than it pins is an error."""
-    wanted = config.generation.tensor_parallel_size
+    wanted, knobs = child_gpu_count(config)
     pinned = (pool_variables.get(GPU_IDS_VARIABLE) or {}).get("default")
     if pinned:
         if wanted > len(pinned):
             raise ConfigError(
-                f"generation.tensor_parallel_size: {wanted} GPUs, but the child's pool is pinned to GPU(s) "
+                f"{knobs}: {wanted} GPUs, but the child's pool is pinned to GPU(s) "
                 f"{list(pinned)} ({GPU_IDS_VARIABLE}); use a pool with {wanted} GPUs"
             )
         return {}

@@ -243,6 +243,12 @@ class MethodConfig(_Section):
         return self.pairs_first_iteration if iteration == 0 else self.pairs_per_iteration
 
 
+# Requests in flight per vLLM engine replica when generation.vllm_concurrency is unset: enough to keep
+# one replica's continuous batching full (vLLM's default max_num_seqs is 256 on a GPU; our prompts are
+# short, and 64 was the fixed figure before the engine had replicas).
+VLLM_CONCURRENCY_PER_ENGINE = 64
+
+
 class GenerationConfig(_Section):
     backend: Literal["transformers", "vllm"] = Field(
         "transformers",
@@ -291,8 +297,8 @@ class GenerationConfig(_Section):
     tensor_parallel_size: int = Field(
         1,
         ge=1,
-        description="vLLM tensor parallelism; a split orchestration's child run asks its pool for this many GPUs "
-        "(job variable gpu_count).",
+        description="vLLM tensor parallelism; a split orchestration's child run asks its pool for max(tensor × data "
+        "parallel, training.num_processes) GPUs (job variable gpu_count).",
     )
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory.")
     max_lora_rank: int = Field(16, ge=1, description="vLLM: largest LoRA rank it must serve.")
@@ -307,14 +313,52 @@ class GenerationConfig(_Section):
     vllm_start_timeout_seconds: float = Field(
         600.0, gt=0.0, description="vLLM: how long the engine may take to start before the stage fails."
     )
-    vllm_concurrency: int = Field(
-        64, gt=0, description="vLLM: requests in flight at once (the engine batches them, adapters mixed)."
+    vllm_data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM data parallelism (its server's --data-parallel-size): this many engine replicas, each on "
+        "generation.tensor_parallel_size GPUs, behind one server; lm-eval's vllm model gets it as data_parallel_size "
+        "(which needs ray in vLLM's environment). tensor × data parallel GPUs must be visible; a split "
+        "orchestration's child run asks its pool for max(tensor × data parallel, training.num_processes) GPUs.",
     )
+    vllm_args: list[str] = Field(
+        default_factory=list,
+        description="vLLM: extra command-line arguments passed verbatim to the engine's server (e.g. "
+        '["--enforce-eager", "--max-num-seqs", "128"]), and to lm-eval\'s vllm model as model_args (--name value '
+        "→ name=value, a bare --flag → true). An argument alphaspin sets itself (--model, --port, "
+        "--tensor-parallel-size, --gpu-memory-utilization, ...) is refused: set its knob instead.",
+    )
+    vllm_concurrency: int | None = Field(
+        None,
+        gt=0,
+        description="vLLM: requests in flight at once (the engine batches them, adapters mixed); default "
+        "64 per engine replica × generation.vllm_data_parallel_size.",
+    )
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _not_owned(cls, value: list[str]) -> list[str]:
+        from alphaspin.vllm_server import check_extra_args
+
+        check_extra_args(value)
+        return value
 
     @property
     def losers_as_prefixes(self) -> bool:
         """Whether a cut-off loser is scored and trained without the end-of-turn tokens (``no_eos``)."""
         return self.truncated_losers == "no_eos"
+
+    @property
+    def engine_concurrency(self) -> int:
+        """Requests in flight at once: ``vllm_concurrency``, else `VLLM_CONCURRENCY_PER_ENGINE` per replica."""
+        if self.vllm_concurrency is not None:
+            return self.vllm_concurrency
+        return VLLM_CONCURRENCY_PER_ENGINE * self.vllm_data_parallel_size
+
+    @property
+    def engine_gpus(self) -> int:
+        """GPUs one vLLM engine takes: tensor × data parallel."""
+        return self.tensor_parallel_size * self.vllm_data_parallel_size
 
     def effective_seed(self, run_seed: int) -> int:
         """The sampler seed: ``seed`` when set (0 included), else ``run_seed``."""
@@ -834,6 +878,11 @@ OPERATIONAL_KNOBS: dict[str, tuple[str, ...]] = {
     "generation.vllm_cpu_kvcache_gib": _VLLM_STAGES,
     "generation.vllm_start_timeout_seconds": _VLLM_STAGES,
     "generation.vllm_concurrency": _VLLM_STAGES,
+    # Engine replicas (data parallel) and extra engine arguments: how the engine runs, as tensor parallelism.
+    # An extra argument that changes what is sampled (a quantization, another sampler) goes beyond what
+    # alphaspin records, as a DeepSpeed JSON that sets its own optimizer does.
+    "generation.vllm_data_parallel_size": _VLLM_STAGES,
+    "generation.vllm_args": _VLLM_STAGES,
     # Recomputes activations in the backward pass instead of keeping them; torch's checkpoint restores the
     # RNG state, so dropout draws the same masks: the same gradients, memory traded for compute.
     "training.gradient_checkpointing": ("train",),

@@ -128,9 +128,35 @@ def vllm_environment(generation: GenerationConfig, device: str) -> dict[str, str
     return {}
 
 
+def lm_eval_engine_args(generation: GenerationConfig) -> dict:
+    """lm-eval's vllm model_args of how the engine runs: tensor and data parallel (when above 1) and
+    ``generation.vllm_args`` (`alphaspin.vllm_server.model_args_of`)."""
+    from alphaspin.vllm_server import model_args_of
+
+    args: dict = {}
+    if generation.tensor_parallel_size > 1:
+        args["tensor_parallel_size"] = generation.tensor_parallel_size
+    if generation.vllm_data_parallel_size > 1:
+        args["data_parallel_size"] = generation.vllm_data_parallel_size
+    args.update(model_args_of(generation.vllm_args))
+    return args
+
+
+def hand_over_gpu(ws: Workspace, model) -> None:
+    """Before a vLLM engine starts in a stage that holds ``model`` on the GPU: move the model to the
+    CPU and give torch's cached memory back (`alphaspin.gpu_memory.offload`), so the engine gets the
+    memory it is configured for (vLLM refuses to start when less is free). Nothing to do on a CPU."""
+    if str(ws.device).startswith("cuda"):
+        from alphaspin.gpu_memory import offload
+
+        offload(model)
+
+
 def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: StageDir) -> dict:
     """lm-eval tasks and the judged chat on base + adapter t; their files go into the stage.
-    Any failure raises: a stage is never marked done with missing numbers."""
+    Any failure raises: a stage is never marked done with missing numbers. A vLLM engine (lm-eval's
+    vllm model, the judged chat on generation.backend vllm) gets the GPU after the policy is moved off
+    it (`hand_over_gpu`); the transformers judged chat gets the policy back on the device."""
     config = ws.config.evaluation
     metrics: dict = {}
     out = ws.scratch / f"benchmarks-{t}"
@@ -139,6 +165,8 @@ def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: Stage
         from alphaspin.model_card import public_name
 
         ws.progress(0.1, "lm-eval")
+        if config.benchmark_backend == "vllm":
+            hand_over_gpu(ws, model)
         result = run_lm_eval(
             ws.model_path,
             adapter_path,
@@ -155,10 +183,13 @@ def run_benchmarks(ws: Workspace, t: int, model, adapter_path: str, stage: Stage
             max_lora_rank=ws.config.generation.max_lora_rank,
             vllm_python=ws.config.generation.vllm_python,
             vllm_env=vllm_environment(ws.config.generation, ws.device),
+            engine_args=lm_eval_engine_args(ws.config.generation),
         )
         metrics.update(leaderboard_metrics(result))
     if config.judge.enabled:
         ws.progress(0.5, "judged chat")
+        if ws.config.generation.backend != "vllm" and config.benchmarks and config.benchmark_backend == "vllm":
+            model.to(ws.device)  # the transformers judged chat answers with the policy, moved off for lm-eval
         metrics.update(_judged_chat(ws, model, adapter_path, out / "judge"))
     if out.exists():
         stage.put_dir(out, "benchmarks")
@@ -234,6 +265,7 @@ def _vllm_chat(ws: Workspace, model, chats: list[list[dict]], max_new_tokens: in
     adapter as a LoRA request: the same engine the generate stages use."""
     from alphaspin.backends import make_backend
 
+    hand_over_gpu(ws, model)  # the engine starts next: the policy (used for held-out scores) leaves the GPU
     config = ws.config.generation.model_copy(
         update={"temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_new_tokens}
     )

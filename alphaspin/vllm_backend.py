@@ -160,10 +160,12 @@ def engine_settings(
         device="cpu" if str(device).startswith("cpu") else "cuda",
         max_lora_rank=serving_lora_rank(config, adapter_paths),
         tensor_parallel_size=config.tensor_parallel_size,
+        data_parallel_size=config.vllm_data_parallel_size,
         gpu_memory_utilization=config.gpu_memory_utilization,
         cpu_kvcache_gib=config.vllm_cpu_kvcache_gib,
         # One engine-level generator for every row (generation.seed, else 0) when rows carry no seed.
         seed=None if config.per_request_seeds else (config.seed if config.seed is not None else 0),
+        extra_args=tuple(config.vllm_args),
     )
 
 
@@ -215,7 +217,7 @@ class VllmBackend:
             completion_body(i["lora"]["name"] if i["lora"] else BASE_NAME, i["prompt_token_ids"], i["sampling"])
             for i in inputs
         ]
-        responses = self.server.complete(bodies, concurrency=self.config.vllm_concurrency)
+        responses = self.server.complete(bodies, concurrency=self.config.engine_concurrency)
         completions = []
         for response in responses:
             # finish_reason "length": stopped by max_tokens (generation.max_new_tokens), not by the EOS stop token.

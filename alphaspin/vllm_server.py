@@ -89,6 +89,7 @@ class EngineSettings:
     max_lora_rank: int = 16
     max_loras: int = 4
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     cpu_kvcache_gib: float = 2.0
     max_model_len: int | None = None
@@ -96,8 +97,82 @@ class EngineSettings:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
-def server_command(settings: EngineSettings, port: int) -> list[str]:
-    """The command line of vLLM's OpenAI-compatible server for ``settings`` on 127.0.0.1:``port``."""
+# The server arguments alphaspin sets itself (`server_command`), each with the knob that sets it, and
+# vLLM's short spellings of them: ``generation.vllm_args`` may not set them again.
+OWNED_ARGS: dict[str, str] = {
+    "--model": "model.name_or_path",
+    "--served-model-name": "alphaspin (the base is served as 'base')",
+    "--host": "alphaspin (127.0.0.1)",
+    "--port": "alphaspin (a free port)",
+    "--dtype": "model.dtype",
+    "--generation-config": "alphaspin (sampling comes from each request)",
+    "--enable-lora": "alphaspin (always on)",
+    "--max-lora-rank": "generation.max_lora_rank",
+    "--max-loras": "alphaspin (max_loras)",
+    "--max-cpu-loras": "alphaspin (max_loras)",
+    "--tensor-parallel-size": "generation.tensor_parallel_size",
+    "-tp": "generation.tensor_parallel_size",
+    "--data-parallel-size": "generation.vllm_data_parallel_size",
+    "-dp": "generation.vllm_data_parallel_size",
+    "--disable-uvicorn-access-log": "alphaspin (always on)",
+    "--gpu-memory-utilization": "generation.gpu_memory_utilization",
+    "--max-model-len": "alphaspin (max_model_len)",
+    "--seed": "generation.per_request_seeds / generation.seed",
+}
+
+
+def _arg_name(arg: str) -> str:
+    return arg.split("=", 1)[0]
+
+
+def check_extra_args(args: Sequence[str]) -> None:
+    """Refuse extra engine arguments (``generation.vllm_args``) that alphaspin sets itself, naming the
+    argument and the knob that sets it; a value that is not an option is left to the engine."""
+    for arg in args:
+        name = _arg_name(arg)
+        knob = OWNED_ARGS.get(name) or OWNED_ARGS.get(name.replace("_", "-"))
+        if knob is not None:
+            raise ValueError(
+                f"generation.vllm_args: {arg!r} is an engine argument alphaspin sets itself (from {knob}); "
+                f"drop it from generation.vllm_args" + (f" and set {knob}" if knob[0] != "a" else "")
+            )
+
+
+def model_args_of(args: Sequence[str]) -> dict[str, Any]:
+    """lm-eval's vllm ``model_args`` of extra engine arguments: ``--name value`` / ``--name=value`` →
+    ``name=value`` (an int or float where it reads as one), a bare ``--flag`` → ``flag=True``; a
+    ``--no-flag`` → ``flag=False``. Positional values without an option before them do not map."""
+    out: dict[str, Any] = {}
+    key: str | None = None
+    for arg in args:
+        if arg.startswith("--"):
+            if key is not None:
+                out[key] = True
+            name, eq, value = arg[2:].partition("=")
+            key = name.replace("-", "_")
+            if key.startswith("no_") and not eq:
+                out[key[3:]], key = False, None
+            elif eq:
+                out[key], key = _scalar(value), None
+        elif key is not None:
+            out[key], key = _scalar(arg), None
+    if key is not None:
+        out[key] = True
+    return out
+
+
+def _scalar(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def server_command(settings: EngineSettings, port: int, gpu_memory_utilization: float | None = None) -> list[str]:
+    """The command line of vLLM's OpenAI-compatible server for ``settings`` on 127.0.0.1:``port``
+    (``gpu_memory_utilization``: the share sized at start, `engine_memory_share`; default the settings')."""
     command = [
         settings.python,
         "-m",
@@ -126,8 +201,11 @@ def server_command(settings: EngineSettings, port: int) -> list[str]:
         str(settings.tensor_parallel_size),
         "--disable-uvicorn-access-log",
     ]
+    if settings.data_parallel_size > 1:
+        command += ["--data-parallel-size", str(settings.data_parallel_size)]
     if settings.device != "cpu":  # on the CPU backend the KV cache is sized by VLLM_CPU_KVCACHE_SPACE instead
-        command += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+        share = settings.gpu_memory_utilization if gpu_memory_utilization is None else gpu_memory_utilization
+        command += ["--gpu-memory-utilization", str(share)]
     if settings.max_model_len is not None:
         command += ["--max-model-len", str(settings.max_model_len)]
     if settings.seed is not None:
@@ -258,6 +336,19 @@ def _start_failure(code: int, log: str) -> str:
     return f"the engine exited while starting (exit code {code}): {reason}{hint}"
 
 
+def _spawn(command: list[str], log: Any, env: Mapping[str, str]) -> subprocess.Popen:
+    """Start the engine's server process (its own process group, dies with this process)."""
+    return subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=dict(env),
+        start_new_session=True,  # its own group: stopping it stops its engine-core process too
+        preexec_fn=_die_with_parent,
+    )
+
+
 class VllmServer:
     """vLLM's OpenAI-compatible server as a child process (its own process group), or the client of
     one already running at ``url``."""
@@ -279,18 +370,18 @@ class VllmServer:
         self.url = f"http://127.0.0.1:{port}"
         handle, log_path = tempfile.mkstemp(prefix="alphaspin-vllm-", suffix=".log")
         self.log_path = Path(log_path)
-        command = server_command(self.settings, port)
+        share = None
+        if self.settings.device != "cpu":
+            # GPU memory handed over: what torch of this process no longer holds goes back to the driver
+            # before the engine measures what is free (`alphaspin.gpu_memory`).
+            from alphaspin.gpu_memory import engine_memory_share, release_torch_memory
+
+            release_torch_memory()
+            share = engine_memory_share(self.settings.gpu_memory_utilization)
+        command = server_command(self.settings, port, share)
         logger.info("starting vLLM: %s (log: %s)", " ".join(command), self.log_path)
         with os.fdopen(handle, "w") as log:
-            self.process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=server_env(self.settings),
-                start_new_session=True,  # its own group: stopping it stops its engine-core process too
-                preexec_fn=_die_with_parent,
-            )
+            self.process = _spawn(command, log, server_env(self.settings))
         started = time.monotonic()
         while True:
             code = self.process.poll()

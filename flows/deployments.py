@@ -17,8 +17,9 @@ run storage (the source of truth), so it needs no access to the child's result s
 child still persists its return value (``persist_result=True``), which other machines can read
 only when result storage is remote (an S3 block: docs/gpu-pool.md). Run storage itself
 (``run.runs_root``) must then be shared too: ``s3://...``. The parent refuses a child deployment on
-its own pool (it would wait for a slot it holds), asks the child's pool for
-``generation.tensor_parallel_size`` GPUs, joins its own children when it is retried, and fails
+its own pool (it would wait for a slot it holds), asks the child's pool for the GPUs of
+`alphaspin.child_runs.child_gpu_count` (the engine's tensor × data parallel, or the training
+processes), joins its own children when it is retried, and fails
 (cancelling or crashing the child) when a child never starts, runs too long or stops heartbeating
 (`alphaspin.child_runs`, `alphaspin.flows.orchestration`).
 """

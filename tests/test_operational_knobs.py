@@ -41,6 +41,8 @@ ALTERNATIVES = {
     "generation.vllm_cpu_kvcache_gib": "1.0",
     "generation.vllm_start_timeout_seconds": "120",
     "generation.vllm_concurrency": "4",
+    "generation.vllm_data_parallel_size": "2",
+    "generation.vllm_args": '["--enforce-eager"]',
     "training.gradient_checkpointing": "true",
     "training.save_steps": "3",
     "training.reference_batch_size": "3",
@@ -50,6 +52,7 @@ ALTERNATIVES = {
     "evaluation.batch_size": "2",
     "evaluation.judge.api_key_env": "ALPHASPIN_TEST_JUDGE_KEY",
     "method.gflownet.micro_batch_size": "4",
+    "method.gflownet.save_steps": "3",
 }
 # Operational knobs this machine cannot execute a run with: their identity and keys are checked instead.
 NOT_EXECUTABLE_HERE = {
@@ -194,7 +197,7 @@ def test_the_next_stage_runs_with_the_new_value_and_records_it(finished, capsys)
     assert ctx.record()["changes"][-1]["changed"]["evaluation.batch_size"] == [8, 2]
     rows = diff_attempts(storage)
     assert "iter-0/evaluate ran with evaluation.batch_size = 8 (run.json: 2)" in rows
-    assert "iter-0/generate-base ran with generation.vllm_concurrency = 64 (run.json: 4)" in rows
+    assert "iter-0/generate-base ran with generation.vllm_concurrency = None (run.json: 4)" in rows
     assert not any(row.startswith("iter-1/evaluate ") for row in rows)
     assert not any(row.startswith(("iter-0/train", "iter-0/sample_prompts")) for row in rows)  # not steered
     from alphaspin.flows.cli import main

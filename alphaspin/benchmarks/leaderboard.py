@@ -201,6 +201,7 @@ def run_lm_eval(
     model_label: str | None = None,
     vllm_python: str | None = None,
     vllm_env: Mapping[str, str] | None = None,
+    engine_args: Mapping[str, Any] | None = None,
 ) -> dict:
     """Evaluate ``model_path`` (+ ``adapter_path``) on lm-eval ``tasks`` (task or preset names).
 
@@ -223,6 +224,8 @@ def run_lm_eval(
     ``log_samples``, ``samples_<task>.jsonl`` there (the caller uploads the folder). The results
     file is reproducible: the same model, adapter and tasks give the same bytes; what changes
     from run to run (lm-eval's ``date``, ``elapsed_s``) goes to ``lm_eval_timing.json`` instead.
+    ``engine_args`` (vllm only) are how the engine runs (tensor/data parallel, ``generation.vllm_args``):
+    added to lm-eval's model_args, never recorded (operational knobs, `alphaspin.config.OPERATIONAL_KNOBS`).
     """
     from alphaspin.model_card import public_name
 
@@ -254,7 +257,7 @@ def run_lm_eval(
     merged_lora = backend == "vllm" and adapter_path is not None and str(device).startswith("cpu")
     if backend == "vllm":
         with contextlib.ExitStack() as stack:
-            child_args = model_args
+            child_args = {**model_args, **(engine_args or {})}
             if merged_lora:
                 # vLLM 0.32's CPU LoRA kernels fail on prompt log-probs (every loglikelihood task):
                 # punica_cpu's add_lora_logits indexes per request, not per prompt token ("einsum():
@@ -262,7 +265,7 @@ def run_lm_eval(
                 # base + adapter merged by PEFT (the same policy, as weights); a GPU gets the adapter.
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="alphaspin-merged-")))
                 merge_adapter(model_path, adapter_path, dtype, folder)
-                child_args = {k: v for k, v in model_args.items() if k not in VLLM_LORA_ARGS}
+                child_args = {k: v for k, v in child_args.items() if k not in VLLM_LORA_ARGS}
                 child_args["pretrained"] = str(folder)
             outputs = _evaluate_in_vllm_env(child_args, by_shots, manager, vllm_python, vllm_env, **run)
     else:

@@ -36,6 +36,8 @@ VLLM_EXECUTION = (
     "generation.vllm_cpu_kvcache_gib",
     "generation.vllm_start_timeout_seconds",
     "generation.vllm_concurrency",
+    "generation.vllm_data_parallel_size",
+    "generation.vllm_args",
 )
 EXECUTION_ONLY = ("generation.shard_size", "generation.gpu_memory_utilization", *VLLM_EXECUTION)
 # Knobs of what later stages do with the losers, not of sampling them; except for sir, whose weights
