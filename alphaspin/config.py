@@ -340,7 +340,10 @@ class GenerationConfig(_Section):
     def _not_owned(cls, value: list[str]) -> list[str]:
         from alphaspin.vllm_server import check_extra_args
 
-        check_extra_args(value)
+        try:
+            check_extra_args(value)
+        except ValueError as error:  # the field's name is already where the error is reported
+            raise ValueError(str(error).removeprefix("generation.vllm_args: ")) from None
         return value
 
     @property

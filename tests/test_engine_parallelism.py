@@ -92,12 +92,15 @@ def test_every_argument_of_the_command_is_owned_and_refused_as_an_extra() -> Non
         ("--port", "alphaspin"),
     ],
 )
-def test_a_config_that_sets_an_owned_argument_is_refused_naming_the_knob(arg: str, knob: str) -> None:
-    with pytest.raises(ValueError) as error:
-        AlphaSpinConfig.model_validate({"generation": {"vllm_args": [arg, "2"]}})
-    message = str(error.value)
-    assert "generation.vllm_args" in message and arg in message and knob in message
+def test_a_config_that_sets_an_owned_argument_is_refused_naming_the_knob(arg: str, knob: str, make_config) -> None:
+    with pytest.raises(ConfigError) as error:
+        make_config(f'generation.vllm_args=["{arg}", "2"]')
+    line = str(error.value).splitlines()[-1].strip()  # under "invalid config <file>:", one line per field
+    assert line.startswith("generation.vllm_args: ") and f"'{arg}'" in line and knob in line
+    with pytest.raises(ValueError, match=rf"^generation\.vllm_args: '{arg}' .*{knob}"):
+        check_extra_args([arg])  # as check_engines reports it
     check_extra_args(["--enforce-eager", "--max-num-seqs", "128", "--kv-cache-dtype=fp8"])  # not ours: passed
+    assert make_config('generation.vllm_args=["--enforce-eager"]').generation.vllm_args == ["--enforce-eager"]
 
 
 def test_extra_args_map_to_lm_eval_model_args() -> None:
