@@ -190,7 +190,7 @@ def run(
         "data": data_source,
         "gpu_memory_utilization": gpu_memory_utilization,
         "dtype": {"cpu": "float32", "gpu": "bfloat16"},
-        "vllm_concurrency": config.vllm_concurrency,
+        "vllm_concurrency": config.engine_concurrency,
     }
     notes = [
         "tokens = re-tokenized decoded completions (special tokens dropped), as the generate stage counts them",
