@@ -63,11 +63,16 @@ def test_data_parallel_and_extra_args_reach_the_server_command() -> None:
 
 def test_the_data_parallel_flag_is_vllms_own() -> None:
     """The flag spellings alphaspin writes are those vLLM 0.32's argument parser defines."""
-    arg_utils = ROOT / ".venv-vllm/lib/python3.11/site-packages/vllm/engine/arg_utils.py"
-    if not arg_utils.is_file():
-        arg_utils = Path("/work/main/.venv-vllm/lib/python3.11/site-packages/vllm/engine/arg_utils.py")
-    if not arg_utils.is_file():
+    from alphaspin.vllm_server import VllmError, find_vllm_python
+
+    try:
+        env = Path(find_vllm_python(None)).parents[1]  # $ALPHASPIN_VLLM_PYTHON, else .venv-vllm
+    except VllmError:
         pytest.skip("no vLLM environment to read vLLM's arguments from")
+    found = sorted(env.glob("lib/python3*/site-packages/vllm/engine/arg_utils.py"))
+    if not found:
+        pytest.skip(f"no vllm package in {env}")
+    arg_utils = found[0]
     text = arg_utils.read_text()
     for flag in ("--data-parallel-size", "-dp", "--tensor-parallel-size", "-tp", "--gpu-memory-utilization"):
         assert f'"{flag}"' in text, flag
