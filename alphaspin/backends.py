@@ -63,8 +63,9 @@ def check_engine_gpus(generation: GenerationConfig, device: str, visible: int | 
         return
     visible = torch.cuda.device_count() if visible is None else visible
     if generation.engine_gpus > visible:
+        knob = "vllm_data_parallel_size" if generation.vllm_data_parallel_size > 1 else "tensor_parallel_size"
         raise ConfigError(
-            f"generation.vllm_data_parallel_size: {generation.tensor_parallel_size} (generation.tensor_parallel_size) "
+            f"generation.{knob}: {generation.tensor_parallel_size} (generation.tensor_parallel_size) "
             f"× {generation.vllm_data_parallel_size} = {generation.engine_gpus} GPUs for the vLLM engine, but this "
             f"process sees {visible} (CUDA_VISIBLE_DEVICES); lower generation.vllm_data_parallel_size or "
             f"generation.tensor_parallel_size"

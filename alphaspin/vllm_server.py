@@ -134,7 +134,7 @@ def check_extra_args(args: Sequence[str]) -> None:
         if knob is not None:
             raise ValueError(
                 f"generation.vllm_args: {arg!r} is an engine argument alphaspin sets itself (from {knob}); "
-                f"drop it from generation.vllm_args" + (f" and set {knob}" if knob[0] != "a" else "")
+                f"drop it from generation.vllm_args" + ("" if knob.startswith("alphaspin") else f" and set {knob}")
             )
 
 

@@ -205,6 +205,8 @@ def test_a_data_parallel_size_the_engine_refuses_is_one_line_naming_the_knob(mak
     assert "sees 3" in message
     check_engine_gpus(generation, "cuda", visible=4)
     check_engine_gpus(generation, "cpu")  # the CPU engine has no GPUs to count
+    with pytest.raises(ConfigError, match=r"^generation\.tensor_parallel_size: 4 .* × 1 = 4 GPUs"):
+        check_engine_gpus(_generation(tensor_parallel_size=4), "cuda", visible=2)
     # check_engines (the run's pre-flight) reaches the check: on this machine a CUDA device is not usable,
     # so it is the device that is refused first; on CPU the GPU count is not a question.
     config = make_config(
