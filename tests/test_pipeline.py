@@ -75,9 +75,10 @@ def test_prompts_shares_and_heldout_isolation(finished_run):
     assert len(heldout_ids) == 4  # the same held-out rows every iteration
 
 
-def _logps_by_hand(model, tokenizer, prompt: str, answer: str, prefix: bool = False) -> float:
+def _logps_by_hand(model, tokenizer, prompt: str, answer: str, prefix: bool = False, generated=None) -> float:
     """Σ log π(answer tokens | chat-template prompt), from full logits (not TRL's code). ``prefix``: an
-    answer cut off by max_new_tokens, scored without the template's closing ``<|im_end|>\\n``."""
+    answer cut off by max_new_tokens, scored without the template's closing ``<|im_end|>\\n``, on the ids
+    the sampler generated (``generated``) where given: re-tokenizing its decoded text can give other ids."""
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     full = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
@@ -87,6 +88,8 @@ def _logps_by_hand(model, tokenizer, prompt: str, answer: str, prefix: bool = Fa
         closing = list(tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"])
         assert full[-len(closing) :] == closing
         full = full[: -len(closing)]
+        if generated is not None and len(generated):
+            full = list(prompt_ids) + [int(i) for i in generated]
     assert full[: len(prompt_ids)] == prompt_ids
     ids = torch.tensor([full[:96]])
     with torch.no_grad():
@@ -107,8 +110,13 @@ def test_stored_reference_logps_equal_hand_computation(finished_run, tiny_model)
     # generation.truncated_losers: no_eos (the default): a cut-off loser is scored as the prefix it is
     assert config.generation.truncated_losers == "no_eos" and table.rejected_truncated.any()
 
+    # a cut-off loser is scored on the ids it was generated as (build_pairs' rejected_generated_ids)
+    pairs = stored.dir(Node("build_pairs", 1)).read_table("pairs.parquet").set_index("id")
+    generated = {row_id: pairs.loc[row_id, "rejected_generated_ids"] for row_id in table.id}
+
     def by_hand(model, r, side):
-        return _logps_by_hand(model, tokenizer, r.prompt, getattr(r, side), side == "rejected" and r.rejected_truncated)
+        cut = side == "rejected" and r.rejected_truncated
+        return _logps_by_hand(model, tokenizer, r.prompt, getattr(r, side), cut, generated[r.id] if cut else None)
 
     expected_base = [[by_hand(base, r, side) for side in ("chosen", "rejected")] for r in table.itertuples()]
     trained = Node("train", 0)
