@@ -151,6 +151,11 @@ class TerminalConsole(Console):
             TimeRemainingColumn(),
             console=self.out,
             transient=True,
+            # rich's default redirects sys.stdout/sys.stderr into the live display while it runs, which
+            # would print every library's progress bars and dicts on the terminal instead of the log file
+            # that `capture_output` made them (seen on a terminal only: piped, there is no live line).
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
         self._progress.start()
         self._task = self._progress.add_task(f"{label} ({reason})", total=1.0, items="", rate="")

@@ -159,3 +159,19 @@ def test_the_cli_turns_prefect_server_telemetry_off_unless_told(monkeypatch, cap
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
     assert main(["config"]) == 0
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
+
+
+def test_a_live_progress_line_keeps_library_output_in_the_log(tmp_path):
+    """On a terminal the stage's live line is a rich Progress; what libraries print to stderr/stdout while
+    it runs (tqdm bars, TRL's loss dicts) must still go to the log file, not above the live line."""
+    log_file = tmp_path / "run.log"
+    terminal = io.StringIO()
+    with capture_output(log_file):
+        console = TerminalConsole(terminal, live=True)
+        console.out._force_terminal = True  # a terminal, as `alphaspin run` sees one in a shell
+        console.stage_started("iter-0/train", "not run yet")
+        print("Loading weights: 100%", file=sys.stderr)
+        print("{'loss': '0.6931'}")
+        console.stage_finished("iter-0/train", {"loss": 0.6931})
+    assert "Loading weights" not in terminal.getvalue() and "'loss'" not in terminal.getvalue()
+    assert "Loading weights: 100%" in log_file.read_text() and "{'loss': '0.6931'}" in log_file.read_text()
