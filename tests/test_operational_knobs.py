@@ -197,7 +197,7 @@ def test_the_next_stage_runs_with_the_new_value_and_records_it(finished, capsys)
     assert ctx.record()["changes"][-1]["changed"]["evaluation.batch_size"] == [8, 2]
     rows = diff_attempts(storage)
     assert "iter-0/evaluate ran with evaluation.batch_size = 8 (run.json: 2)" in rows
-    assert "iter-0/generate-base ran with generation.vllm_concurrency = None (run.json: 4)" in rows
+    assert "iter-0/generate-base ran with generation.vllm_concurrency = null (run.json: 4)" in rows
     assert not any(row.startswith("iter-1/evaluate ") for row in rows)
     assert not any(row.startswith(("iter-0/train", "iter-0/sample_prompts")) for row in rows)  # not steered
     from alphaspin.flows.cli import main
