@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dump_config, knobs
+from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dump_config, flat_config, knobs
 from alphaspin.sharing import GRID_JSON, grid_storage
 from alphaspin.storage import RunStorage, canonical_json, sha256_bytes
 
@@ -123,17 +123,6 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = copy.deepcopy(value)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections as dotted keys (a key that already has dots stays as it is)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _get(config: AlphaSpinConfig, key: str) -> Any:
     value: Any = dump_config(config)
     for part in key.split("."):
@@ -173,7 +162,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         recipe = (path.parent / spec.recipe).resolve()
         load_config(recipe, [])  # a bad recipe fails here, naming its file
         data = yaml.safe_load(recipe.read_text()) or {}
-    for key, value in _flatten(spec.base).items():
+    for key, value in flat_config(spec.base).items():
         _set(data, key, value)
     apply_overrides(data, list(overrides or []))
     if spec.runs_root is not None:
@@ -247,7 +236,7 @@ def _check_distinct(name: str, cells: list[Cell]) -> None:
     for cell in cells:
         resolved = dump_config(cell.config)
         resolved["run"].pop("run_id")
-        key = repr(sorted(_flatten(resolved).items()))
+        key = repr(sorted(flat_config(resolved).items()))
         if key in seen:
             other = seen[key]
             axes = [a for a in cell.values if cell.values[a] != other.values[a]] or list(cell.values)
