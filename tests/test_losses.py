@@ -56,23 +56,26 @@ BY_HAND = {
 }
 
 
+# One conversational pair: the trainers below are built on it, only their loss methods are called.
+ONE_PAIR = {
+    "prompt": [[{"role": "user", "content": "hi"}]],
+    "chosen": [[{"role": "assistant", "content": "a"}]],
+    "rejected": [[{"role": "assistant", "content": "b"}]],
+    "ref_chosen_logps": [0.0],
+    "ref_rejected_logps": [0.0],
+}
+
+
 @pytest.fixture(scope="module")
 def trainer(tiny_model, tmp_path_factory) -> GeometricReferenceDPOTrainer:
     """A real trainer on the tiny model (never trained here): only its loss method is called."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    row = {
-        "prompt": [[{"role": "user", "content": "hi"}]],
-        "chosen": [[{"role": "assistant", "content": "a"}]],
-        "rejected": [[{"role": "assistant", "content": "b"}]],
-        "ref_chosen_logps": [0.0],
-        "ref_rejected_logps": [0.0],
-    }
     args = dpo_config(TrainingConfig(beta=BETA), str(tmp_path_factory.mktemp("trl")), seed=0, use_cpu=True)
     return GeometricReferenceDPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model),
         args=args,
-        train_dataset=datasets.Dataset.from_dict(row),
+        train_dataset=datasets.Dataset.from_dict(ONE_PAIR),
         processing_class=AutoTokenizer.from_pretrained(tiny_model),
     )
 
@@ -244,17 +247,10 @@ def test_slic_takes_the_papers_delta_and_lambda_from_the_config(tiny_model, tmp_
 
     training = TrainingConfig(beta=BETA, loss_type="slic")
     assert slic_settings(training) == {"slic_delta": 1.0, "slic_lambda": 0.1}
-    row = {
-        "prompt": [[{"role": "user", "content": "hi"}]],
-        "chosen": [[{"role": "assistant", "content": "a"}]],
-        "rejected": [[{"role": "assistant", "content": "b"}]],
-        "ref_chosen_logps": [0.0],
-        "ref_rejected_logps": [0.0],
-    }
     configured = GeometricReferenceDPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model),
         args=dpo_config(training, str(tmp_path / "trl"), seed=0, use_cpu=True),
-        train_dataset=datasets.Dataset.from_dict(row),
+        train_dataset=datasets.Dataset.from_dict(ONE_PAIR),
         processing_class=AutoTokenizer.from_pretrained(tiny_model),
         **slic_settings(training),
     )
