@@ -107,7 +107,14 @@ def test_a_failing_stage_is_one_paragraph_naming_it_and_the_log(tiny_model, tmp_
 @pytest.mark.slow  # the tiny run through the CLI and a Prefect server
 def test_the_console_of_a_run_stays_within_its_budget_and_the_log_has_everything(prefect_server, tiny_model, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId, TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterTaskRunId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
     from prefect.settings import PREFECT_API_URL
 
     runs = tmp_path / "runs"
@@ -120,7 +127,9 @@ def test_the_console_of_a_run_stays_within_its_budget_and_the_log_has_everything
     assert len(lines) <= LINE_BUDGET, done.stdout
     assert done.stderr == "", done.stderr
     assert lines[0].startswith("alphaspin run · console · recipe configs/quickstart.yaml")
-    assert any(line.strip().startswith("Prefect UI") and "/flow-runs/flow-run/" in line for line in lines)
+    (ui_line,) = [line for line in lines if line.strip().startswith("Prefect UI")]
+    assert "/flow-runs/flow-run/" in ui_line, ui_line
+    flow_run_id = ui_line.rstrip().rsplit("/", 1)[-1]
     assert sum(line.startswith("iteration ") for line in lines) == 2
     assert sum(line.startswith("  ✓ iter-") for line in lines) == 13
     assert f"report      {runs / 'console' / 'report' / 'report.md'}" in done.stdout
@@ -138,9 +147,13 @@ def test_the_console_of_a_run_stays_within_its_budget_and_the_log_has_everything
     ):
         assert wanted in log, wanted
 
-    # The Prefect UI's log of a stage reads like the console: progress and a result, no dumps.
+    # The Prefect UI's log of a stage reads like the console: progress and a result, no dumps. The server is
+    # the session's, shared with other tests' runs, so the task run is looked up within this run's flow run.
     with get_client(sync_client=True) as client:
-        (train,) = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["iter-1/train"])))
+        (train,) = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["iter-1/train"])),
+        )
         messages = [
             log.message
             for log in client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[train.id])))
