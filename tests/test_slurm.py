@@ -285,10 +285,19 @@ def test_sbatch_requeue_mid_train_resumes_and_completes(interrupt, slurm, tmp_pa
     assert "preempted by SIGTERM at step 2/3; checkpoint-2 is stored" in text
     train = Run(load_config(ROOT / "configs/quickstart.yaml", overrides)).dir(Node("train", 0))
     assert train.read_manifest() is None and "_scratch/checkpoints/checkpoint-2/_COMPLETE.json" in train.list_files()
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue delay
+    # Skip Slurm's requeue delay, but only once the node has finished cleaning up the first attempt (its
+    # slurmstepd still ends the batch step): the delay exists for that, and a relaunch before the node is
+    # idle again was seen to fail at once on a loaded CI machine (FAILED, exit 1, no output).
+    deadline = time.monotonic() + 120
+    while not (node := slurm.run("sinfo", "-h", "-o", "%t").strip()).startswith("idle"):
+        assert time.monotonic() < deadline, f"node {node!r} not idle 120 s after the requeue\n{slurm.logs()}"
+        time.sleep(0.5)
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
     while (state := slurm.job(job))["JobState"] != "COMPLETED":
-        assert state["JobState"] in ("PENDING", "RUNNING", "COMPLETING"), f"{state}\n{out.read_text()[-3000:]}"
+        assert state["JobState"] in ("PENDING", "RUNNING", "COMPLETING"), (
+            f"{state}\n{out.read_text()[-3000:]}\n{slurm.logs()}"
+        )
         assert time.monotonic() - requeued < 600, state
         time.sleep(1)
     assert slurm.job(job)["ExitCode"] == "0:0"
