@@ -149,6 +149,28 @@ def test_the_recipe_deployment_takes_iteration_job_variables_for_split_runs_only
         alphaspin_recipe.fn(iteration_job_variables={"gpu_count": 2})
 
 
+def test_a_split_run_with_a_malformed_node_selector_stops_before_anything_is_written(
+    prefect_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipe flow on a Prefect server, split onto a (Kubernetes) pool: the children's job variables
+    are checked before run.json exists or any child is started."""
+    import alphaspin.flows.orchestration as orchestration
+    from alphaspin.flows.deployments import alphaspin_recipe
+
+    k8s = _template("k8s-gpu-job-template.json")["variables"]["properties"]
+    monkeypatch.setattr(orchestration, "deployment_pool", lambda deployment: ("gpu-k8s", k8s))
+    started = []
+    monkeypatch.setattr(orchestration, "run_child", lambda *args, **kwargs: started.append(args))
+    with pytest.raises(ConfigError) as error:
+        alphaspin_recipe(
+            overrides=[f"run.runs_root={tmp_path}", "run.run_id=split-bad-selector"],
+            iteration_deployment="alphaspin-run-iteration/gpu",
+            iteration_job_variables={"node_selector": {"gpu type": "h100"}},
+        )
+    assert str(error.value).startswith("iteration_job_variables.node_selector: a key 'gpu type' does not match")
+    assert not (tmp_path / "split-bad-selector").exists() and started == []
+
+
 # -- the server's safety net: Prefect's zombie-flow automation -------------------------------------
 def test_zombie_automation_crashes_flow_runs_that_stop_heartbeating() -> None:
     from prefect.client.schemas.objects import StateType
