@@ -21,7 +21,14 @@ PER_WORKER="${GPUS_PER_WORKER:-1}"
 POOL="${WORK_POOL:-gpu}"
 PREFIX="${WORKER_NAME_PREFIX:-$(hostname)}"
 
-if [ "$PER_WORKER" -lt 1 ] || [ "$GPUS" -lt "$PER_WORKER" ] || [ $((GPUS % PER_WORKER)) -ne 0 ]; then
+for knob in GPU_COUNT GPUS_PER_WORKER; do
+  value="$([ "$knob" = GPU_COUNT ] && echo "$GPUS" || echo "$PER_WORKER")"
+  if ! [[ "$value" =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu-workers.sh: ${knob}=${value}: expected a whole number of GPUs, at least 1" >&2
+    exit 2
+  fi
+done
+if [ "$GPUS" -lt "$PER_WORKER" ] || [ $((GPUS % PER_WORKER)) -ne 0 ]; then
   echo "gpu-workers.sh: GPU_COUNT=${GPUS} is not a multiple of GPUS_PER_WORKER=${PER_WORKER}" >&2
   exit 2
 fi

@@ -300,6 +300,14 @@ def test_compose_gives_every_concurrent_run_its_own_gpu(compose: dict) -> None:
     assert [line.split()[0] for line in pairs] == ["CUDA_VISIBLE_DEVICES=0,1", "CUDA_VISIBLE_DEVICES=2,3"]
     refused = _gpu_workers(GPU_COUNT="3", GPUS_PER_WORKER="2")
     assert refused.returncode == 2 and "not a multiple" in refused.stderr
+    for env, knob in [
+        ({"GPU_COUNT": "two"}, "GPU_COUNT=two"),
+        ({"GPU_COUNT": "0"}, "GPU_COUNT=0"),
+        ({"GPUS_PER_WORKER": "-1"}, "GPUS_PER_WORKER=-1"),
+    ]:
+        refused = _gpu_workers(**env)
+        assert refused.returncode == 2 and refused.stdout == "", refused
+        assert refused.stderr == f"gpu-workers.sh: {knob}: expected a whole number of GPUs, at least 1\n"
     # the pool and the tag limit get one slot per worker
     setup = (ROOT / "docker" / "setup.sh").read_text()
     assert 'GPUS="$(( ${GPU_COUNT:-1} / ${GPUS_PER_WORKER:-1} ))"' in setup
