@@ -12,7 +12,9 @@ deployment (on the GPU pool) and waits for it. What can go wrong on a real clust
 - the parent is retried while its child still runs: the child is joined, not started twice
   (`child_idempotency_key`), so two processes never write the same stage;
 - the run needs several GPUs (the engine's tensor × data parallel GPUs, or ``training.num_processes``):
-  the child's pool is asked for them (`child_gpu_count`, `child_job_variables`).
+  the child's pool is asked for them (`child_gpu_count`, `child_job_variables`), with the job variables a
+  person gave the split run for its children (node selection, a GPU count), checked first in one line
+  naming the variable (`check_job_variables`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from alphaspin.storage import canonical_json, sha256_bytes
 # The job variables of deploy/*-gpu-job-template.json: GPUs per flow run, or fixed GPU ids (a pool per GPU).
 GPU_COUNT_VARIABLE = "gpu_count"
 GPU_IDS_VARIABLE = "gpu_device_ids"
+# gpu_count's value for "every GPU of the host; the worker's own GPUs (its CUDA_VISIBLE_DEVICES) decide"
+# (the Docker template's default: GPU-owning workers of one pool, docs/gpu-pool.md).
+ALL_GPUS = -1
 
 Verdict = Literal["done", "wait", "never_started", "timed_out", "no_heartbeat"]
 
@@ -63,24 +68,67 @@ def child_gpu_count(config: AlphaSpinConfig) -> tuple[int, str]:
     return engine, engine_knobs
 
 
-def child_job_variables(config: AlphaSpinConfig, pool_variables: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Job variables of an iteration's child run, given the variables of its pool's base job template:
-    ``gpu_count`` = `child_gpu_count` where the template has that variable (the
-    Docker and Kubernetes templates of deploy/). A process pool has none: the GPUs are those its
-    worker sees (``CUDA_VISIBLE_DEVICES``). A pool pinned to GPU ids (``gpu_device_ids`` default)
-    keeps them; a run needing more GPUs than it pins is an error."""
+def child_job_variables(
+    config: AlphaSpinConfig,
+    pool_variables: Mapping[str, Mapping[str, Any]],
+    given: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Job variables of an iteration's child run, given the variables of its pool's base job template
+    and those a person gave for the children (``given``: the split run's ``iteration_job_variables``,
+    checked by `check_job_variables`; they win).
+
+    ``gpu_count`` = `child_gpu_count` where the template has that variable with a count as its default
+    (the Kubernetes template of deploy/: the device plugin gives each pod GPUs of its own). Left to the
+    pool: a process pool has no such variable (the GPUs are those its worker sees,
+    ``CUDA_VISIBLE_DEVICES``); a pool whose default is -1 (the Docker template) gives every GPU and the
+    worker's own decide; a pool pinned to GPU ids (``gpu_device_ids`` default) keeps them. A run needing
+    more GPUs than a pinned pool or the given ``gpu_count`` holds is an error."""
+    given = dict(given or {})
+    check_job_variables(given, pool_variables)
     wanted, knobs = child_gpu_count(config)
-    pinned = (pool_variables.get(GPU_IDS_VARIABLE) or {}).get("default")
+    pinned = given.get(GPU_IDS_VARIABLE) or (pool_variables.get(GPU_IDS_VARIABLE) or {}).get("default")
     if pinned:
         if wanted > len(pinned):
+            where = f"iteration_job_variables.{GPU_IDS_VARIABLE}" if GPU_IDS_VARIABLE in given else GPU_IDS_VARIABLE
             raise ConfigError(
-                f"{knobs}: {wanted} GPUs, but the child's pool is pinned to GPU(s) "
-                f"{list(pinned)} ({GPU_IDS_VARIABLE}); use a pool with {wanted} GPUs"
+                f"{knobs}: {wanted} GPUs, but the child's pool is pinned to GPU(s) {list(pinned)} ({where}); "
+                f"use a pool with {wanted} GPUs"
             )
-        return {}
-    if GPU_COUNT_VARIABLE in pool_variables:
-        return {GPU_COUNT_VARIABLE: wanted}
-    return {}
+        return given
+    count = given.get(GPU_COUNT_VARIABLE)
+    if count is not None and count != ALL_GPUS and count < wanted:
+        raise ConfigError(
+            f"iteration_job_variables.{GPU_COUNT_VARIABLE}: {count} GPU(s), but {knobs} needs {wanted}: "
+            f"give at least {wanted}, or leave it out (the children then ask for {wanted})"
+        )
+    default = (pool_variables.get(GPU_COUNT_VARIABLE) or {}).get("default")
+    if count is None and GPU_COUNT_VARIABLE in pool_variables and default != ALL_GPUS:
+        return {GPU_COUNT_VARIABLE: wanted, **given}
+    return given
+
+
+def check_job_variables(given: Mapping[str, Any], pool_variables: Mapping[str, Mapping[str, Any]]) -> None:
+    """Job variables a person gives a split run's children, checked against the children's pool
+    (its base job template's variables, the JSON schema the Prefect server checks them with later):
+    one line naming the first bad one (``iteration_job_variables.<name>``) and what it expected,
+    before the run starts anything. A name the pool's template does not have is refused too (Prefect
+    would ignore it)."""
+    import jsonschema
+
+    for name, value in given.items():
+        if name not in pool_variables:
+            raise ConfigError(
+                f"iteration_job_variables.{name}: not a job variable of the children's work pool "
+                f"(it has: {', '.join(sorted(pool_variables)) or 'none'})"
+            )
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(dict(pool_variables[name])).iter_errors(value)
+        )
+        if error is not None:
+            where = "".join(f"[{part!r}]" for part in error.absolute_path)
+            what = "a key" if error.validator == "propertyNames" or "propertyNames" in error.schema_path else ""
+            message = " ".join(error.message.split())
+            raise ConfigError(f"iteration_job_variables.{name}{where}: {what + ' ' if what else ''}{message}")
 
 
 def child_idempotency_key(parent_flow_run_id: str, config: AlphaSpinConfig, iteration: int, forced: list[str]) -> str:

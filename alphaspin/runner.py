@@ -14,6 +14,7 @@ tasks call ``execute`` with what the flow ``prepare``d, and
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -286,8 +287,13 @@ class Runner:
             metrics = spec.function(job, **self._artifacts(node, prepared.inputs))
             if lease.lost:  # we stalled past the lease and another process took the stage over
                 raise RuntimeError(f"{node.label}: lost its lease to another process while running; not committing")
-            # The operational values it ran with, and the device model.device resolved to here.
-            provenance = {**prepared.provenance, "device": self.workspace.device}
+            # The operational values it ran with, the device model.device resolved to here, and the GPUs
+            # this process was given (CUDA_VISIBLE_DEVICES: a GPU-owning worker's, None when unset).
+            provenance = {
+                **prepared.provenance,
+                "device": self.workspace.device,
+                "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            }
             return out.commit(spec.name, node.iteration, key, metrics, provenance=provenance), "ran"
 
     def _key_lease(self, prepared: Prepared) -> AbstractContextManager:

@@ -147,6 +147,7 @@ def alphaspin_recipe(
     force_iterations: list[int] = [],  # noqa: B006
     fork_from: str | None = None,
     iteration_deployment: str | None = None,
+    iteration_job_variables: dict[str, Any] = {},  # noqa: B006
 ) -> list[dict[str, Any]]:
     """A whole α-SPIN run (t = 0..T) from a recipe. Completed stages come back Cached.
 
@@ -156,7 +157,15 @@ def alphaspin_recipe(
     in force_iterations (all when empty). fork_from: a run id this run forks. iteration_deployment:
     run each iteration as a run of this deployment (e.g. "alphaspin-run-iteration/gpu") instead of
     in this flow run; refused when that deployment's pool is this flow run's own pool.
+    iteration_job_variables: job variables of every iteration's run on that deployment's pool (e.g.
+    {"node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}} on Kubernetes; gpu_count
+    defaults to what the iteration needs), checked against the pool's template first.
     """
+    if iteration_job_variables and not iteration_deployment:
+        raise ConfigError(
+            "iteration_job_variables: only for a split run (iteration_deployment); this run's own job variables "
+            "go in the run form's Job variables (prefect deployment run ... --job-variable NAME=VALUE)"
+        )
     resolved = resolve_config(recipe, overrides, config)
     get_run_logger().info(
         f"run {resolved.run.run_id} at {resolved.run.runs_root}: iterations 0..{resolved.method.iterations}, "
@@ -169,7 +178,14 @@ def alphaspin_recipe(
             force_iterations=list(force_iterations) or None,
             fork_from=fork_from,
         )
-    return _run_iterations_on(iteration_deployment, resolved, list(force_stages), list(force_iterations), fork_from)
+    return _run_iterations_on(
+        iteration_deployment,
+        resolved,
+        list(force_stages),
+        list(force_iterations),
+        fork_from,
+        dict(iteration_job_variables),
+    )
 
 
 def _run_iterations_on(
@@ -178,6 +194,7 @@ def _run_iterations_on(
     force_stages: list[str],
     force_iterations: list[int],
     fork_from: str | None,
+    given_job_variables: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Each iteration as a child run of ``deployment`` (on its pool), one after the other, watched
     until it ends (`alphaspin.flows.orchestration.run_child`)."""
@@ -188,7 +205,7 @@ def _run_iterations_on(
     logger = get_run_logger()
     pool, pool_variables = deployment_pool(deployment)
     check_split_pools(deployment, flow_run_pool(current_flow_run.id), pool)
-    job_variables = child_job_variables(config, pool_variables)
+    job_variables = child_job_variables(config, pool_variables, given_job_variables)
     try:  # the server's safety net for children whose worker dies; the parent watches them itself too
         ensure_zombie_automation()
     except Exception as error:  # noqa: BLE001 - a missing automation is logged, not fatal

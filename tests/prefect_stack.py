@@ -168,10 +168,17 @@ class Stack:
             self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
         self.processes: list[tuple[subprocess.Popen, int, float]] = []
 
-    def spawn(self, name: str, args: list[str], interrupts: int, grace: float) -> subprocess.Popen:
+    def spawn(
+        self, name: str, args: list[str], interrupts: int, grace: float, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")
         process = subprocess.Popen(
-            args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         self.processes.append((process, interrupts, grace))
@@ -201,6 +208,31 @@ class Stack:
         """``prefect worker start --pool POOL [--name NAME]``; its log is worker-<name or pool>.log."""
         args = [prefect_exe(), "worker", "start", "--pool", pool] + (["--name", name] if name else [])
         return self.spawn(f"worker-{name or pool}", args, interrupts=2, grace=10)
+
+    def start_workers_as_documented(self, script_env: dict[str, str]) -> dict[str, subprocess.Popen]:
+        """The GPU-owning workers of one pool that ``docker/gpu-workers.sh`` starts (docs/gpu-pool.md):
+        its dry run's command lines (``CUDA_VISIBLE_DEVICES=<ids> prefect worker start --pool POOL
+        --limit 1 --name NAME``), each started as written, as a process of its own (so that one can be
+        killed alone); {worker name: process}; logs worker-<name>.log."""
+        done = subprocess.run(
+            ["bash", str(ROOT / "docker" / "gpu-workers.sh")],
+            env={**self.env, **script_env, "DRY_RUN": "1"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0 and done.stdout.strip(), done.stderr
+        workers = {}
+        for line in done.stdout.splitlines():
+            assignment, *args = line.split()
+            variable, _, devices = assignment.partition("=")
+            assert variable == "CUDA_VISIBLE_DEVICES" and args[:3] == ["prefect", "worker", "start"], line
+            name = args[args.index("--name") + 1]
+            args[0] = prefect_exe()
+            workers[name] = self.spawn(
+                f"worker-{name}", args, interrupts=2, grace=10, env={"CUDA_VISIBLE_DEVICES": devices}
+            )
+        return workers
 
     def log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"

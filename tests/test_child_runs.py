@@ -90,10 +90,14 @@ def test_idempotency_key_joins_retries_of_one_parent_only() -> None:
 
 def test_tensor_parallel_size_reaches_the_pools_gpu_count() -> None:
     config = AlphaSpinConfig.model_validate({"generation": {"tensor_parallel_size": 2}})
-    for name in ("docker-gpu-job-template.json", "k8s-gpu-job-template.json"):
-        variables = _template(name)["variables"]["properties"]
-        assert child_job_variables(config, variables) == {"gpu_count": 2}, name
-        assert child_job_variables(AlphaSpinConfig(), variables) == {"gpu_count": 1}, name
+    variables = _template("k8s-gpu-job-template.json")["variables"]["properties"]
+    assert child_job_variables(config, variables) == {"gpu_count": 2}
+    assert child_job_variables(AlphaSpinConfig(), variables) == {"gpu_count": 1}
+    # Docker's default -1 gives the container every GPU and leaves the choice to its GPU-owning worker
+    docker = _template("docker-gpu-job-template.json")["variables"]["properties"]
+    assert child_job_variables(config, docker) == {}
+    counted = {**docker, "gpu_count": {**docker["gpu_count"], "default": 1}}  # a pool made to count GPUs
+    assert child_job_variables(config, counted) == {"gpu_count": 2}
     from prefect.workers.process import ProcessWorker
 
     process = ProcessWorker.get_default_base_job_template()["variables"]["properties"]
@@ -103,6 +107,68 @@ def test_tensor_parallel_size_reaches_the_pools_gpu_count() -> None:
     assert child_job_variables(AlphaSpinConfig(), pinned) == {}  # a pool per GPU keeps its pin
     with pytest.raises(ConfigError, match="pinned to GPU"):
         child_job_variables(config, pinned)
+
+
+def test_job_variables_given_for_the_children_are_checked_in_one_line_and_win() -> None:
+    """A split run's ``iteration_job_variables`` (node selection, a GPU count): checked against the
+    children's pool template before anything starts, one line naming the variable; merged over the
+    GPU count the iteration needs."""
+    config = AlphaSpinConfig.model_validate({"generation": {"tensor_parallel_size": 2}})
+    k8s = _template("k8s-gpu-job-template.json")["variables"]["properties"]
+    docker = _template("docker-gpu-job-template.json")["variables"]["properties"]
+    h100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    dedicated = [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]
+    given = {"node_selector": h100, "tolerations": dedicated}
+    assert child_job_variables(config, k8s, given) == {"gpu_count": 2, **given}
+    assert child_job_variables(config, k8s, {"gpu_count": 4}) == {"gpu_count": 4}
+    assert child_job_variables(config, docker, {"gpu_device_ids": ["0", "1"], "gpu_count": 0}) == {
+        "gpu_device_ids": ["0", "1"],
+        "gpu_count": 0,
+    }
+    bad = [
+        (k8s, {"gpu_count": "two"}, "iteration_job_variables.gpu_count: 'two' is not of type 'integer'"),
+        (k8s, {"gpu_count": 1}, "iteration_job_variables.gpu_count: 1 GPU(s), but generation.tensor_parallel_size"),
+        (k8s, {"node_selector": ["gpu"]}, "iteration_job_variables.node_selector: ['gpu'] is not of type 'object'"),
+        (k8s, {"node_selector": {"gpu type": "h100"}}, "iteration_job_variables.node_selector: a key 'gpu type'"),
+        (k8s, {"node_selector": {"gpu": "H100 80GB"}}, "iteration_job_variables.node_selector['gpu']: 'H100 80GB'"),
+        (k8s, {"tolerations": [{"key": "gpu", "operator": "Maybe"}]}, "tolerations[0]['operator']: 'Maybe' is not"),
+        (k8s, {"nodeSelector": h100}, "iteration_job_variables.nodeSelector: not a job variable of the children's"),
+        (docker, {"gpu_device_ids": ["first"]}, "iteration_job_variables.gpu_device_ids[0]: 'first' does not"),
+        (docker, {"gpu_count": 0, "gpu_device_ids": ["3"]}, "pinned to GPU(s) ['3'] (iteration_job_variables."),
+    ]
+    for pool, variables, message in bad:
+        with pytest.raises(ConfigError) as error:
+            child_job_variables(config, pool, variables)
+        assert message in str(error.value) and "\n" not in str(error.value), (variables, str(error.value))
+
+
+def test_the_recipe_deployment_takes_iteration_job_variables_for_split_runs_only() -> None:
+    from alphaspin.flows.deployments import alphaspin_recipe
+
+    with pytest.raises(ConfigError, match="iteration_job_variables: only for a split run"):
+        alphaspin_recipe.fn(iteration_job_variables={"gpu_count": 2})
+
+
+def test_a_split_run_with_a_malformed_node_selector_stops_before_anything_is_written(
+    prefect_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipe flow on a Prefect server, split onto a (Kubernetes) pool: the children's job variables
+    are checked before run.json exists or any child is started."""
+    import alphaspin.flows.orchestration as orchestration
+    from alphaspin.flows.deployments import alphaspin_recipe
+
+    k8s = _template("k8s-gpu-job-template.json")["variables"]["properties"]
+    monkeypatch.setattr(orchestration, "deployment_pool", lambda deployment: ("gpu-k8s", k8s))
+    started = []
+    monkeypatch.setattr(orchestration, "run_child", lambda *args, **kwargs: started.append(args))
+    with pytest.raises(ConfigError) as error:
+        alphaspin_recipe(
+            overrides=[f"run.runs_root={tmp_path}", "run.run_id=split-bad-selector"],
+            iteration_deployment="alphaspin-run-iteration/gpu",
+            iteration_job_variables={"node_selector": {"gpu type": "h100"}},
+        )
+    assert str(error.value).startswith("iteration_job_variables.node_selector: a key 'gpu type' does not match")
+    assert not (tmp_path / "split-bad-selector").exists() and started == []
 
 
 # -- the server's safety net: Prefect's zombie-flow automation -------------------------------------
@@ -146,8 +212,10 @@ def _render(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return config.model_dump()
 
 
-def test_docker_template_requests_gpus_and_shared_memory() -> None:
+def test_docker_template_requests_gpus_and_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     import docker.models.containers as containers
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the worker's (here: this process's) GPUs
 
     template = _template("docker-gpu-job-template.json")
     assert "container_wait_timeout" not in template["job_configuration"]  # not a field of the Docker worker
@@ -160,7 +228,7 @@ def test_docker_template_requests_gpus_and_shared_memory() -> None:
 
     default = host_config({})
     assert default["DeviceRequests"] == [
-        {"Driver": "nvidia", "Count": 1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
+        {"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
     ]
     assert default["ShmSize"] == 8 * 1024**3
     assert host_config({"gpu_count": 2})["DeviceRequests"][0]["Count"] == 2
@@ -168,7 +236,8 @@ def test_docker_template_requests_gpus_and_shared_memory() -> None:
     assert (pinned["Count"], pinned["DeviceIDs"]) == (0, ["1"])
 
     rendered = _render(template, {"runs_root": "s3://b/runs", "env": {"HF_TOKEN": "t"}})
-    assert rendered["env"] == {"ALPHASPIN_RUNS_ROOT": "s3://b/runs", "HF_TOKEN": "t"}
+    worker_gpus = {"ALPHASPIN_WORKER_GPUS": ""}  # a worker without CUDA_VISIBLE_DEVICES (tests/test_docker_files.py)
+    assert rendered["env"] == {"ALPHASPIN_RUNS_ROOT": "s3://b/runs", "HF_TOKEN": "t", **worker_gpus}
     assert "ALPHASPIN_RUNS_ROOT" not in (_render(template, {})["env"] or {})  # unset: the image's default
     assert {v.split(":")[1] for v in rendered["volumes"]} == {"/cache/huggingface", "/cache/compile"}
 

@@ -300,6 +300,14 @@ def test_compose_gives_every_concurrent_run_its_own_gpu(compose: dict) -> None:
     assert [line.split()[0] for line in pairs] == ["CUDA_VISIBLE_DEVICES=0,1", "CUDA_VISIBLE_DEVICES=2,3"]
     refused = _gpu_workers(GPU_COUNT="3", GPUS_PER_WORKER="2")
     assert refused.returncode == 2 and "not a multiple" in refused.stderr
+    for env, knob in [
+        ({"GPU_COUNT": "two"}, "GPU_COUNT=two"),
+        ({"GPU_COUNT": "0"}, "GPU_COUNT=0"),
+        ({"GPUS_PER_WORKER": "-1"}, "GPUS_PER_WORKER=-1"),
+    ]:
+        refused = _gpu_workers(**env)
+        assert refused.returncode == 2 and refused.stdout == "", refused
+        assert refused.stderr == f"gpu-workers.sh: {knob}: expected a whole number of GPUs, at least 1\n"
     # the pool and the tag limit get one slot per worker
     setup = (ROOT / "docker" / "setup.sh").read_text()
     assert 'GPUS="$(( ${GPU_COUNT:-1} / ${GPUS_PER_WORKER:-1} ))"' in setup
@@ -468,3 +476,145 @@ def test_env_sh_decides_the_torch_index_before_pip(tmp_path: Path) -> None:
     env.update(ALPHASPIN_CUDA="11")
     done = subprocess.run(["bash", "scripts/env.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "ALPHASPIN_CUDA=11: expected 12" in done.stderr and not venv.exists()
+
+
+# -- one pool, many GPUs: node selection and GPU count as job variables, GPU-owning workers ---------
+# docs/gpu-pool.md, sections 5, 13 and 14. Rendered with Prefect's own job-configuration code, as a worker
+# renders them (test_child_runs._render), and checked by a real Prefect server (the session's).
+H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+DEDICATED = [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]
+
+
+def test_k8s_template_renders_node_selection_and_gpu_count() -> None:
+    from prefect.server.schemas.actions import validate_base_job_template
+    from test_child_runs import _render, _template
+
+    template = _template("k8s-gpu-job-template.json")
+    validate_base_job_template(template)  # every placeholder is a variable: the server accepts the pool
+
+    def pod(values: dict) -> dict:
+        return _render(template, values)["job_manifest"]["spec"]["template"]["spec"]
+
+    default = pod({})
+    assert "nodeSelector" not in default  # unset: any node with free GPUs
+    assert default["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert default["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    chosen = pod({"node_selector": H100, "tolerations": DEDICATED, "gpu_count": 4})
+    assert (chosen["nodeSelector"], chosen["tolerations"]) == (H100, DEDICATED)
+    assert chosen["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+
+
+def test_docker_template_hands_each_container_its_workers_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import docker.models.containers as containers
+    from prefect.server.schemas.actions import validate_base_job_template
+    from test_child_runs import _render, _template
+
+    template = _template("docker-gpu-job-template.json")
+    validate_base_job_template(template)  # the worker's variable lives in a default, not in the configuration
+    for owned in ("1", "2,3"):  # the worker's CUDA_VISIBLE_DEVICES, read where the worker renders the job
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", owned)
+        rendered = _render(template, {"env": {"HF_TOKEN": "t"}})
+        assert rendered["env"] == {"ALPHASPIN_WORKER_GPUS": owned, "HF_TOKEN": "t"}  # a run's env adds to it
+        kwargs = rendered["container_create_kwargs"]
+        host = containers._create_container_args({"image": "x", "version": "1.44", **kwargs})["host_config"]
+        assert host["DeviceRequests"][0]["Count"] == -1  # every GPU to the container; the entrypoint narrows
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _render(template, {})["env"] == {"ALPHASPIN_WORKER_GPUS": ""}  # a worker that owns none: all of them
+
+
+def _entrypoint(env: dict[str, str], tmp_path: Path, gpus_in_container: int | None = None):
+    """docker/gpu-entrypoint.sh running a command that prints what it was given; with a stand-in for
+    ``nvidia-smi -L`` on PATH that lists ``gpus_in_container`` GPUs (None: no nvidia-smi, as on a CPU)."""
+    import os
+
+    path = os.environ["PATH"]
+    if gpus_in_container is not None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        lines = "".join(
+            f"echo 'GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08x})'\n" for i in range(gpus_in_container)
+        )
+        (bin_dir / "nvidia-smi").write_text(f"#!/usr/bin/env bash\n{lines}")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+        path = f"{bin_dir}:{path}"
+    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "ALPHASPIN_WORKER_GPUS")}
+    return subprocess.run(
+        [str(ROOT / "docker" / "gpu-entrypoint.sh"), "bash", "-c", 'echo "${CUDA_VISIBLE_DEVICES-unset}"'],
+        env={**base, "PATH": path, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_gpu_entrypoint_gives_the_flow_run_its_workers_gpus(dockerfile: list[Instruction], tmp_path: Path) -> None:
+    [entrypoint] = [json.loads(ins.value) for ins in dockerfile if ins.name == "ENTRYPOINT"]
+    [workdir] = [ins.value for ins in dockerfile if ins.name == "WORKDIR"]
+    assert entrypoint == ["/usr/bin/tini", "--", f"{workdir}/docker/gpu-entrypoint.sh"]  # COPY docker/ docker/
+    import os
+
+    assert os.access(ROOT / "docker" / "gpu-entrypoint.sh", os.X_OK)
+
+    def given(env: dict[str, str], gpus: int | None = None) -> str:
+        done = _entrypoint(env, tmp_path, gpus)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert given({"ALPHASPIN_WORKER_GPUS": "1"}, gpus=4) == "1"
+    assert given({"ALPHASPIN_WORKER_GPUS": "2,3"}, gpus=4) == "2,3"
+    assert given({"ALPHASPIN_WORKER_GPUS": "GPU-0000002a"}) == "GPU-0000002a"
+    assert given({"ALPHASPIN_WORKER_GPUS": ""}) == "unset"  # a worker that owns none: the container's GPUs
+    assert given({}) == "unset"  # `docker run`, the compose worker
+    assert given({"ALPHASPIN_WORKER_GPUS": "1", "CUDA_VISIBLE_DEVICES": "0"}, gpus=4) == "0"  # the run's own wins
+    for env, gpus, message in [
+        ({"ALPHASPIN_WORKER_GPUS": "1"}, 1, "owns GPU 1 (ALPHASPIN_WORKER_GPUS=1) but this container was given 1 GPU"),
+        ({"ALPHASPIN_WORKER_GPUS": "0,first"}, None, "'first' is not a GPU index or UUID"),
+    ]:
+        done = _entrypoint(env, tmp_path, gpus)
+        assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+        assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "gpu_count to -1" in _entrypoint({"ALPHASPIN_WORKER_GPUS": "3"}, tmp_path, 2).stderr
+
+
+def test_the_server_refuses_a_malformed_gpu_count_or_node_selector_in_one_line(prefect_server) -> None:
+    """A person's per-run job variables (the UI's run form, `--job-variable`) are checked by the Prefect
+    server against the pool's template: a bad GPU count or node selector is refused before the flow run
+    exists, in one line naming the variable; good ones are accepted."""
+    import uuid
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import PrefectHTTPStatusError
+    from test_child_runs import _template
+
+    suffix = uuid.uuid4().hex[:8]
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(f"pool-check-{suffix}")
+        deployments = {}
+        for kind, name in (("kubernetes", "k8s-gpu-job-template.json"), ("docker", "docker-gpu-job-template.json")):
+            pool = f"gpu-{kind}-{suffix}"
+            client.create_work_pool(WorkPoolCreate(name=pool, type=kind, base_job_template=_template(name)))
+            deployments[kind] = client.create_deployment(flow_id=flow_id, name=kind, work_pool_name=pool)
+        bad = [
+            ("kubernetes", {"gpu_count": "two"}, "gpu_count"),
+            ("kubernetes", {"gpu_count": -1}, "gpu_count"),
+            ("kubernetes", {"node_selector": ["nvidia.com/gpu.product"]}, "node_selector"),
+            ("kubernetes", {"node_selector": {"gpu type": "h100"}}, "node_selector"),
+            ("kubernetes", {"node_selector": {"nvidia.com/gpu.product": "H100 80GB"}}, "node_selector"),
+            ("kubernetes", {"tolerations": [{"key": "dedicated", "operator": "Maybe"}]}, "tolerations"),
+            ("docker", {"gpu_count": -2}, "gpu_count"),
+            ("docker", {"gpu_device_ids": ["first"]}, "gpu_device_ids"),
+        ]
+        for kind, variables, field in bad:
+            with pytest.raises(PrefectHTTPStatusError) as error:
+                client.create_flow_run_from_deployment(deployments[kind], job_variables=variables)
+            detail = error.value.response.json()["detail"]
+            assert error.value.response.status_code == 422 and "\n" not in detail, detail
+            assert re.search(rf"^Error creating flow run: Validation failed for field [\"']{field}\b", detail), detail
+        for kind, variables in [
+            ("kubernetes", {"gpu_count": 2, "node_selector": H100, "tolerations": DEDICATED}),
+            ("docker", {"gpu_count": 0, "gpu_device_ids": ["1"]}),
+        ]:
+            run = client.create_flow_run_from_deployment(deployments[kind], job_variables=variables)
+            assert run.job_variables == variables
+            client.delete_flow_run(run.id)

@@ -181,8 +181,9 @@ def test_a_split_child_asks_for_the_gpus_of_its_engine_or_its_training(generatio
     config = AlphaSpinConfig.model_validate({"generation": generation, "training": training})
     wanted, knobs = child_gpu_count(config)
     assert (wanted, named in knobs) == (gpus, True)
-    for name in ("docker-gpu-job-template.json", "k8s-gpu-job-template.json"):
-        assert child_job_variables(config, _template(name)) == {"gpu_count": gpus}, name
+    assert child_job_variables(config, _template("k8s-gpu-job-template.json")) == {"gpu_count": gpus}
+    # Docker's default gpu_count -1 (every GPU; the GPU-owning worker's own decide) is left as it is
+    assert child_job_variables(config, _template("docker-gpu-job-template.json")) == {}
     pinned = {**_template("docker-gpu-job-template.json")}
     pinned["gpu_device_ids"] = {**pinned["gpu_device_ids"], "default": ["0"]}
     if gpus > 1:

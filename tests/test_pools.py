@@ -1,22 +1,25 @@
-"""Split orchestration on two work pools, and a GPU worker killed mid-stage (docs/gpu-pool.md, section 10).
+"""Split orchestration on two work pools, one GPU pool with two GPU-owning workers, and a GPU worker
+killed mid-stage (docs/gpu-pool.md, sections 5 and 10).
 
-A real ``prefect server start`` (SQLite), the walkthrough's `cpu` and `gpu` process pools each served
-by its own ``prefect worker start`` process, SeaweedFS as run storage (``run.runs_root`` and the
-result-storage block on ``s3://``), the deployments of deploy/prefect.yaml, and a tiny-model run
-started on the `cpu` pool (``alphaspin-recipe/quickstart``) with
-``iteration_deployment=alphaspin-run-iteration/gpu``: the parent flow run stays on `cpu`, the
-iteration's stages run in a flow run of the `gpu` pool's deployment. The test reads from the API
-which pool and which worker ran each flow run.
+A real ``prefect server start`` (SQLite), the walkthrough's `cpu` and `gpu` process pools, SeaweedFS as
+run storage (``run.runs_root`` and the result-storage block on ``s3://``), the deployments of
+deploy/prefect.yaml, and a tiny-model run started on the `cpu` pool (``alphaspin-recipe/quickstart``)
+with ``iteration_deployment=alphaspin-run-iteration/gpu``: the parent flow run stays on `cpu`, the
+iteration's stages run in a flow run of the `gpu` pool's deployment. The `gpu` pool is ONE pool served
+by two workers, started as ``docker/gpu-workers.sh`` starts them for a two-GPU host (each with its own
+``CUDA_VISIBLE_DEVICES`` and ``--limit 1``; the pool's and the `gpu` tag's limits at 2). The test reads
+from the API which pool and which worker ran each flow run, and from each stage's manifest the GPUs its
+process was given (``provenance.visible_gpus``).
 
-While the iteration's ``train`` task is Running, the `gpu` worker is SIGKILLed with everything it
-started (its flow-run process lives in a session of its own): a lost node. A new `gpu` worker is
-started. Nobody touches the run: the parent sees no heartbeat from its child for
-``orchestration.child_heartbeat_timeout_seconds``, marks it Crashed and starts the iteration again
-(``orchestration.child_retries``); the new worker runs it. What the test asserts from the API and
-from run storage: the stages finished before the kill come back ``Cached`` and their manifests are
-byte for byte those written before the kill (nothing upstream recomputed), ``train`` resumes from
-its last stored checkpoint, and the killed task's slot of the `gpu` tag limit (1) is freed by
-Prefect's lease expiry without anyone resetting it.
+While the iteration's ``train`` task is Running, the worker that runs it is SIGKILLed with everything
+it started (its flow-run process lives in a session of its own): a lost GPU. Nobody touches the run:
+the parent sees no heartbeat from its child for ``orchestration.child_heartbeat_timeout_seconds``,
+marks it Crashed and starts the iteration again (``orchestration.child_retries``); the pool's other
+worker, on the other GPU, runs it. What the test asserts from the API and from run storage: the stages
+finished before the kill come back ``Cached`` and their manifests are byte for byte those written before
+the kill (nothing upstream recomputed) and record the first worker's GPU, ``train`` resumes from its
+last stored checkpoint on the second worker's GPU, and the killed task's slot of the `gpu` tag limit is
+freed by Prefect's lease expiry without anyone resetting it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ RUN_ID = "pools-test"
 BUCKET = "alphaspin"
 UPSTREAM = ("sample_prompts", "generate", "build_pairs", "reference_logps")  # done before train, in iter-0
 STAGES = (*UPSTREAM, "train", "evaluate")
+GPU_STAGES = ("generate", "reference_logps", "train", "evaluate")  # the tasks tagged `gpu`
+# docs/gpu-pool.md, section 5, for a host with two GPUs: one worker per GPU, and two slots in both limits
+GPU_WORKERS = {"GPU_COUNT": "2", "WORKER_NAME_PREFIX": "node"}
+TWO_GPU_LIMITS = ["prefect work-pool set-concurrency-limit gpu 2", "prefect concurrency-limit create gpu 2"]
 HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY: Prefect's minimum (default 180)
 # orchestration.child_heartbeat_timeout_seconds (default 900): three beats. Under load, heartbeat events
 # were seen reaching this server 45 s late; a live child taken for dead is stopped (Cancelling) before
@@ -125,16 +132,18 @@ def test_split_run_on_cpu_and_gpu_pools_survives_a_killed_gpu_worker(tmp_path: P
     run_prefix = f"{BUCKET}/runs/{RUN_ID}"
 
     def logs() -> str:
-        names = ("worker-cpu-1", "worker-gpu-a", "worker-gpu-b")
+        names = ("worker-cpu-1", "worker-node-gpu-0", "worker-node-gpu-1")
         return "".join(f"\n--- {name} log:\n{tail(stack.log(name), 60)}" for name in names)
 
     try:
         stack.start_server()
-        for line in POOL_COMMANDS:
+        for line in [*POOL_COMMANDS, *TWO_GPU_LIMITS]:
             stack.cli(line)
         # the workers start up (seconds of imports) while the result block is saved and the deployments made
         stack.start_worker("cpu", name="cpu-1")
-        gpu_a = stack.start_worker("gpu", name="gpu-a")
+        gpu_workers = stack.start_workers_as_documented(GPU_WORKERS)  # node-gpu-0 and node-gpu-1, pool `gpu`
+        devices = {"node-gpu-0": "0", "node-gpu-1": "1"}
+        assert set(gpu_workers) == set(devices), gpu_workers
         done = subprocess.run(
             [sys.executable, "-c", RESULT_BLOCK], cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=120
         )
@@ -161,8 +170,12 @@ def test_split_run_on_cpu_and_gpu_pools_survives_a_killed_gpu_worker(tmp_path: P
             checkpoints = f"{run_prefix}/iter-0/train/**/_COMPLETE.json"
             _wait("a stored train checkpoint", lambda: fs.glob(checkpoints), 120, logs=logs)
             slots_before = client.read_concurrency_limit_by_tag("gpu").active_slots
+            assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 2
+            assert client.read_work_pool("gpu").concurrency_limit == 2
+            worker_a = client.read_flow_run(first.id).labels.get("prefect.worker.name")
+            [worker_b] = set(devices) - {worker_a}
 
-            killed = kill_tree(gpu_a)  # the GPU node is gone: worker and flow-run process, no goodbye
+            killed = kill_tree(gpu_workers[worker_a])  # its GPU is gone: worker and flow-run process, no goodbye
             killed_at = time.monotonic()
             lap("until the kill")
             before = _manifests(fs, run_prefix)
@@ -170,7 +183,7 @@ def test_split_run_on_cpu_and_gpu_pools_survives_a_killed_gpu_worker(tmp_path: P
             assert {stage_of(f"iter-0/{name}") for name in before} == set(UPSTREAM), before.keys()
             assert train.id in slots_before, slots_before  # the killed task held the gpu tag's only slot
             assert len(killed) >= 2, killed  # the worker and its flow-run process
-            stack.start_worker("gpu", name="gpu-b")
+            # nobody starts a worker: the pool's other worker, on the other GPU, takes the iteration over
 
             # the slot is freed by Prefect's lease expiry (60 s, repossessor every 15 s), nobody resets it
             _wait(
@@ -198,9 +211,9 @@ def test_split_run_on_cpu_and_gpu_pools_survives_a_killed_gpu_worker(tmp_path: P
             assert (parent.work_pool_name, parent.labels.get("prefect.worker.name")) == ("cpu", "cpu-1")
             placement = [(c.work_pool_name, c.labels.get("prefect.worker.name"), c.state.name) for c in children]
             timings["children (pool, worker, state)"] = placement
-            assert placement[0] == ("gpu", "gpu-a", "Crashed") and placement[-1] == ("gpu", "gpu-b", "Completed")
-            # only a false alarm (heartbeats late on a loaded machine) may add one between: stopped, on gpu-b
-            assert all(p[:2] == ("gpu", "gpu-b") and p[2] in ("Cancelled", "Crashed") for p in placement[1:-1])
+            assert placement[0] == ("gpu", worker_a, "Crashed") and placement[-1] == ("gpu", worker_b, "Completed")
+            # only a false alarm (heartbeats late on a loaded machine) may add one between: stopped, on worker_b
+            assert all(p[:2] == ("gpu", worker_b) and p[2] in ("Cancelled", "Crashed") for p in placement[1:-1])
             assert "sent no heartbeat" in (children[0].state.message or ""), children[0].state.message
             for child in children:  # both are children of the parent flow run (run_deployment's task)
                 assert client.read_task_run(child.parent_task_run_id).flow_run_id == parent.id
@@ -219,6 +232,13 @@ def test_split_run_on_cpu_and_gpu_pools_survives_a_killed_gpu_worker(tmp_path: P
             after = _manifests(fs, run_prefix)
             assert {name: after[name] for name in before} == before  # not one upstream manifest rewritten
             train_metrics = json.loads(after["train"])["metrics"]
+            # -- one pool, two GPUs: each worker's stages ran on its own GPU (CUDA_VISIBLE_DEVICES)
+            ran_on = {name: json.loads(data)["provenance"]["visible_gpus"] for name, data in after.items()}
+            timings["visible_gpus per stage"] = ran_on
+            assert {name: ran_on[name] for name in before} == dict.fromkeys(before, devices[worker_a])
+            assert (ran_on["train"], ran_on["evaluate"]) == (devices[worker_b], devices[worker_b])
+            tagged = {s: "gpu" in t.tags for s, t in {**killed_tasks, **resumed}.items() if s in STAGES}
+            assert tagged == {s: s in GPU_STAGES for s in STAGES}, tagged  # GPU stages on both workers
             assert (train_metrics["resumed_from"] or "").startswith("checkpoint-"), train_metrics
             assert client.read_concurrency_limit_by_tag("gpu").active_slots == []
             assert client.read_automations_by_name(ZOMBIE_AUTOMATION)  # the server's safety net was set up too
