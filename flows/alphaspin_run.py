@@ -11,6 +11,11 @@ for t = 0..T:                                         (alphaspin.dag.walk_iterat
     reference    = reference_logps(pairs, θ_(t-1))   # α·lp_prev + (1−α)·lp_base
     θ_t          = train(reference, θ_(t-1))
     metrics_t    = evaluate(θ_t)
+
+With ``orchestration.gpu_stages`` above 1 an iteration's stages start as soon as the stages they read are
+done (`walk_at_once`): the members' generate stages run together, each submitted to the flow's task
+runner with its own GPUs (`alphaspin.devices`); a stage that would run alone runs in the flow's thread, as
+every stage does with the default 1 (that is where a SIGTERM reaches the train stage: `alphaspin.preemption`).
 """
 
 from __future__ import annotations
@@ -18,17 +23,115 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 
 from alphaspin import console
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.console import format_metrics
-from alphaspin.dag import force_plan, walk_iteration
+from alphaspin.dag import bind_inputs, force_plan, iteration_nodes, node_inputs, upstream_nodes, walk_iteration
+from alphaspin.devices import RUNS_IN_PROCESS, Gpus, shared_pool, stage_gpus
 from alphaspin.stage_spec import Node
-from alphaspin.stages import StageName
+from alphaspin.stages import REGISTRY, StageName
 from alphaspin.storage import StageRecord
-from alphaspin.tasks import ensure_run, publish_metrics, publish_report, run_stage, stored_inputs, stored_records
+from alphaspin.tasks import (
+    StartedStage,
+    ensure_run,
+    publish_metrics,
+    publish_report,
+    run_stage,
+    stored_inputs,
+    stored_records,
+    submit_stage,
+)
+
+
+def check_gpu_stages(config: AlphaSpinConfig) -> None:
+    """Refuse more GPU stages at once (``orchestration.gpu_stages``, × the runs sharing this process) than
+    this process's GPUs allow, in one line naming the knob, before any stage runs."""
+    stage_gpus(config, config.orchestration.gpu_stages * RUNS_IN_PROCESS.get())
+
+
+def walk_at_once(config: AlphaSpinConfig, iteration: int, records: dict[Node, Any], forced: set[str]) -> None:
+    """`dag.walk_iteration`, but each node starts once the nodes it reads are done, up to
+    ``orchestration.gpu_stages`` GPU stages at once, each with its own GPUs from this process's pool
+    (`alphaspin.devices`; none on the CPU). Several nodes that can start are submitted to the flow's task
+    runner (their futures wait for their upstream's); a node that would run alone runs in this thread."""
+    nodes = iteration_nodes(config, iteration)
+    refs = {node: node_inputs(config, node) for node in nodes}
+    upstream = {node: upstream_nodes(refs[node]) for node in nodes}
+    limit = config.orchestration.gpu_stages
+    groups = stage_gpus(config, limit * RUNS_IN_PROCESS.get())
+    pool = shared_pool(groups) if groups else None
+    pending, running, futures = list(nodes), [], {}
+
+    def take(node: Node) -> Gpus | None:
+        return pool.take() if pool is not None and REGISTRY[node.stage].gpu else None
+
+    def give(gpus: Gpus | None) -> None:
+        if pool is not None and gpus is not None:
+            pool.give(gpus)
+
+    try:
+        while pending or running:
+            gpu_busy = sum(REGISTRY[started.node.stage].gpu for started in running)
+            startable = []
+            for node in pending:
+                if not all(up in records for up in upstream[node]):
+                    continue
+                if REGISTRY[node.stage].gpu:
+                    if gpu_busy >= limit:
+                        continue
+                    gpu_busy += 1
+                startable.append(node)
+            if not running and len(startable) == 1:  # alone: in this thread, as with one stage at a time
+                node = startable[0]
+                pending.remove(node)
+                gpus = take(node)
+                try:
+                    inputs = bind_inputs(refs[node], records.__getitem__)
+                    records[node] = run_stage(config, node, inputs, force=node.stage in forced, gpus=gpus)
+                finally:
+                    give(gpus)
+                continue
+            for node in startable:
+                pending.remove(node)
+                gpus = take(node)
+                try:
+                    started = submit_stage(
+                        config,
+                        node,
+                        bind_inputs(refs[node], records.__getitem__),
+                        force=node.stage in forced,
+                        gpus=gpus,
+                        wait_for=[futures[up] for up in upstream[node] if up in futures],
+                    )
+                except BaseException:
+                    give(gpus)
+                    raise
+                running.append(started)
+                futures[node] = started.future
+            if not running:
+                raise RuntimeError(f"iteration {iteration}: no stage can start: {[n.label for n in pending]}")
+            done = next(as_completed([started.future for started in running]))
+            started = next(s for s in running if s.future is done)
+            running.remove(started)
+            give(started.gpus)
+            records[started.node] = started.finish()  # raises the stage's error when it failed
+    except Exception:
+        _settle(running, give)  # the stages already running end (their work is kept), then the error
+        raise
+    except BaseException:  # a SIGTERM (Preempted), Ctrl+C: the process ends; nothing is waited for
+        for started in running:
+            give(started.gpus)
+        raise
+
+
+def _settle(running: list[StartedStage], give) -> None:  # noqa: ANN001
+    for started in running:
+        started.future.wait()
+        give(started.gpus)
 
 
 @flow(name="alphaspin-iteration", flow_run_name="{config.run.run_id}-iter-{iteration}", log_prints=False)
@@ -45,9 +148,12 @@ def alphaspin_iteration(
     else:
         records = {Node("train", k): record for k, record in trained.items()}
     forced = set(force or [])
-    walk_iteration(
-        config, iteration, records, lambda node, inputs: run_stage(config, node, inputs, force=node.stage in forced)
-    )
+    if config.orchestration.gpu_stages * RUNS_IN_PROCESS.get() > 1:  # GPU stages at once: each its own GPUs
+        walk_at_once(config, iteration, records, forced)
+    else:
+        walk_iteration(
+            config, iteration, records, lambda node, inputs: run_stage(config, node, inputs, force=node.stage in forced)
+        )
     metrics = records[Node("evaluate", iteration)].metrics
     publish_metrics(config, iteration, metrics)
     get_run_logger().info(format_metrics(iteration, metrics))
@@ -69,6 +175,7 @@ def alphaspin_run(
     forced = force_plan(
         config.method.iterations, force or [], force_stages or [], force_iterations or [], config=config
     )
+    check_gpu_stages(config)
     if flow_run.ui_url and PREFECT_API_URL.value():  # a temporary server's UI is gone at exit
         console.current().link("Prefect UI", flow_run.ui_url)
     ensure_run(config, fork_from)
