@@ -601,7 +601,8 @@ class OrchestrationConfig(_Section):
         1,
         ge=1,
         description="GPU stages (generate, reference_logps, train, train_sampler, evaluate) that run at once on the "
-        "Prefect path where the DAG allows it (the opponent members' generate stages); each gets its own GPU(s) "
+        "Prefect path where the DAG allows it (the opponent members' generate stages; evaluate@t beside iteration "
+        "t+1); each gets its own GPU(s) "
         "from those this process may use (CUDA_VISIBLE_DEVICES, else every GPU torch sees), as many as one stage "
         "uses (generation.tensor_parallel_size × vllm_data_parallel_size, training.num_processes per machine). "
         "More than the GPUs allow is refused before any stage runs. On the CPU: stages at once, no devices. "

@@ -32,6 +32,10 @@ from alphaspin.config import GenerationConfig
 # stages that run at once in one process (orchestration.gpu_stages) hold this lock around both, so no thread
 # draws from another's seeded stream and the samples equal those of one stage at a time.
 GLOBAL_RNG = threading.RLock()
+# Stages that draw from that generator all along (the train stages' dropout masks and data order, evaluate's
+# lm-eval, which seeds it, and the models it loads) hold GLOBAL_RNG for their whole run (tasks.execute_stage):
+# beside one of them, another stage samples only before or after it.
+GLOBAL_RNG_STAGES = frozenset({"train", "train_sampler", "evaluate"})
 
 logger = logging.getLogger(__name__)
 

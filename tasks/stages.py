@@ -10,6 +10,7 @@ refreshed) whenever the node is not ``cached`` (forced, never run, corrupted, ch
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from prefect.futures import PrefectFuture
 from alphaspin import console
 from alphaspin.config import AlphaSpinConfig
 from alphaspin.devices import Gpus
+from alphaspin.generation import GLOBAL_RNG, GLOBAL_RNG_STAGES
 from alphaspin.runner import Inputs, Prepared, Runner
 from alphaspin.runs import Run
 from alphaspin.stage_spec import Node, StageSpec
@@ -70,8 +72,10 @@ def execute_stage(config: AlphaSpinConfig, prepared: Prepared, gpus: Gpus | None
     on = f" on GPU {gpus.visible} ({gpus.torch_device})" if gpus is not None else ""
     get_run_logger().info("%s: %s (%s)%s", prepared.node.label, what, prepared.reason, on)
     workspace = Workspace(config, progress=_progress(prepared.node.label), gpus=gpus)
+    whole_run = GLOBAL_RNG if prepared.node.stage in GLOBAL_RNG_STAGES else contextlib.nullcontext()
     try:
-        record = Runner(Run(config), workspace).execute(prepared)
+        with whole_run:  # torch's global generator, for stages that draw from it all along (stages at once)
+            record = Runner(Run(config), workspace).execute(prepared)
     finally:
         workspace.close()
     get_run_logger().info("%s: %s", prepared.node.label, console.summary(record.metrics, limit=12) or "done")
@@ -147,6 +151,11 @@ class StartedStage:
     options: dict[str, Any]
     future: PrefectFuture
     gpus: Gpus | None
+
+    def done(self) -> bool:
+        """Whether its task has ended (without asking the server)."""
+        wrapped = getattr(self.future, "wrapped_future", None)
+        return wrapped.done() if wrapped is not None else self.future.state.is_final()
 
     def finish(self) -> StageRecord:
         """Its record (after `wait`); raises the stage's error when it failed."""

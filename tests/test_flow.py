@@ -90,9 +90,9 @@ def task_times(flow_run_id) -> dict[str, tuple]:
 
 
 def test_flow_on_s3_caches_and_forced_stage_reruns_exactly_downstream(make_config, s3_runs_root):
-    """Also: with orchestration.gpu_stages=2 the two members' generate stages of iteration 1 run at once
-    (their task runs overlap on the server's clock), and the run's artifacts equal the recorded digests of
-    the tiny run, which the plain runner computes one stage at a time."""
+    """Also: with orchestration.gpu_stages=2 the two members' generate stages of iteration 1 run at once,
+    and beside evaluate@0 (their task runs overlap on the server's clock), and the run's artifacts equal the
+    recorded digests of the tiny run, which the plain runner computes one stage at a time."""
     from artifact_digests import GOLDEN, cpu_kernels, run_digests
 
     # the recorded run's id (the adapter's model card names it); the bucket is this test's own
@@ -105,6 +105,8 @@ def test_flow_on_s3_caches_and_forced_stage_reruns_exactly_downstream(make_confi
     (base_start, base_end), (member_start, member_end) = times["iter-1/generate-base"], times["iter-1/generate-iter-0"]
     assert base_start < member_end and member_start < base_end, times  # at once
     assert times["iter-1/build_pairs"][0] >= max(base_end, member_end)  # and what reads both waited for both
+    assert base_start < times["iter-0/evaluate"][1]  # generate@1 beside evaluate@0 (it reads train@0 only)
+    assert times["iter-1/sample_prompts"][0] >= times["iter-0/train"][1]
     recorded, found = json.loads(GOLDEN.read_text()), run_digests(Run(config).storage)
     assert sorted(found) == sorted(recorded["files"])
     fields = ("values", "sha256") if recorded["cpu_kernels"] == cpu_kernels() else ("values",)  # same kernels: bytes
