@@ -151,15 +151,14 @@ def own_gpus(queue) -> None:  # noqa: ANN001 (a multiprocessing queue)
 def engine_gpus(device: str, count: int, environ: Mapping[str, str] | None = None) -> tuple[str | None, int | None]:
     """A child's ``CUDA_VISIBLE_DEVICES`` and the torch index of its first GPU, for a stage on ``device``
     whose child uses ``count`` GPUs: on ``cuda:N``, GPUs N..N+count-1 of this process (as
-    ``CUDA_VISIBLE_DEVICES`` names them); else (None, None): the child sees what this process sees."""
+    ``CUDA_VISIBLE_DEVICES`` names them; a stage's own group always fits, `stage_gpus` checked it). Else, or
+    where they do not fit (``model.device: cuda:N`` on a node without N+count GPUs): (None, None), the child
+    sees what this process sees and vLLM's own check speaks."""
     kind, _, index = device.partition(":")
     if kind != "cuda" or not index.isdigit():
         return None, None
     first = int(index)
     devices = visible_devices(environ)
     if first + count > len(devices):
-        raise ConfigError(
-            f"model.device: {device} with {count} GPU(s) for the engine, but this process may use {len(devices)} "
-            f"({', '.join(devices) or 'none'})"
-        )
+        return None, None
     return ",".join(devices[first : first + count]), first
