@@ -151,3 +151,53 @@ def test_more_local_grid_cells_at_once_than_gpus_is_refused_before_anything_is_w
     assert message.startswith("concurrency (the grid file's, or --concurrency): 2 GPU stages at once need 2 GPUs")
     assert "lower concurrency" in message and "\n" not in message
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_flows_gpu_stages_at_once_each_get_their_own_gpus(make_config, monkeypatch, prefect_server):
+    """The Prefect run with orchestration.gpu_stages=2 on a node stood in for (model.device resolves to cuda,
+    the process may use GPUs 4, 9, 11): every stage function is replaced by one that records the workspace's
+    GPUs and its time. Stages that ran at the same time (the members of iteration 1, evaluate@0 beside
+    iteration 1) held different GPUs; every GPU stage ran on its group's first GPU as cuda:<index>."""
+    import dataclasses
+    import time
+
+    import alphaspin.devices
+    import alphaspin.workspace
+    from alphaspin.flows.alphaspin_run import alphaspin_run
+    from alphaspin.stages import REGISTRY
+
+    seen: dict[str, tuple] = {}
+
+    def record(job, **inputs):
+        start = time.monotonic()
+        time.sleep(6.0 if job.node.stage == "evaluate" else 1.0)  # evaluate@0: long enough to see iteration 1 start
+        seen[job.node.label] = (job.workspace.gpus, job.workspace.device, start, time.monotonic())
+        return {"score": 1.0}
+
+    for name in list(REGISTRY):
+        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], function=record))
+    monkeypatch.setattr(alphaspin.workspace, "resolve_device", lambda configured: "cuda")
+    monkeypatch.setattr(alphaspin.devices, "visible_devices", lambda *args, **kwargs: ["4", "9", "11"])
+    state = alphaspin_run(config=make_config("orchestration.gpu_stages=2"), return_state=True)
+    assert state.is_completed(), state
+
+    gpu = {label: v for label, v in seen.items() if REGISTRY[label.split("/")[1].split("-")[0]].gpu}
+    assert set(gpu) == {
+        "iter-0/generate-base", "iter-0/reference_logps", "iter-0/train", "iter-0/evaluate",
+        "iter-1/generate-base", "iter-1/generate-iter-0", "iter-1/reference_logps", "iter-1/train", "iter-1/evaluate",
+    }  # fmt: skip
+    for label, (gpus, device, _, _) in gpu.items():
+        assert gpus is not None and gpus.ids[0] in ("4", "9", "11") and device == gpus.torch_device, label
+        assert device == f"cuda:{['4', '9', '11'].index(gpus.ids[0])}", label
+    assert all(seen[label][0] is None for label in seen if label not in gpu)  # CPU stages: nothing handed out
+    overlapping = [
+        (a, b)
+        for a in gpu
+        for b in gpu
+        if a < b and gpu[a][2] < gpu[b][3] and gpu[b][2] < gpu[a][3]  # ran at the same time
+    ]
+    assert ("iter-1/generate-base", "iter-1/generate-iter-0") in overlapping, overlapping
+    assert any(a == "iter-0/evaluate" or b == "iter-0/evaluate" for a, b in overlapping), overlapping
+    for a, b in overlapping:
+        assert gpu[a][0] != gpu[b][0], (a, b, gpu[a][0], gpu[b][0])
