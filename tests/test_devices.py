@@ -201,3 +201,30 @@ def test_the_flows_gpu_stages_at_once_each_get_their_own_gpus(make_config, monke
     assert any(a == "iter-0/evaluate" or b == "iter-0/evaluate" for a, b in overlapping), overlapping
     for a, b in overlapping:
         assert gpu[a][0] != gpu[b][0], (a, b, gpu[a][0], gpu[b][0])
+
+
+def test_alphaspin_run_refuses_more_gpu_stages_than_gpus_in_one_line_before_anything(
+    tmp_path, tiny_model, monkeypatch, capsys
+):
+    """`alphaspin run --set orchestration.gpu_stages=3` on a node stood in for (model.device resolves to
+    cuda, the process may use GPUs 0 and 1): exit 2, one line naming the knob, no run recorded."""
+    from pathlib import Path
+
+    import alphaspin.devices
+    import alphaspin.workspace
+    from alphaspin.flows.cli import main
+
+    monkeypatch.setattr(alphaspin.workspace, "resolve_device", lambda configured: "cuda")
+    monkeypatch.setattr(alphaspin.devices, "visible_devices", lambda *args, **kwargs: ["0", "1"])
+    runs = tmp_path / "runs"
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    args = ["run", "-c", str(recipe)]
+    for item in (f"run.runs_root={runs}", f"model.name_or_path={tiny_model}", "orchestration.gpu_stages=3"):
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "alphaspin: error: orchestration.gpu_stages: 3 GPU stages at once need 3 GPUs, but this process may use 2 "
+        "(0, 1; CUDA_VISIBLE_DEVICES, else the GPUs torch sees); lower orchestration.gpu_stages to at most 2"
+    ), err
+    assert not runs.exists()
