@@ -63,12 +63,10 @@ def visible_devices(environ: Mapping[str, str] | None = None, device_count: int 
 
 
 def gpus_per_stage(config: AlphaSpinConfig) -> int:
-    """The GPUs one stage uses: the vLLM engine's tensor × data parallel ranks (generation, reference
-    samples, evaluation) and the train stage's processes on one machine."""
-    generation, training = config.generation, config.training
-    engine = generation.tensor_parallel_size * generation.vllm_data_parallel_size if generation.backend == "vllm" else 1
-    per_machine = -(-training.num_processes // training.num_machines)
-    return max(engine, per_machine, 1)
+    """The GPUs one stage uses: a vLLM engine's tensor × data parallel ranks (generation, reference samples,
+    lm-eval's vllm model) and the train stage's processes on one machine (as `child_runs.child_gpu_count`)."""
+    training = config.training
+    return max(config.generation.engine_gpus, training.num_processes // training.num_machines, 1)
 
 
 def gpu_groups(devices: Sequence[str], per_stage: int, at_once: int, knob: str) -> list[Gpus]:

@@ -228,3 +228,13 @@ def test_alphaspin_run_refuses_more_gpu_stages_than_gpus_in_one_line_before_anyt
         "(0, 1; CUDA_VISIBLE_DEVICES, else the GPUs torch sees); lower orchestration.gpu_stages to at most 2"
     ), err
     assert not runs.exists()
+
+
+def test_a_split_runs_child_asks_its_pool_for_the_gpus_of_its_stages_at_once(make_config):
+    from alphaspin.child_runs import child_gpu_count, child_job_variables
+
+    assert child_gpu_count(make_config())[0] == 1
+    wanted, knobs = child_gpu_count(make_config("orchestration.gpu_stages=3"))
+    assert wanted == 3 and knobs.endswith("× orchestration.gpu_stages = 3")
+    wide = make_config("generation.tensor_parallel_size=2", "orchestration.gpu_stages=2")
+    assert child_job_variables(wide, {"gpu_count": {"default": 1}}) == {"gpu_count": 4}
