@@ -53,7 +53,8 @@ def child_gpu_count(config: AlphaSpinConfig) -> tuple[int, str]:
     ``generation.tensor_parallel_size`` × ``generation.vllm_data_parallel_size``, or the training
     processes of one machine (``training.num_processes`` / ``training.num_machines``: the other
     machines' processes run on their own nodes), whichever is more; the stages of an iteration run
-    one after another in the child, so they share its GPUs."""
+    one after another in the child, so they share its GPUs, or ``orchestration.gpu_stages`` at once,
+    each on GPUs of its own (`alphaspin.devices`)."""
     generation = config.generation
     engine = generation.engine_gpus
     engine_knobs = (
@@ -64,8 +65,13 @@ def child_gpu_count(config: AlphaSpinConfig) -> tuple[int, str]:
     processes = training.num_processes // training.num_machines
     if processes > engine:
         per_machine = f" / training.num_machines = {training.num_machines}" if training.num_machines > 1 else ""
-        return processes, f"training.num_processes = {training.num_processes}{per_machine}"
-    return engine, engine_knobs
+        wanted, knobs = processes, f"training.num_processes = {training.num_processes}{per_machine}"
+    else:
+        wanted, knobs = engine, engine_knobs
+    at_once = config.orchestration.gpu_stages  # GPU stages at once in the child, each on GPUs of its own
+    if at_once > 1:
+        return wanted * at_once, f"({knobs}) × orchestration.gpu_stages = {at_once}"
+    return wanted, knobs
 
 
 def child_job_variables(

@@ -597,6 +597,17 @@ class OrchestrationConfig(_Section):
         "seconds after the signal exits then (the rerun resumes from the last stored checkpoint). Keep it below "
         "the scheduler's grace (Slurm's KillWait, default 30 s; Kubernetes' terminationGracePeriodSeconds).",
     )
+    gpu_stages: int = Field(
+        1,
+        ge=1,
+        description="GPU stages (generate, reference_logps, train, train_sampler, evaluate) that run at once on the "
+        "Prefect path where the DAG allows it (the opponent members' generate stages; evaluate@t beside iteration "
+        "t+1); each gets its own GPU(s) "
+        "from those this process may use (CUDA_VISIBLE_DEVICES, else every GPU torch sees), as many as one stage "
+        "uses (generation.tensor_parallel_size × vllm_data_parallel_size, training.num_processes per machine). "
+        "More than the GPUs allow is refused before any stage runs. On the CPU: stages at once, no devices. "
+        "The plain runner (--no-prefect) runs one stage at a time.",
+    )
     grid: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
@@ -923,6 +934,7 @@ ORCHESTRATION_KNOBS = frozenset(
         "orchestration.result_storage",
         "orchestration.lease_seconds",
         "orchestration.preemption_grace_seconds",
+        "orchestration.gpu_stages",
         "orchestration.wait_for_running_stage",
         "orchestration.child_timeout_seconds",
         "orchestration.child_heartbeat_timeout_seconds",

@@ -3,7 +3,8 @@
 Iteration t's nodes are the registry's stages in order, per-member stages expanded over the
 opponent mixture at t (`alphaspin.mixture`). A node's inputs are the nodes its spec's `Input`s
 point at; ``previous`` and ``member`` inputs reach back into earlier iterations (θ_(t-1), θ_k).
-The plain runner and the Prefect flow both walk the DAG through `walk_iteration`: there is one loop.
+The plain runner and the Prefect flow both walk the DAG through `walk_iteration`: there is one loop
+(the flow's walk with GPU stages at once starts each node once the `upstream_nodes` it reads are done).
 """
 
 from __future__ import annotations
@@ -102,6 +103,16 @@ def walk_iteration(
     for node in iteration_nodes(config, iteration):
         records[node] = execute(node, bind_inputs(node_inputs(config, node), records.__getitem__))
     return records
+
+
+def upstream_nodes(refs: dict[str, InputRef]) -> list[Node]:
+    """Every node that ``refs`` (`node_inputs`) points at, once each, in order."""
+    found: list[Node] = []
+    for ref in refs.values():
+        for node in ref if isinstance(ref, list) else [ref] if ref is not None else []:
+            if node not in found:
+                found.append(node)
+    return found
 
 
 def trained_nodes(before: int) -> list[Node]:

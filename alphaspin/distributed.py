@@ -203,8 +203,13 @@ def run_distributed(job: Job, pairs: pd.DataFrame, previous: Artifact | None) ->
     port = training.main_process_port or (0 if training.num_machines == 1 else 29500)
     command = launch_command(training, ws.device, spec_url, workdir, 0, port)
     progress = _ProgressReader(workdir / PROGRESS, ws.progress)
+    # On cuda:N (the stage's own GPUs, `alphaspin.devices`) the ranks see GPUs N.. of this process only.
+    from alphaspin.devices import engine_gpus
+
+    visible, _ = engine_gpus(str(ws.device), -(-training.num_processes // training.num_machines))
+    extra = None if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
     try:
-        supervise(command, workdir, f"iter-{job.iteration}/train", on_poll=progress.poll)
+        supervise(command, workdir, f"iter-{job.iteration}/train", on_poll=progress.poll, extra_env=extra)
     except preemption.Preempted:
         from alphaspin.training import _remote_checkpoints
 
@@ -219,10 +224,17 @@ def run_distributed(job: Job, pairs: pd.DataFrame, previous: Artifact | None) ->
     return Fitted(workdir / "adapter", result["history"], result["resumed_from"])
 
 
-def supervise(command: list[str], workdir: Path, label: str, on_poll: Callable[[], None] | None = None) -> None:
+def supervise(
+    command: list[str],
+    workdir: Path,
+    label: str,
+    on_poll: Callable[[], None] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> None:
     """Run ``command`` in its own process group and wait for it, polling every second; kill the
-    group if this process fails or is interrupted; raise with its stderr's tail if it exits non-zero."""
-    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+    group if this process fails or is interrupted; raise with its stderr's tail if it exits non-zero.
+    ``extra_env``: set in the child's environment (its own GPUs)."""
+    env = {**os.environ, **(extra_env or {}), PARENT_PID_ENV: str(os.getpid())}
     # The ranks import alphaspin from a fresh interpreter: give them the package this process runs.
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

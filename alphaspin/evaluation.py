@@ -120,12 +120,16 @@ def synthetic_metrics(ws: Workspace, model, heldout: pd.DataFrame, stage: StageD
 
 
 def vllm_environment(generation: GenerationConfig, device: str) -> dict[str, str]:
-    """What lm-eval's vllm backend needs in its environment: the CPU KV cache size on a CPU."""
+    """What lm-eval's vllm backend needs in its environment: the CPU KV cache size on a CPU; on ``cuda:N``
+    (the stage's own GPUs, `alphaspin.devices`) only GPUs N.. of this process."""
     if str(device).startswith("cpu"):
         from alphaspin.vllm_server import cpu_kvcache_env
 
         return cpu_kvcache_env(generation.vllm_cpu_kvcache_gib)
-    return {}
+    from alphaspin.devices import engine_gpus
+
+    visible, _ = engine_gpus(str(device), generation.tensor_parallel_size * generation.vllm_data_parallel_size)
+    return {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
 
 
 def lm_eval_engine_args(generation: GenerationConfig) -> dict:

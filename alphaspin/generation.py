@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,16 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alphaspin.config import GenerationConfig
+
+# torch's global generator, shared by the threads of a process. transformers' sampling draws from it after
+# seeding it per batch, and loading a LoRA adapter draws from it (its initial weights, then overwritten):
+# stages that run at once in one process (orchestration.gpu_stages) hold this lock around both, so no thread
+# draws from another's seeded stream and the samples equal those of one stage at a time.
+GLOBAL_RNG = threading.RLock()
+# Stages that draw from that generator all along (the train stages' dropout masks and data order, evaluate's
+# lm-eval, which seeds it, and the models it loads) hold GLOBAL_RNG for their whole run (tasks.execute_stage):
+# beside one of them, another stage samples only before or after it.
+GLOBAL_RNG_STAGES = frozenset({"train", "train_sampler", "evaluate"})
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +153,8 @@ class TransformersBackend:
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
-        self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        with GLOBAL_RNG:
+            self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         self.model = self.base
         self._adapters: dict[str, str] = {}  # path -> adapter name
 
@@ -177,7 +189,7 @@ class TransformersBackend:
             adapters = {r.adapter_path for r in batch}
             if len(adapters) != 1:
                 raise ValueError("a batch must be answered by one member")
-            with self._select(adapters.pop()):
+            with GLOBAL_RNG, self._select(adapters.pop()):
                 outputs.extend(self._generate_batch(batch))
             if on_batch:
                 on_batch(len(batch))
@@ -188,20 +200,23 @@ class TransformersBackend:
         input_ids, attention = left_pad([r.prompt_ids for r in batch], pad)
         width = input_ids.shape[1]
         # transformers samples a batch from one generator: seed it from the batch's first request,
-        # so a shard regenerated after a crash gives the same text.
-        torch.manual_seed(batch[0].seed)
+        # so a shard regenerated after a crash gives the same text. That generator is torch's global one,
+        # shared by the threads of this process: stages generating at once (orchestration.gpu_stages)
+        # take turns per batch (GLOBAL_RNG), or one would draw from the other's seeded stream.
         sampling = self.config.temperature > 0
-        generated = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
-            max_new_tokens=self.config.max_new_tokens,
-            do_sample=sampling,
-            temperature=self.config.temperature if sampling else None,
-            top_p=self.config.top_p if sampling else None,
-            top_k=None,
-            pad_token_id=pad,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        with GLOBAL_RNG:
+            torch.manual_seed(batch[0].seed)
+            generated = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                max_new_tokens=self.config.max_new_tokens,
+                do_sample=sampling,
+                temperature=self.config.temperature if sampling else None,
+                top_p=self.config.top_p if sampling else None,
+                top_k=None,
+                pad_token_id=pad,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
         completions = generated[:, width:]
         # generate stops a row at EOS (then pads it) or at max_new_tokens: a row without EOS was cut off.
         ended = (completions == self.tokenizer.eos_token_id).any(dim=1).tolist()

@@ -48,13 +48,14 @@ def release_torch_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def engine_memory_share(configured: float) -> float:
+def engine_memory_share(configured: float, device: int | None = None) -> float:
     """The GPU memory share to start the engine with: ``configured`` (generation.gpu_memory_utilization)
     when that much of the card is free, else the free share less `HEADROOM`, with a warning that names
-    the knob (vLLM would refuse ``configured``). Without CUDA, ``configured``."""
+    the knob (vLLM would refuse ``configured``). Without CUDA, ``configured``. ``device``: the torch index
+    of the engine's first GPU (`alphaspin.devices`; default: the current one)."""
     if not torch.cuda.is_available():
         return configured
-    free, total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info(device)
     free_share = free / total
     if free_share >= configured:
         return configured

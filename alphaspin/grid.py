@@ -27,7 +27,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alphaspin.config import AlphaSpinConfig, ConfigError, config_from_dict, dump_config, flat_config, knobs
+from alphaspin.devices import Gpus, gpus_per_stage, own_gpus, stage_gpus
 from alphaspin.sharing import GRID_JSON, grid_storage
 from alphaspin.storage import RunStorage, canonical_json, sha256_bytes
 
@@ -384,11 +385,11 @@ def run_local(
     more than one; torch threads split between them). Finished stages are cached, so this resumes.
     Returns the cells that failed (the others still run)."""
     import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
+    from concurrent.futures import as_completed
 
-    write_grid_record(grid)
     concurrency = concurrency or grid.spec.concurrency
+    groups = cell_gpus(grid, concurrency)  # before anything is written
+    write_grid_record(grid)
     failed: dict[str, BaseException] = {}
     if concurrency == 1:
         for cell in grid.cells:
@@ -403,7 +404,7 @@ def run_local(
                 on_done(cell, error)
         return failed
     threads = max(1, (os.cpu_count() or 1) // concurrency)
-    with ProcessPoolExecutor(max_workers=concurrency, mp_context=get_context("spawn")) as pool:
+    with cell_pool(concurrency, groups) as pool:
         futures = {pool.submit(_run_cell, dump_config(cell.config), threads): cell for cell in grid.cells}
         for future in as_completed(futures):
             cell = futures[future]
@@ -414,6 +415,34 @@ def run_local(
             if on_done:
                 on_done(cell, error)
     return failed
+
+
+CONCURRENCY = "concurrency (the grid file's, or --concurrency)"
+
+
+def cell_gpus(grid: Grid, concurrency: int, per_cell: int = 1) -> list[Gpus] | None:
+    """The GPU groups of ``concurrency`` cells at once, ``per_cell`` GPU stages each (`alphaspin.devices`):
+    None on the CPU or one at a time; more than the GPUs allow is refused naming the grid's concurrency."""
+    if concurrency * per_cell <= 1:
+        return None
+    widest = max(grid.cells, key=lambda cell: gpus_per_stage(cell.config)).config
+    knob = CONCURRENCY if per_cell == 1 else f"{CONCURRENCY} × orchestration.gpu_stages={per_cell}"
+    return stage_gpus(widest, concurrency * per_cell, knob)
+
+
+def cell_pool(concurrency: int, groups: Sequence[Gpus] | None = None):  # noqa: ANN201
+    """The process pool of cells run at once locally: each worker process owns one group of ``groups``
+    (its ``CUDA_VISIBLE_DEVICES``, set before CUDA starts in it), so cells never share a GPU."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    context = get_context("spawn")
+    if not groups:
+        return ProcessPoolExecutor(max_workers=concurrency, mp_context=context)
+    queue = context.Queue()
+    for gpus in groups[:concurrency]:
+        queue.put(gpus.visible)
+    return ProcessPoolExecutor(max_workers=concurrency, mp_context=context, initializer=own_gpus, initargs=(queue,))
 
 
 def idempotency_key(grid: Grid, cell: Cell) -> str:

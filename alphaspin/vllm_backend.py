@@ -152,7 +152,11 @@ def engine_settings(
 ) -> EngineSettings:
     """The settings of the one engine that serves the base and every adapter (`alphaspin.vllm_server`).
     Adapters are loaded at run time, so the engine does not depend on which ones a stage uses (and
-    is shared by the stages of a process); only their rank does, checked against ``max_lora_rank``."""
+    is shared by the stages of a process); only their rank does, checked against ``max_lora_rank``. On
+    ``cuda:N`` (a stage's own GPUs, `alphaspin.devices`) the engine sees GPUs N.. of this process only."""
+    from alphaspin.devices import engine_gpus
+
+    visible, index = engine_gpus(str(device), config.tensor_parallel_size * config.vllm_data_parallel_size)
     return EngineSettings(
         python=find_vllm_python(config.vllm_python),
         model_path=model_path,
@@ -166,6 +170,8 @@ def engine_settings(
         # One engine-level generator for every row (generation.seed, else 0) when rows carry no seed.
         seed=None if config.per_request_seeds else (config.seed if config.seed is not None else 0),
         extra_args=tuple(config.vllm_args),
+        visible_devices=visible,
+        gpu_index=index,
     )
 
 

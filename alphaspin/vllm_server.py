@@ -95,6 +95,18 @@ class EngineSettings:
     max_model_len: int | None = None
     seed: int | None = None  # an engine-level seed (generation.per_request_seeds false): never shared
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # The stage's own GPUs (`alphaspin.devices`: GPU stages at once, or model.device: cuda:N): the engine's
+    # CUDA_VISIBLE_DEVICES and the torch index of the first in this process; None: what this process sees.
+    visible_devices: str | None = None
+    gpu_index: int | None = None
+
+    def shares_gpus_with(self, other: EngineSettings) -> bool:
+        """Whether the two engines would use one GPU (an engine without its own GPUs uses all of them)."""
+        if self.device == "cpu" or other.device == "cpu":
+            return True  # one engine at a time on the CPU too: they share the memory
+        if self.visible_devices is None or other.visible_devices is None:
+            return True
+        return bool(set(self.visible_devices.split(",")) & set(other.visible_devices.split(",")))
 
 
 # The server arguments alphaspin sets itself (`server_command`), each with the knob that sets it, and
@@ -242,6 +254,8 @@ def server_env(settings: EngineSettings, base: Mapping[str, str] | None = None) 
     """The server's environment: this process's hub settings (`child_env`), runtime LoRA loading on,
     no usage statistics, the CPU KV cache size."""
     env = child_env(base)
+    if settings.visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = settings.visible_devices
     env.update(
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         VLLM_NO_USAGE_STATS="1",
@@ -377,7 +391,7 @@ class VllmServer:
             from alphaspin.gpu_memory import engine_memory_share, release_torch_memory
 
             release_torch_memory()
-            share = engine_memory_share(self.settings.gpu_memory_utilization)
+            share = engine_memory_share(self.settings.gpu_memory_utilization, self.settings.gpu_index)
         command = server_command(self.settings, port, share)
         logger.info("starting vLLM: %s (log: %s)", " ".join(command), self.log_path)
         with os.fdopen(handle, "w") as log:
@@ -491,9 +505,10 @@ def shared_server(settings: EngineSettings, start_timeout: float = 600.0) -> Vll
         server = _SERVERS.get(settings)
         if server is not None and server.process is not None and server.process.poll() is None:
             return server
-        for other_settings, other in list(_SERVERS.items()):  # one engine at a time: they share the memory
-            other.stop()
-            del _SERVERS[other_settings]
+        for other_settings, other in list(_SERVERS.items()):  # one engine per GPU at a time: they share its memory
+            if other_settings.shares_gpus_with(settings):
+                other.stop()
+                del _SERVERS[other_settings]
         server = VllmServer(settings, start_timeout)
         _SERVERS[settings] = server
         return server

@@ -26,6 +26,7 @@ from alphaspin.config import AlphaSpinConfig, ConfigError
 if TYPE_CHECKING:
     import datasets
 
+    from alphaspin.devices import Gpus
     from alphaspin.stage_spec import Artifact
     from alphaspin.tracking import Tracker
 
@@ -130,9 +131,12 @@ def default_device() -> str:
 
 
 class Workspace:
-    def __init__(self, config: AlphaSpinConfig, progress: Progress | None = None):
+    def __init__(self, config: AlphaSpinConfig, progress: Progress | None = None, gpus: Gpus | None = None):
+        """``gpus``: the stage's own GPUs when GPU stages run at once (`alphaspin.devices`): its torch work
+        runs on the first (``cuda:<index>``), its children see only them; None: ``model.device``."""
         self.config = config
-        self.device = resolve_device(config.model.device)
+        self.gpus = gpus
+        self.device = gpus.torch_device if gpus is not None else resolve_device(config.model.device)
         self.scratch = Path(tempfile.mkdtemp(prefix="alphaspin-"))
         # Progress (fraction done, message with "done/total"): to the terminal's console when one
         # is active, and to ``progress`` (the Prefect tasks turn it into progress artifacts).
@@ -207,11 +211,16 @@ class Workspace:
         from peft import PeftModel
 
         from alphaspin.dpo import prepare_for_logps
+        from alphaspin.generation import GLOBAL_RNG
         from alphaspin.models import load_base_model
 
-        model = prepare_for_logps(load_base_model(self.config.model.name_or_path, self.config.model.dtype, self.device))
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, self.local_adapter(adapter), is_trainable=trainable)
+        path = self.local_adapter(adapter) if adapter is not None else None
+        with GLOBAL_RNG:  # loading draws from torch's global generator: not while another stage samples from it
+            model = prepare_for_logps(
+                load_base_model(self.config.model.name_or_path, self.config.model.dtype, self.device)
+            )
+            if path is not None:
+                model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
         return model if trainable else model.eval()
 
     # -- TRL --------------------------------------------------------------------------------------

@@ -73,10 +73,11 @@ def _run_config(config: AlphaSpinConfig, args: argparse.Namespace, force: dict[i
         from alphaspin.pipeline import run
 
         return run(config, force=force, fork_from=args.fork_from)
-    from alphaspin.flows.alphaspin_run import alphaspin_run
+    from alphaspin.flows.alphaspin_run import alphaspin_run, check_gpu_stages
     from alphaspin.tracking import check_tracking
     from alphaspin.workspace import Workspace
 
+    check_gpu_stages(config)  # more GPU stages at once than GPUs: one line naming the knob, before the flow
     check_tracking(config)  # an unreachable tracker, a bad model or data file: one line here, not a traceback
     with Workspace(config) as workspace:
         workspace.check_inputs()

@@ -22,7 +22,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from alphaspin.config import AlphaSpinConfig
-from alphaspin.grid import Grid, grid_status, idempotency_key, load_grid, write_grid_record
+from alphaspin.devices import RUNS_IN_PROCESS
+from alphaspin.grid import Grid, cell_gpus, grid_status, idempotency_key, load_grid, write_grid_record
 
 RETRIES_OF_A_FAILED_CELL = 20  # earlier failed flow runs of a cell skipped before giving up
 
@@ -70,6 +71,10 @@ def alphaspin_grid(
 
     logger = get_run_logger()
     grid = load_grid(grid_file, list(overrides))
+    if not grid.spec.deployment:  # more GPU stages at once than GPUs: refused before anything is written
+        cell_gpus(
+            grid, concurrency or grid.spec.concurrency, max(c.config.orchestration.gpu_stages for c in grid.cells)
+        )
     write_grid_record(grid)
     logger.info("grid %s: %d cells x %d seeds", grid.name, len(grid.cell_names), len(grid.spec.seeds))
     if grid.spec.deployment:
@@ -101,8 +106,9 @@ def alphaspin_grid(
 
 def _run_cells_here(grid: Grid, concurrency: int | None) -> dict[str, str]:
     """Every cell as an alphaspin-run subflow of the grid flow, ``concurrency`` at a time (threads,
-    each with a copy of the flow's context so its subflow is the grid's child). A failed cell is
-    reported with the others; the rest still run."""
+    each with a copy of the flow's context so its subflow is the grid's child). The cells' GPU stages take
+    their GPUs from one pool of this process (`alphaspin.devices.RUNS_IN_PROCESS`), so no two share one.
+    A failed cell is reported with the others; the rest still run."""
     import contextvars
     from concurrent.futures import ThreadPoolExecutor
 
@@ -116,9 +122,13 @@ def _run_cells_here(grid: Grid, concurrency: int | None) -> dict[str, str]:
     if workers <= 1:
         outcome = {cell.run_id: one(cell) for cell in grid.cells}
     else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {cell.run_id: pool.submit(contextvars.copy_context().run, one, cell) for cell in grid.cells}
-            outcome = {run_id: future.result() for run_id, future in futures.items()}
+        token = RUNS_IN_PROCESS.set(workers)  # copied into each cell's context below
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = {cell.run_id: pool.submit(contextvars.copy_context().run, one, cell) for cell in grid.cells}
+                outcome = {run_id: future.result() for run_id, future in futures.items()}
+        finally:
+            RUNS_IN_PROCESS.reset(token)
     return {run_id: state for run_id, state in outcome.items() if state is not None}
 
 

@@ -2,6 +2,7 @@
 
 from alphaspin.tasks.stages import (
     STAGE_TASKS,
+    StartedStage,
     ensure_run,
     execute_stage,
     publish_metrics,
@@ -9,10 +10,12 @@ from alphaspin.tasks.stages import (
     run_stage,
     stored_inputs,
     stored_records,
+    submit_stage,
 )
 
 __all__ = [
     "STAGE_TASKS",
+    "StartedStage",
     "ensure_run",
     "execute_stage",
     "publish_metrics",
@@ -20,4 +23,5 @@ __all__ = [
     "run_stage",
     "stored_inputs",
     "stored_records",
+    "submit_stage",
 ]

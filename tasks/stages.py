@@ -10,6 +10,8 @@ refreshed) whenever the node is not ``cached`` (forced, never run, corrupted, ch
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -21,9 +23,12 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
 
 from alphaspin import console
 from alphaspin.config import AlphaSpinConfig
+from alphaspin.devices import Gpus
+from alphaspin.generation import GLOBAL_RNG, GLOBAL_RNG_STAGES
 from alphaspin.runner import Inputs, Prepared, Runner
 from alphaspin.runs import Run
 from alphaspin.stage_spec import Node, StageSpec
@@ -60,13 +65,17 @@ def _progress(label: str):
     return progress
 
 
-def execute_stage(config: AlphaSpinConfig, prepared: Prepared) -> StageRecord:
-    """Execute one prepared node of the run (the body of every stage task)."""
+def execute_stage(config: AlphaSpinConfig, prepared: Prepared, gpus: Gpus | None = None) -> StageRecord:
+    """Execute one prepared node of the run (the body of every stage task); ``gpus``: the stage's own GPUs
+    when GPU stages run at once (`alphaspin.devices`), else None (``model.device``)."""
     what = {"run": "running", "adopt": "adopting"}.get(prepared.status, prepared.status)
-    get_run_logger().info("%s: %s (%s)", prepared.node.label, what, prepared.reason)
-    workspace = Workspace(config, progress=_progress(prepared.node.label))
+    on = f" on GPU {gpus.visible} ({gpus.torch_device})" if gpus is not None else ""
+    get_run_logger().info("%s: %s (%s)%s", prepared.node.label, what, prepared.reason, on)
+    workspace = Workspace(config, progress=_progress(prepared.node.label), gpus=gpus)
+    whole_run = GLOBAL_RNG if prepared.node.stage in GLOBAL_RNG_STAGES else contextlib.nullcontext()
     try:
-        record = Runner(Run(config), workspace).execute(prepared)
+        with whole_run:  # torch's global generator, for stages that draw from it all along (stages at once)
+            record = Runner(Run(config), workspace).execute(prepared)
     finally:
         workspace.close()
     get_run_logger().info("%s: %s", prepared.node.label, console.summary(record.metrics, limit=12) or "done")
@@ -101,8 +110,8 @@ def _stage_task(stage: str) -> Task:
     return (STAGE_TASKS if PREFECT_API_URL.value() else _UNTAGGED_TASKS)[stage]
 
 
-def run_stage(config: AlphaSpinConfig, node: Node, inputs: Inputs, force: bool = False) -> StageRecord:
-    """Prepare ``node`` here (in the flow) and run its stage task with the run's retry settings."""
+def _prepare(config: AlphaSpinConfig, node: Node, inputs: Inputs, force: bool) -> tuple[Prepared, dict[str, Any]]:
+    """The node prepared here (in the flow) and its task's options: the run's retry settings."""
     prepared = Runner(Run(config)).prepare(node, inputs, force)
     options: dict[str, Any] = {"refresh_cache": prepared.status != "cached", "task_run_name": node.label}
     if config.orchestration.result_storage:
@@ -111,12 +120,63 @@ def run_stage(config: AlphaSpinConfig, node: Node, inputs: Inputs, force: bool =
         options.update(
             retries=config.orchestration.retries, retry_delay_seconds=config.orchestration.retry_delay_seconds
         )
-    state = _stage_task(node.stage).with_options(**options)(config=config, prepared=prepared, return_state=True)
+    return prepared, options
+
+
+def _finish(config: AlphaSpinConfig, node: Node, prepared: Prepared, state: Any, options: dict[str, Any]):
     record = state.result()  # raises the stage's error when it failed
     if state.name == "Cached":  # Prefect answered from its cache: the runner never saw the node
         console.current().stage_reused(node.label, "cached")
     _check_result_written(node.label, prefect_cache_key(config, prepared), options.get("result_storage"))
     return record
+
+
+def run_stage(
+    config: AlphaSpinConfig, node: Node, inputs: Inputs, force: bool = False, gpus: Gpus | None = None
+) -> StageRecord:
+    """Prepare ``node`` here (in the flow) and run its stage task in this thread, with the run's retry settings."""
+    prepared, options = _prepare(config, node, inputs, force)
+    task_ = _stage_task(node.stage).with_options(**options)
+    state = task_(config=config, prepared=prepared, gpus=gpus, return_state=True)
+    return _finish(config, node, prepared, state, options)
+
+
+@dataclass
+class StartedStage:
+    """A stage task submitted to the flow's task runner (`submit_stage`); `finish` once its future is done."""
+
+    config: AlphaSpinConfig
+    node: Node
+    prepared: Prepared
+    options: dict[str, Any]
+    future: PrefectFuture
+    gpus: Gpus | None
+
+    def done(self) -> bool:
+        """Whether its task has ended (without asking the server)."""
+        wrapped = getattr(self.future, "wrapped_future", None)
+        return wrapped.done() if wrapped is not None else self.future.state.is_final()
+
+    def finish(self) -> StageRecord:
+        """Its record (after `wait`); raises the stage's error when it failed."""
+        self.future.wait()
+        return _finish(self.config, self.node, self.prepared, self.future.state, self.options)
+
+
+def submit_stage(
+    config: AlphaSpinConfig,
+    node: Node,
+    inputs: Inputs,
+    force: bool = False,
+    gpus: Gpus | None = None,
+    wait_for: list[PrefectFuture] | None = None,
+) -> StartedStage:
+    """Prepare ``node`` here and submit its stage task, to run beside others (`wait_for`: the futures of
+    the stages it reads, which the UI draws as its upstream)."""
+    prepared, options = _prepare(config, node, inputs, force)
+    task_ = _stage_task(node.stage).with_options(**options)
+    future = task_.submit(config=config, prepared=prepared, gpus=gpus, wait_for=wait_for or None)
+    return StartedStage(config, node, prepared, options, future, gpus)
 
 
 def _check_result_written(label: str, key: str, result_storage: str | None) -> None:

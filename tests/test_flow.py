@@ -5,8 +5,8 @@ detected, and an S3 outage mid-run fails clearly and the rerun completes once it
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-import uuid
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -78,12 +78,45 @@ def run_flow(config, **kwargs):
     return state, task_states(state.state_details.flow_run_id)
 
 
+def task_times(flow_run_id) -> dict[str, tuple]:
+    """Task run name -> (start, end) as the Prefect server recorded them, over the run and its subflows."""
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        ids = [flow_run_id, *(child.id for child in children)]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    return {run.name: (run.start_time, run.end_time) for run in runs if run.name.startswith("iter-")}
+
+
 def test_flow_on_s3_caches_and_forced_stage_reruns_exactly_downstream(make_config, s3_runs_root):
-    config = make_config(f"run.runs_root={s3_runs_root}", f"run.run_id=flow-{uuid.uuid4().hex[:6]}")
+    """Also: with orchestration.gpu_stages=2 the two members' generate stages of iteration 1 run at once,
+    and beside evaluate@0 (their task runs overlap on the server's clock), and the run's artifacts equal the
+    recorded digests of the tiny run, which the plain runner computes one stage at a time."""
+    from artifact_digests import GOLDEN, cpu_kernels, run_digests
+
+    # the recorded run's id (the adapter's model card names it); the bucket is this test's own
+    config = make_config(f"run.runs_root={s3_runs_root}", "orchestration.gpu_stages=2")
     state, first = run_flow(config)
     assert state.is_completed()
     assert first == {name: "Completed" for name in ITERATION_0 + ITERATION_1}
     assert all(len(r) for r in state.result())  # metrics per iteration
+    times = task_times(state.state_details.flow_run_id)
+    (base_start, base_end), (member_start, member_end) = times["iter-1/generate-base"], times["iter-1/generate-iter-0"]
+    assert base_start < member_end and member_start < base_end, times  # at once
+    assert times["iter-1/build_pairs"][0] >= max(base_end, member_end)  # and what reads both waited for both
+    assert base_start < times["iter-0/evaluate"][1]  # generate@1 beside evaluate@0 (it reads train@0 only)
+    assert times["iter-1/sample_prompts"][0] >= times["iter-0/train"][1]
+    recorded, found = json.loads(GOLDEN.read_text()), run_digests(Run(config).storage)
+    assert sorted(found) == sorted(recorded["files"])
+    fields = ("values", "sha256") if recorded["cpu_kernels"] == cpu_kernels() else ("values",)  # same kernels: bytes
+    differ = [
+        f"{name} ({field})"
+        for name, e in recorded["files"].items()
+        for field in fields
+        if found[name][field] != e[field]
+    ]
+    assert not differ, differ
 
     _, second = run_flow(config)
     assert second == {name: "Cached" for name in ITERATION_0 + ITERATION_1}

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from alphaspin import preemption
 from alphaspin.backends import make_backend
 from alphaspin.config import AlphaSpinConfig, GenerationConfig
 from alphaspin.generation import Completion, build_requests, render_prompt_ids, request_seed
@@ -285,6 +286,11 @@ def generate(job: Job, prompts: Artifact, adapter: Artifact | None, sampler: Art
         draw = _sampler(job, adapter, sampler)
         try:
             for done, index in enumerate(todo):
+                if preemption.requested():  # a SIGTERM while this stage runs beside others, off the main thread
+                    raise preemption.Preempted(
+                        f"{job.node.label}: preempted by SIGTERM before shard {index + 1}/{n_shards}; the finished "
+                        f"shards are kept: {preemption.RESUME_HINT}"
+                    )
                 shard = rows.iloc[index * size : (index + 1) * size]
                 columns = draw(shard)
                 texts = columns.pop("rejected")
