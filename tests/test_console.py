@@ -109,7 +109,7 @@ def test_the_console_of_a_run_stays_within_its_budget_and_the_log_has_everything
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
-        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
         LogFilter,
         LogFilterTaskRunId,
         TaskRunFilter,
@@ -148,11 +148,12 @@ def test_the_console_of_a_run_stays_within_its_budget_and_the_log_has_everything
         assert wanted in log, wanted
 
     # The Prefect UI's log of a stage reads like the console: progress and a result, no dumps. The server is
-    # the session's, shared with other tests' runs, so the task run is looked up within this run's flow run.
+    # the session's, shared with other tests' runs, so the task run is looked up within this run: its
+    # iterations' subflows are the children of the flow run the console linked to.
     with get_client(sync_client=True) as client:
+        children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
         (train,) = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["iter-1/train"])),
+            flow_run_filter=children, task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["iter-1/train"]))
         )
         messages = [
             log.message
