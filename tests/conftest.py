@@ -139,12 +139,17 @@ def s3_runs_root(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> str:
 SLOWEST_FIRST = (
     "test_pools.py",  # minutes, mostly waiting for the killed worker's heartbeat timeout
     "test_deploy.py",
+    "test_slurm.py",  # a real Slurm: two sbatch runs, each requeued mid-train (waits on Slurm's clean-up)
     "test_vllm_backend.py",
     "test_vllm_pipeline.py",
     "test_flow.py",
     "test_grid.py",
     "test_bench.py",
+    "test_preemption.py",
     "test_distributed_training.py",
+    "test_s3_outage.py",
+    "test_operational_knobs.py",
+    "test_devices.py",
     "test_resume.py",
     "test_evaluate_benchmarks.py",
     "test_benchmarks_leaderboard.py",
@@ -161,7 +166,7 @@ SLOWEST_FIRST = (
     "test_truncated_losers.py",
     "test_artifact_digests.py",
 )
-SPLIT_MODULES = {"test_deploy.py", "test_flow.py", "test_grid.py"}
+SPLIT_MODULES = {"test_deploy.py", "test_flow.py", "test_grid.py", "test_preemption.py"}
 GROUPS = {"test_vllm_backend.py": "vllm", "test_vllm_pipeline.py": "vllm"}
 
 

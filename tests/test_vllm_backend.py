@@ -208,6 +208,15 @@ def test_server_command_and_environment(tmp_path, monkeypatch):
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert "PYTHONPATH" not in env and env["X"] == "1"
     assert "HF_HUB_OFFLINE" not in env  # online where the user is online (test_the_engine_sees_the_hub_...)
+    # one process on the CPU (no engine-core and worker processes to start); a GPU keeps vLLM's default,
+    # and a user's own --distributed-executor-backend wins
+    assert server_command(cpu, 1)[-2:] == ["--distributed-executor-backend", "uni"]
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "--distributed-executor-backend" not in command
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in server_env(gpu, {})
+    mp = cpu.__class__(**{**cpu.__dict__, "extra_args": ("--distributed-executor-backend=mp",)})
+    assert server_command(mp, 1).count("--distributed-executor-backend=mp") == 1
+    assert "uni" not in server_command(mp, 1) and "VLLM_ENABLE_V1_MULTIPROCESSING" not in server_env(mp, {})
 
 
 def test_the_engine_sees_the_hub_as_the_user_does(tmp_path, monkeypatch):

@@ -256,6 +256,8 @@ def run_lm_eval(
     )
     merged_lora = backend == "vllm" and adapter_path is not None and str(device).startswith("cpu")
     if backend == "vllm":
+        from alphaspin.vllm_server import one_process_env
+
         with contextlib.ExitStack() as stack:
             child_args = {**model_args, **(engine_args or {})}
             if merged_lora:
@@ -267,6 +269,10 @@ def run_lm_eval(
                 merge_adapter(model_path, adapter_path, dtype, folder)
                 child_args = {k: v for k, v in child_args.items() if k not in VLLM_LORA_ARGS}
                 child_args["pretrained"] = str(folder)
+            if str(device).startswith("cpu") and int(child_args.get("tensor_parallel_size", 1)) == 1:
+                # one process for vLLM's engine on a CPU, as the generation engine (`one_process_engine`)
+                child_args.setdefault("distributed_executor_backend", "uni")
+                vllm_env = {**one_process_env(), **(vllm_env or {})}
             outputs = _evaluate_in_vllm_env(child_args, by_shots, manager, vllm_python, vllm_env, **run)
     else:
         outputs = _evaluate_here(model_name, model_args, by_shots, manager, **run)
