@@ -317,22 +317,27 @@ def test_grid_report_prints_the_kl_rise_table_from_stored_records(tmp_path, caps
     ) in printed
     out = tmp_path / "runs" / "g"
     assert (out / "kl_over_iterations.png").stat().st_size > 0 and "kl_over_iterations.png" in printed
-    import csv
-
-    with (out / "kl_rise.csv").open() as handle:
-        rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    rows = {r["cell"]: r for r in _rows(out / "kl_rise.csv")}
     assert float(rows["alpha0.8-h2"]["delta_rise"]) == pytest.approx(-1.0)
     assert rows["alpha0.8-h2"]["lowest_iteration"] == "2" and rows["alpha1-h1"]["baseline"] == "alpha1-h1"
 
 
 # -- end to end on the tiny model -----------------------------------------------------------------
 def tiny_grid(tmp_path: Path, model: str) -> Path:
-    """2 cells (α = 1, the baseline, and α = 0.8) x 2 seeds, T = 1, without the benchmarks."""
+    """2 cells (α = 1, the baseline, and α = 0.8) x 2 seeds, T = 1, on the synthetic task (its exact KL),
+    without the benchmarks."""
     from conftest import TINY_OVERRIDES
 
     base = dict(item.split("=", 1) for item in TINY_OVERRIDES)
     base = {key: yaml.safe_load(value) for key, value in base.items()}
-    base.update({"model.name_or_path": model, "evaluation.benchmarks": [], "evaluation.judge.enabled": False})
+    base.update(
+        {
+            "model.name_or_path": model,
+            "data.source": "builtin:synthetic",
+            "evaluation.benchmarks": [],
+            "evaluation.judge.enabled": False,
+        }
+    )
     return write_grid(
         tmp_path,
         name="tiny",
@@ -411,15 +416,43 @@ def test_a_tiny_grid_shares_iteration_0_reports_intervals_and_resumes_after_a_ki
             )
             if t == 0:  # iteration 0 is the same stage in both cells: no difference at all
                 assert d == [0.0, 0.0]
+    # the KL rise, by hand from the stored KLs: t* the iteration of the lower mean (the earlier on a tie),
+    # rise KL(1) − KL(t*) per seed; Δ rise against α = 1 (SPIN: no h axis, the baseline itself) by seed
+    rise = {r["cell"]: r for r in _rows(runs / "tiny" / "kl_rise.csv")}
+    rises = {}
+    for name in ("alpha1", "alpha0.8"):
+        kl = {t: [stored[f"tiny-{name}-s{s}"][t]["synthetic/kl"] for s in (0, 1)] for t in (0, 1)}
+        best = 0 if kl[0][0] + kl[0][1] <= kl[1][0] + kl[1][1] else 1
+        rises[name] = [kl[1][s] - kl[best][s] for s in (0, 1)]
+        row = rise[name]
+        assert (row["baseline"], row["n"], row["lowest_iteration"], row["last_iteration"]) == (
+            "alpha1",
+            "2",
+            str(best),
+            "1",
+        )
+        assert float(row["kl_at_lowest"]) == pytest.approx((kl[best][0] + kl[best][1]) / 2, rel=1e-9)
+        assert float(row["rise"]) == pytest.approx(sum(rises[name]) / 2, rel=1e-9, abs=1e-12)
+        if rises[name][0] != rises[name][1]:
+            half = t_975_1 * abs(rises[name][0] - rises[name][1]) / 2
+            assert float(row["rise_ci_high"]) - float(row["rise"]) == pytest.approx(half, rel=1e-6)
+    d = [rises["alpha0.8"][s] - rises["alpha1"][s] for s in (0, 1)]
+    assert float(rise["alpha0.8"]["delta_rise"]) == pytest.approx((d[0] + d[1]) / 2, rel=1e-9, abs=1e-12)
+    assert (runs / "tiny" / "kl_over_iterations.png").exists()
     text = report.read_text()
     assert "% saved" in text and "| alpha0.8 | 1 | 2 |" in text
+    assert "## Does the KL rise after its lowest iteration? (synthetic/kl)" in text
 
 
-def _csv(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
+def _rows(path: Path) -> list[dict[str, str]]:
     import csv
 
     with path.open() as handle:
-        return {(r["metric"], r["cell"], r["iteration"]): r for r in csv.DictReader(handle)}
+        return list(csv.DictReader(handle))
+
+
+def _csv(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
+    return {(r["metric"], r["cell"], r["iteration"]): r for r in _rows(path)}
 
 
 @pytest.mark.slow
