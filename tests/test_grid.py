@@ -185,7 +185,16 @@ def per_run_by_hand(grid, kl: dict = KL_BY_HAND) -> dict:
     }
 
 
-def test_kl_rise_is_paired_against_spin_at_the_same_h():
+def test_kl_rise_is_paired_against_spin_at_the_same_h(tmp_path):
+    # without an α axis, against the baseline itself; without a baseline, against nothing
+    no_alpha = load_grid(write_grid(tmp_path, axes={"method.history": [1, 2]}, baseline={"method.history": 2}))
+    assert alpha_baselines(no_alpha) == {"h1": "h2", "h2": "h2"}
+    unpaired = load_grid(write_grid(tmp_path, base={"method.iterations": 1}, axes={"method.alpha": [1.0, 0.8]}))
+    assert alpha_baselines(unpaired) == {}
+    per_run = {"g-alpha1-s0": {0: {"synthetic/kl": 2.0}, 1: {"synthetic/kl": 3.0}}, "g-alpha0.8-s0": {}}
+    text = "\n".join(format_kl_rise(kl_rise_rows(unpaired, per_run)))
+    assert "| alpha1 | 1 | 0 → 1 | 2 (n = 1: no interval) | – | +1 (n = 1: no interval) | – | – |" in text
+    assert "| alpha0.8 | – | not reported | – | – | – | – | – |" in text
     assert alpha_baselines(load_grid(ROOT / "configs" / "grid-cpu.yaml")) == {
         f"alpha{a}-h{h}": f"alpha1-h{h}" for a in ("1", "0.95", "0.8") for h in ("1", "2", "inf")
     }
