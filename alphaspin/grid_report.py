@@ -346,12 +346,13 @@ def format_kl_rise(rows: list[dict[str, Any]]) -> list[str]:
     text = [
         f"## Does the KL rise after its lowest iteration? ({rows[0]['metric']})",
         "",
-        "t* is the iteration with the lowest mean KL(p_data‖π_t) over seeds (on a tie, the earliest); the KL at t* "
-        "and the rise KL(T) − KL(t*) to the last iteration T are taken per seed: mean with its 95% interval. Δ is "
-        "paired by seed against the cell in column vs (SPIN at the same h: the baseline's α, this cell's other "
-        "values): the cell's KL at its t* minus vs's KL at its own t*, and the cell's rise minus vs's rise (Δ rise "
-        "< 0: less rise than SPIN). t* is picked from the same seeds, so the KL at t* leans low; the intervals do "
-        "not include that choice.",
+        # one paragraph in markdown, lines that fit a terminal where the command prints it
+        "t* is the iteration with the lowest mean KL(p_data‖π_t) over seeds (on a tie, the earliest); the KL at",
+        "t* and the rise KL(T) − KL(t*) to the last iteration T are taken per seed: mean [95% interval]. Δ is",
+        "paired by seed against the cell in column vs (SPIN at the same h: the baseline's α, this cell's other",
+        "values): the cell's KL at its t* minus vs's at its own t*, and the cell's rise minus vs's rise (Δ rise",
+        "< 0: less rise than SPIN). t* is picked from the same seeds, so the KL at t* leans low; the intervals",
+        "do not include that choice.",
         "",
         "| cell | n | t* → T | KL at t* | Δ KL at t* | rise t* → T | Δ rise | vs |",
         "|---|---|---|---|---|---|---|---|",
