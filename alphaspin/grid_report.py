@@ -262,7 +262,7 @@ def plot_bands(
     if groups is not None:
         panels = [(metric, label, members) for metric in metrics for label, members in groups]
         rows, columns = len(metrics), len(groups)
-    fig = Figure(figsize=(4.5 * columns, 3.2 * rows + 0.6), layout="constrained")
+    fig = Figure(figsize=(max(4.5 * columns, 6.5), 3.2 * rows + 0.8), layout="constrained")  # room for the title
     for index, (metric, label, members) in enumerate(panels, start=1):
         ax = fig.add_subplot(rows, columns, index)
         for cell in members:
@@ -422,7 +422,7 @@ def write_grid_report(grid: Grid) -> dict[str, Any]:
             shown = [m for m in (KL, SUPPORT_MASS) if m in found]
             files["KL and support mass"] = plot_bands(
                 summarize(grid, per_run, shown)[0], shown, grid.cell_names, out / "kl_over_iterations.png",
-                f"{grid.name}: mean and 95% CI over seeds; ring: t*, the lowest mean KL",
+                f"{grid.name}: mean and 95% CI over seeds\nring: t*, the iteration of the lowest mean KL",
                 groups=alpha_groups(grid),
                 lowest={r["cell"]: r["lowest_iteration"] for r in rise if r["skipped"] is None},
                 references={m: v for m in shown if (v := _base_value(per_run, BASE_OF[m])) is not None},
