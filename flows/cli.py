@@ -9,7 +9,8 @@ alphaspin diff RUN [--runs-root ./runs]            (stages that ran with other o
 alphaspin export --run-id R --iteration t --out DIR [--merge] [--push-to-hub REPO_ID]   (θ_t on its own)
 alphaspin config --config configs/paper-gemma-2b.yaml      (print the resolved config)
 alphaspin grid -c configs/grid-cpu.yaml [--status] [--no-prefect]   (a grid of runs: cells x seeds)
-alphaspin grid-report -c configs/grid-cpu.yaml              (mean ± 95% CI across seeds, Δ vs baseline)
+alphaspin grid-report -c configs/grid-cpu.yaml              (mean ± 95% CI across seeds, Δ vs baseline;
+                                                           on the synthetic task the KL rise after t*)
 """
 
 from __future__ import annotations
@@ -582,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.set_defaults(func=cmd_grid)
 
     grid_report = sub.add_parser(
-        "grid-report", help="write a grid's report: mean ± 95%% CI across seeds, Δ vs the baseline cell, charts"
+        "grid-report",
+        help="write a grid's report: mean ± 95%% CI across seeds, Δ vs the baseline cell, charts; on the synthetic "
+        "task per cell the iteration of the lowest KL and the rise after it, paired against SPIN at the same h",
     )
     grid_report.add_argument("--config", "-c", required=True, help="grid file (YAML)")
     grid_report.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
