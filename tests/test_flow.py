@@ -89,12 +89,35 @@ def task_times(flow_run_id) -> dict[str, tuple]:
     return {run.name: (run.start_time, run.end_time) for run in runs if run.name.startswith("iter-")}
 
 
-def test_flow_on_s3_caches_and_forced_stage_reruns_exactly_downstream(make_config, s3_runs_root):
+def test_flow_on_s3_caches_and_forced_stage_reruns_exactly_downstream(make_config, s3_runs_root, monkeypatch):
     """Also: with orchestration.gpu_stages=2 the two members' generate stages of iteration 1 run at once,
     and beside evaluate@0 (their task runs overlap on the server's clock), and the run's artifacts equal the
-    recorded digests of the tiny run, which the plain runner computes one stage at a time."""
+    recorded digests of the tiny run, which the plain runner computes one stage at a time.
+
+    At once, not by luck of timing: each member's generate@1 waits for the other to start, and evaluate@0
+    waits for generate@1 to start, before doing its work (a wait that only a concurrent flow can end; one
+    stage after another, it times out and the stage fails). The waits change no artifact."""
+    import threading
+
     from artifact_digests import GOLDEN, cpu_kernels, run_digests
 
+    members_start = threading.Barrier(2, timeout=300)
+    generate_1_started = threading.Event()
+    generate, evaluate = REGISTRY["generate"].function, REGISTRY["evaluate"].function
+
+    def generate_at_once(job, *args, **kwargs):
+        if job.iteration == 1:
+            generate_1_started.set()
+            members_start.wait()  # BrokenBarrierError after 300 s alone: the members ran one after the other
+        return generate(job, *args, **kwargs)
+
+    def evaluate_beside_the_next_iteration(job, *args, **kwargs):
+        if job.iteration == 0 and not generate_1_started.wait(timeout=300):
+            raise AssertionError("evaluate@0 ran alone: generate@1 did not start beside it")
+        return evaluate(job, *args, **kwargs)
+
+    patch_stage(monkeypatch, "generate", generate_at_once)
+    patch_stage(monkeypatch, "evaluate", evaluate_beside_the_next_iteration)
     # the recorded run's id (the adapter's model card names it); the bucket is this test's own
     config = make_config(f"run.runs_root={s3_runs_root}", "orchestration.gpu_stages=2")
     state, first = run_flow(config)
