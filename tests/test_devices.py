@@ -160,6 +160,7 @@ def test_the_flows_gpu_stages_at_once_each_get_their_own_gpus(make_config, monke
     GPUs and its time. Stages that ran at the same time (the members of iteration 1, evaluate@0 beside
     iteration 1) held different GPUs; every GPU stage ran on its group's first GPU as cuda:<index>."""
     import dataclasses
+    import threading
     import time
 
     import alphaspin.devices
@@ -168,10 +169,18 @@ def test_the_flows_gpu_stages_at_once_each_get_their_own_gpus(make_config, monke
     from alphaspin.stages import REGISTRY
 
     seen: dict[str, tuple] = {}
+    # At the same time by construction, not by timing: each member's generate@1 waits for the other to start,
+    # and evaluate@0 waits for iteration 1's generate to start (one stage after another, the waits time out).
+    members_start, generate_1_started = threading.Barrier(2, timeout=120), threading.Event()
 
     def record(job, **inputs):
         start = time.monotonic()
-        time.sleep(6.0 if job.node.stage == "evaluate" else 1.0)  # evaluate@0: long enough to see iteration 1 start
+        if job.node.stage == "generate" and job.iteration == 1:
+            generate_1_started.set()
+            members_start.wait()
+        if job.node.stage == "evaluate" and job.iteration == 0:
+            assert generate_1_started.wait(timeout=120), "evaluate@0 ran alone: iteration 1 did not start beside it"
+        time.sleep(0.2)
         seen[job.node.label] = (job.workspace.gpus, job.workspace.device, start, time.monotonic())
         return {"score": 1.0}
 
