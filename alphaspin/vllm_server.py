@@ -222,7 +222,7 @@ def server_command(settings: EngineSettings, port: int, gpu_memory_utilization: 
         command += ["--max-model-len", str(settings.max_model_len)]
     if settings.seed is not None:
         command += ["--seed", str(settings.seed)]
-    if one_process_engine(settings) and not _names(settings.extra_args, "--distributed-executor-backend"):
+    if one_process_engine(settings):
         command += ["--distributed-executor-backend", "uni"]
     return command + list(settings.extra_args)
 
@@ -232,8 +232,10 @@ def one_process_engine(settings: EngineSettings) -> bool:
     default there is three processes (API server, engine core, a multiproc worker), each importing vLLM and
     torch: on 2 cores about 45 s of a 50 s start; in one process (``--distributed-executor-backend uni``,
     ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the start takes about 30 s and the tokens are the same. A GPU
-    keeps vLLM's default: the engine core's own process overlaps scheduling with the HTTP front end."""
-    return settings.device == "cpu" and settings.tensor_parallel_size == 1 and settings.data_parallel_size == 1
+    keeps vLLM's default: the engine core's own process overlaps scheduling with the HTTP front end, and a
+    ``--distributed-executor-backend`` of the user's (``generation.vllm_args``) keeps theirs."""
+    one_device = settings.tensor_parallel_size == 1 and settings.data_parallel_size == 1
+    return settings.device == "cpu" and one_device and not _names(settings.extra_args, "--distributed-executor-backend")
 
 
 def one_process_env() -> dict[str, str]:
@@ -282,7 +284,7 @@ def server_env(settings: EngineSettings, base: Mapping[str, str] | None = None) 
         DO_NOT_TRACK="1",
         **cpu_kvcache_env(settings.cpu_kvcache_gib),
     )
-    if one_process_engine(settings) and not _names(settings.extra_args, "--distributed-executor-backend"):
+    if one_process_engine(settings):
         for name, value in one_process_env().items():
             env.setdefault(name, value)  # a user's own setting of it stays
     return env

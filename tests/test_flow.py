@@ -25,15 +25,20 @@ pytestmark = [
 ]  # whole runs through a Prefect server (minutes on 2 cores)
 
 
-def task_states(flow_run_id) -> dict[str, str]:
-    """Task run name -> final state name, over the flow run and its iteration subflows."""
+def stage_task_runs(flow_run_id) -> list:
+    """The stage task runs (``iter-...``) of the flow run and its iteration subflows."""
     with get_client(sync_client=True) as client:
         children = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
         )
         ids = [flow_run_id, *(child.id for child in children)]
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return {run.name: run.state.name for run in runs if run.name.startswith("iter-")}
+    return [run for run in runs if run.name.startswith("iter-")]
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """Task run name -> final state name, over the flow run and its iteration subflows."""
+    return {run.name: run.state.name for run in stage_task_runs(flow_run_id)}
 
 
 def wait_readable(storage, seconds: float = 60.0) -> None:
@@ -80,13 +85,7 @@ def run_flow(config, **kwargs):
 
 def task_times(flow_run_id) -> dict[str, tuple]:
     """Task run name -> (start, end) as the Prefect server recorded them, over the run and its subflows."""
-    with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
-        )
-        ids = [flow_run_id, *(child.id for child in children)]
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return {run.name: (run.start_time, run.end_time) for run in runs if run.name.startswith("iter-")}
+    return {run.name: (run.start_time, run.end_time) for run in stage_task_runs(flow_run_id)}
 
 
 def test_flow_on_s3_caches_and_forced_stage_reruns_exactly_downstream(make_config, s3_runs_root, monkeypatch):
