@@ -272,6 +272,10 @@ def run_lm_eval(
             if str(device).startswith("cpu") and int(child_args.get("tensor_parallel_size", 1)) == 1:
                 # one process for vLLM's engine on a CPU, as the generation engine (`one_process_engine`)
                 child_args.setdefault("distributed_executor_backend", "uni")
+                # and no torch.compile: vLLM's CPU platform compiles the model with inductor whenever no
+                # LoRA is enabled (the merged adapter above, or a base model), about 100 s of CPU before a
+                # benchmark that then runs for seconds; eager runs it at once (a user's enforce_eager wins)
+                child_args.setdefault("enforce_eager", True)
                 vllm_env = {**one_process_env(), **(vllm_env or {})}
             outputs = _evaluate_in_vllm_env(child_args, by_shots, manager, vllm_python, vllm_env, **run)
     else:
