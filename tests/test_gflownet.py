@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from conftest import NO_BENCHMARKS
 
 from alphaspin.gflownet import (
     GFlowNetSettings,
@@ -463,6 +464,7 @@ def test_a_run_with_the_gflownet_opponent(make_config):
         "method.gflownet.prompts_per_step=2",
         "method.gflownet.max_new_tokens=6",
         "method.gflownet.learning_rate=1e-3",
+        *NO_BENCHMARKS,
     )
     results = run(config)
     assert all(math.isfinite(r["train/loss"]) for r in results)

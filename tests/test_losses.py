@@ -33,6 +33,7 @@ import types
 import datasets
 import pytest
 import torch
+from conftest import NO_BENCHMARKS
 
 from alphaspin.config import LOG_Z_CANCELS, PAPER_LOSSES, ConfigError, TrainingConfig, load_config
 from alphaspin.dpo import GeometricReferenceDPOTrainer, dpo_config
@@ -224,7 +225,7 @@ def test_tiny_run_trains_with_each_paper_loss(make_config, overrides, first_loss
     from alphaspin.runs import Run
     from alphaspin.stage_spec import Node
 
-    config = make_config(*overrides, "method.alpha=0.5")
+    config = make_config(*overrides, "method.alpha=0.5", *NO_BENCHMARKS)
     assert config.training.beta == 0.1
     results = run(config)
     assert len(results) == 2 and all(math.isfinite(r["train/loss"]) for r in results)

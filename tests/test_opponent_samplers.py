@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import NO_BENCHMARKS
 
 from alphaspin.opponent import (
     TokenGeometricSampler,
@@ -190,7 +191,10 @@ def test_a_run_with_a_geometric_mixture_opponent(make_config, opponent, truncate
     from alphaspin.stage_spec import Node
 
     config = make_config(
-        f"method.opponent={opponent}", "method.sir_proposals=3", f"generation.truncated_losers={truncated_losers}"
+        f"method.opponent={opponent}",
+        "method.sir_proposals=3",
+        f"generation.truncated_losers={truncated_losers}",
+        *NO_BENCHMARKS,
     )
     results = run(config)
     assert all(math.isfinite(r["train/loss"]) for r in results)

@@ -9,6 +9,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import NO_BENCHMARKS
 from transformers import AutoModelForCausalLM
 
 from alphaspin.dag import iteration_nodes
@@ -383,6 +384,7 @@ def test_normalized_reference_subtracts_a_monte_carlo_log_partition(make_config,
         "training.normalized_reference=true",
         "training.partition_samples=2",
         "method.alpha=0.5",
+        *NO_BENCHMARKS,
     )
     results = run(config)
     assert all(math.isfinite(r["train/loss"]) for r in results)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import NO_BENCHMARKS
 
 from alphaspin.config import ConfigError, load_config
 from alphaspin.reference import arithmetic_reference_logps, concatenate_lora, ema_coefficients
@@ -152,7 +153,7 @@ def test_arithmetic_reference_end_to_end(make_config):
     from alphaspin.runs import Run
     from alphaspin.stage_spec import Node
 
-    config = make_config("method.reference=arithmetic", "method.alpha=0.6", "training.loss_type=ipo")
+    config = make_config("method.reference=arithmetic", "method.alpha=0.6", "training.loss_type=ipo", *NO_BENCHMARKS)
     results = run(config)
     assert all(math.isfinite(r["train/loss"]) for r in results)
     for t in (0, 1):
@@ -172,7 +173,7 @@ def test_ema_reference_end_to_end(make_config):
     from alphaspin.runs import Run
     from alphaspin.stage_spec import Node
 
-    config = make_config("method.reference=ema", "method.ema_decay=0.5", "method.iterations=2")
+    config = make_config("method.reference=ema", "method.ema_decay=0.5", "method.iterations=2", *NO_BENCHMARKS)
     run(config)
     stored = Run(config)
     table0 = stored.dir(Node("reference_logps", 0)).read_table("reference.parquet")
@@ -226,6 +227,7 @@ def test_log_partition_samples_come_from_the_previous_policy_itself(make_config,
         "training.partition_samples=2",
         "training.partition_max_new_tokens=16",
         "method.alpha=0.5",
+        *NO_BENCHMARKS,
     )
     results = run(config)
     assert len(seen) == 1  # t = 1 only (Z = 1 at t = 0)
