@@ -9,6 +9,7 @@ import json
 import time
 
 import pytest
+from conftest import NO_BENCHMARKS
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
@@ -149,7 +150,9 @@ def test_flow_on_s3_caches_and_forced_stage_reruns_exactly_downstream(make_confi
 
 
 def test_a_stage_that_fails_once_is_retried(make_config, monkeypatch):
-    config = make_config("method.iterations=0", "orchestration.retries=1", "orchestration.retry_delay_seconds=0")
+    config = make_config(
+        "method.iterations=0", "orchestration.retries=1", "orchestration.retry_delay_seconds=0", *NO_BENCHMARKS
+    )
     original, calls = REGISTRY["train"].function, []
 
     def flaky_train(*args, **kwargs):
@@ -181,7 +184,7 @@ def test_a_result_prefect_cannot_write_fails_the_stage_loudly(make_config, tmp_p
 
 
 def test_a_corrupted_artifact_is_detected_and_its_stage_reruns(make_config):
-    config = make_config("method.iterations=0")
+    config = make_config("method.iterations=0", *NO_BENCHMARKS)
     run_flow(config)
     ctx = Run(config)
     folder = ctx.dir(Node("build_pairs", 0))
@@ -203,7 +206,7 @@ def test_s3_outage_mid_run_fails_clearly_and_the_rerun_completes(make_config, mo
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
         bucket = server.make_bucket("outage")
-        config = make_config(f"run.runs_root=s3://{bucket}/runs", "method.iterations=0")
+        config = make_config(f"run.runs_root=s3://{bucket}/runs", "method.iterations=0", *NO_BENCHMARKS)
         original = REGISTRY["build_pairs"].function
 
         def build_pairs_during_outage(*args, **kwargs):

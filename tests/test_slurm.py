@@ -292,6 +292,11 @@ def test_sbatch_requeue_mid_train_resumes_and_completes(interrupt, slurm, tmp_pa
     while not (node := slurm.run("sinfo", "-h", "-o", "%t").strip()).startswith("idle"):
         assert time.monotonic() < deadline, f"node {node!r} not idle 120 s after the requeue\n{slurm.logs()}"
         time.sleep(0.5)
+    # and only in a later second than the kill: slurmd refuses a batch job whose credential was issued in the
+    # second its previous attempt's credential was revoked (slurm_cred_revoked: cred->ctime <= revoked, both
+    # whole seconds): "Job 2 already killed, do not launch batch job", the job FAILED, seen in a fresh-clone
+    # suite with 0.4 s between the end of the first attempt and the relaunch
+    time.sleep(2.0)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
     while (state := slurm.job(job))["JobState"] != "COMPLETED":
