@@ -42,8 +42,9 @@ def task_states(flow_run_id) -> dict[str, str]:
     return {run.name: run.state.name for run in stage_task_runs(flow_run_id)}
 
 
-def wait_readable(storage, seconds: float = 60.0) -> None:
-    """SeaweedFS answers 500 'volume not found' for a few seconds after a restart (PLATFORM.md)."""
+def wait_readable(storage, seconds: float = 240.0) -> None:
+    """SeaweedFS answers 500 'volume not found' for a few seconds after a restart (PLATFORM.md); on a loaded
+    2-core machine it was seen answering 500 ("internal error, please try again") for over 60 s."""
     deadline = time.monotonic() + seconds
     while True:
         try:
