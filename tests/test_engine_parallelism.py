@@ -129,19 +129,30 @@ def test_extra_args_map_to_lm_eval_model_args() -> None:
     }
 
 
-def test_engine_args_reach_lm_eval_but_not_its_record(monkeypatch, tmp_path) -> None:
-    """lm-eval's vllm model gets the engine's arguments; the stored record (an artifact) does not name
-    them: they are operational knobs, and a run that changes them must keep its artifacts' bytes."""
+@pytest.fixture
+def vllm_child(monkeypatch) -> dict[str, Any]:
+    """What `run_lm_eval` hands lm-eval's vllm child: its model_args, and its environment under "env"
+    (the child itself is not started)."""
     from alphaspin.benchmarks import leaderboard
 
     seen: dict[str, Any] = {}
 
     def in_vllm_env(model_args, by_shots, manager, vllm_python, vllm_env, **run):
-        seen.update(model_args)
+        seen.clear()
+        seen.update(model_args, env=dict(vllm_env or {}))
         return [{"results": {}, "configs": {}}]
 
     monkeypatch.setattr(leaderboard, "_evaluate_in_vllm_env", in_vllm_env)
     monkeypatch.setattr(leaderboard, "_manager_for", lambda names: None)
+    return seen
+
+
+def test_engine_args_reach_lm_eval_but_not_its_record(vllm_child, tmp_path) -> None:
+    """lm-eval's vllm model gets the engine's arguments; the stored record (an artifact) does not name
+    them: they are operational knobs, and a run that changes them must keep its artifacts' bytes."""
+    from alphaspin.benchmarks import leaderboard
+
+    seen = vllm_child
     result = leaderboard.run_lm_eval(
         str(tmp_path),
         None,
@@ -156,26 +167,18 @@ def test_engine_args_reach_lm_eval_but_not_its_record(monkeypatch, tmp_path) -> 
 
 
 @pytest.mark.parametrize(("engine_args", "eager"), [(None, True), ({"enforce_eager": False}, False)])
-def test_on_a_cpu_lm_eval_s_vllm_model_runs_eager_in_one_process(monkeypatch, tmp_path, engine_args, eager) -> None:
+def test_on_a_cpu_lm_eval_s_vllm_model_runs_eager_in_one_process(vllm_child, tmp_path, engine_args, eager) -> None:
     """vLLM's CPU platform compiles a model without LoRA with inductor (about 100 s of CPU before a benchmark
     of seconds): on a CPU lm-eval's vllm model runs eager and in one process, unless the user says otherwise."""
     from alphaspin.benchmarks import leaderboard
 
-    seen: dict[str, Any] = {}
-
-    def in_vllm_env(model_args, by_shots, manager, vllm_python, vllm_env, **run):
-        seen.update(model_args, env=dict(vllm_env or {}))
-        return [{"results": {}, "configs": {}}]
-
-    monkeypatch.setattr(leaderboard, "_evaluate_in_vllm_env", in_vllm_env)
-    monkeypatch.setattr(leaderboard, "_manager_for", lambda names: None)
+    seen = vllm_child
     result = leaderboard.run_lm_eval(
         str(tmp_path), None, ["arc_easy"], backend="vllm", device="cpu", engine_args=engine_args
     )
     assert seen["enforce_eager"] is eager and seen["distributed_executor_backend"] == "uni"
     assert seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert "enforce_eager" not in result["model"]["model_args"]
-    seen.clear()
     leaderboard.run_lm_eval(str(tmp_path), None, ["arc_easy"], backend="vllm", device="cuda")
     assert "enforce_eager" not in seen and "distributed_executor_backend" not in seen  # a GPU: vLLM's defaults
 

@@ -33,13 +33,13 @@ def _cli():
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model):
     """One iteration (t = 0) of the tiny run, evaluated on held-out likelihood and pairs only."""
-    from conftest import tiny_overrides
+    from conftest import NO_BENCHMARKS, tiny_overrides
 
     from alphaspin.config import load_config
 
     root = tmp_path_factory.mktemp("runs")
-    overrides = [*tiny_overrides(tiny_model, root), "method.iterations=0", "evaluation.judge.enabled=false"]
-    config = load_config(ROOT / "configs" / "quickstart.yaml", [*overrides, "evaluation.benchmarks=[]"])
+    overrides = [*tiny_overrides(tiny_model, root), "method.iterations=0", *NO_BENCHMARKS]
+    config = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     run(config)
     return config
 

@@ -504,8 +504,7 @@ def test_an_interrupted_train_sampler_stage_resumes_and_ends_as_an_uninterrupted
         "method.gflownet.max_new_tokens=4",
         "method.gflownet.learning_rate=1e-3",
         "method.gflownet.save_steps=2",
-        "evaluation.judge.enabled=false",
-        "evaluation.benchmarks=[]",
+        *NO_BENCHMARKS,
     ]
     original = gflownet.train_sampler
 

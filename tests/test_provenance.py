@@ -7,7 +7,7 @@ import importlib.util
 import os
 
 import pytest
-from conftest import tiny_overrides
+from conftest import NO_BENCHMARKS, tiny_overrides
 
 from alphaspin.config import load_config
 from alphaspin.provenance import collect, diff_runs, lm_eval_provenance, stage_provenance
@@ -15,7 +15,7 @@ from alphaspin.storage import RunStorage
 from alphaspin.workspace import Workspace
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")
-FAST = ["method.iterations=0", "evaluation.benchmarks=[]", "evaluation.judge.enabled=false"]
+FAST = ["method.iterations=0", *NO_BENCHMARKS]
 
 
 def _config(model: str, root, *overrides: str):

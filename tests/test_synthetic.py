@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import NO_BENCHMARKS
 
 from alphaspin.config import DataConfig, MethodConfig
 from alphaspin.data import load_sft, sample_prompts
@@ -158,8 +159,7 @@ def test_tiny_run_reports_the_exact_kl(make_config, tiny_model):
     config = make_config(
         f"data.source={BUILTIN_SYNTHETIC}",
         "method.iterations=0",
-        "evaluation.benchmarks=[]",
-        "evaluation.judge.enabled=false",
+        *NO_BENCHMARKS,
     )
     (metrics,) = run(config)
     stored = Run(config)

@@ -28,18 +28,17 @@ pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
 
 TRACKED = "tracking.backends=[tensorboard, mlflow]"
-# The held-out metrics are enough to track; lm-eval and the judged chat would triple the run's time.
-QUICK = ["evaluation.benchmarks=[]", "evaluation.judge.enabled=false"]
 
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, tiny_model):
-    from conftest import tiny_overrides
+    from conftest import NO_BENCHMARKS, tiny_overrides
 
     from alphaspin.config import load_config
 
     root = tmp_path_factory.mktemp("runs")
-    config = load_config("configs/quickstart.yaml", [*tiny_overrides(tiny_model, root), *QUICK, TRACKED])
+    # the held-out metrics are enough to track; lm-eval and the judged chat would triple the run's time
+    config = load_config("configs/quickstart.yaml", [*tiny_overrides(tiny_model, root), *NO_BENCHMARKS, TRACKED])
     return config, run(config)
 
 

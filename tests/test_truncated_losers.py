@@ -9,6 +9,7 @@ import types
 
 import pandas as pd
 import pytest
+from conftest import NO_BENCHMARKS
 
 from alphaspin.config import ConfigError, GenerationConfig, TrainingConfig, load_config
 from alphaspin.generation import TransformersBackend, build_requests
@@ -313,7 +314,7 @@ def test_tiny_run_scores_and_trains_cut_off_losers_as_prefixes(make_config, monk
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(GeometricReferenceDPOTrainer, "train", record)
-    config = make_config("evaluation.judge.enabled=false", "evaluation.benchmarks=[]")
+    config = make_config(*NO_BENCHMARKS)
     run(config)
     ctx = Run(config)
     with Workspace(config) as ws:
