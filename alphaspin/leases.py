@@ -20,10 +20,11 @@ guarantees):
 - ``exclusive`` (local disk): reading the record, judging it and replacing it (a fully written
   temporary file renamed over it) happen under an exclusive ``flock`` of ``<run>/_leases.lock``, so
   they are one atomic step among all processes that share the filesystem's locks.
-- ``settle`` (any other store, or forced): *write, settle, read back*: write our record, wait
-  ``settle`` seconds so that a competitor who decided at the same moment has written too, then read
-  the record back (never from a cache); only the process whose record survived (the last writer)
-  holds the lease.
+- ``settle`` (any other store, or forced): *write, settle, read back*: look once more that the
+  record is still absent, write ours, wait ``settle`` seconds (or 4 times our own read-to-write time,
+  if longer) so that a competitor who decided at the same moment has written too, then read the
+  record back (never from a cache); only the process whose record survived (the last writer) holds
+  the lease.
 
 After a lost race a process waits a randomized ``poll`` (0.5-1.5 x) before it looks again, so
 competitors do not stay in lock-step.
@@ -170,7 +171,8 @@ class StageLease:
     conditional writes (probed once), else ``settle``. Forcing ``conditional`` on a server that does
     not honour them is a ValueError at acquire. ``settle`` (settle mode only): seconds between
     writing our record and reading it back, which must exceed the time a competitor may take
-    between reading the record and writing its own (storage round trips, not compute); default 0.5 s.
+    between reading the record and writing its own (storage round trips, not compute); default 0.5 s,
+    lengthened to 4 times our own read-to-write time when that is longer (a loaded machine or server).
     """
 
     def __init__(
@@ -459,11 +461,22 @@ class StageLease:
                 _write_local(self.path, data)
                 return True
         # settle: write, settle, read back; the last writer holds it
-        if raw is not None and not self._remove_if(raw, tag):
-            return False  # the record changed under us: someone renewed or took it
+        started = time.monotonic()
+        if raw is not None:
+            if not self._remove_if(raw, tag):
+                return False  # the record changed under us: someone renewed or took it
+        elif self._read()[0] is not None:
+            # Looked again just before writing: a competitor wrote since we judged the lease free. This
+            # narrows our read-to-write gap (what a holder's settle must outlast) to one round trip.
+            return False
         self.storage.write_bytes(self.path, data)
+        # A competitor's read-to-write gap is about ours (the same storage, the same load): under load
+        # (a busy machine, a slow server) a fixed settle was shorter than it, and two processes held the
+        # lease at once (issue 19: 4 processes on 2 busy cores, settle 0.3 s). Wait 4 times our own gap
+        # if that is longer than ``settle``.
+        gap = time.monotonic() - started
         if self.settle:
-            time.sleep(self.settle)
+            time.sleep(max(self.settle, 4 * gap))
         _, stored, _ = self._read()
         if stored is not None and stored.holder == self.holder:
             return True
