@@ -6,6 +6,7 @@ is recorded by id in its ``prompts.parquet`` (the official SPIN code leaves this
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -35,7 +36,17 @@ def row_id(prompt: str, answer: str) -> str:
 
 def _chatterbot_rows() -> pd.DataFrame:
     """(prompt, answer) pairs from consecutive turns of the English chatterbot-corpus dialogues."""
+    return _chatterbot_table().copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _chatterbot_table() -> pd.DataFrame:
+    """The parsed corpus, once per process (a process that runs several stages, runs or grid cells reads
+    it once); callers get a copy. libyaml's parser where PyYAML has it (its wheels do): the same
+    documents in 0.03 s instead of 0.42 s, read at the start of every run and stage process."""
     import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
@@ -45,7 +56,7 @@ def _chatterbot_rows() -> pd.DataFrame:
     folder = Path(spec.submodule_search_locations[0]) / "data" / "english"
     rows = []
     for path in sorted(folder.glob("*.yml")):
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}  # noqa: S506 (a safe loader)
         for dialogue in document.get("conversations", []):
             turns = [str(turn).strip() for turn in dialogue if str(turn).strip()]
             rows.extend({"prompt": a, "answer": b} for a, b in zip(turns, turns[1:], strict=False))

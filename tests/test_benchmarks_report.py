@@ -176,3 +176,39 @@ def test_compare_runs_draws_both_runs_side_by_side(tmp_path):
     text = open(out["files"]["report"], encoding="utf-8").read()
     assert "against **spin**" in text
     assert "| lm_eval/alphaspin_arc_easy/acc | 1 | alpha-spin | 0.45 | 0.5 | 0.05 ± 0.05 |" in text
+
+
+def test_a_run_report_is_drawn_again_only_when_its_inputs_change(tmp_path, make_config, monkeypatch):
+    """`write_run_report` on stored evaluate records: the second call with the same records keeps the
+    stored files (draws nothing); a changed metric, or a chart removed by hand, draws the report again."""
+    from alphaspin.benchmarks import report as drawing
+    from alphaspin.reporting import REPORT_INPUTS, write_run_report
+    from alphaspin.runs import Run
+
+    stored = Run(make_config())
+    stored.ensure()
+    storage = stored.storage
+    for row in SPIN:
+        metrics = {k: v for k, v in row.items() if k != "iteration"}
+        storage.stage(row["iteration"], "evaluate").commit("evaluate", row["iteration"], "key", metrics=metrics)
+    drawn = []
+    real = drawing.write_report
+    monkeypatch.setattr(drawing, "write_report", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    report = storage.stage(None, "report")
+
+    first = write_run_report(storage)
+    assert len(drawn) == 1 and REPORT_INPUTS in report.list_files()
+    charts = {name: report.read_bytes(name) for name in ("judge_radar.png", "metrics_over_iterations.png")}
+    again = write_run_report(storage)
+    assert len(drawn) == 1  # kept: nothing drawn
+    assert again["markdown"] == first["markdown"] and again["lines"] == first["lines"] == line_data(SPIN)
+    assert again["radar"] == first["radar"] and {n: report.read_bytes(n) for n in charts} == charts
+
+    storage.remove(report.file("judge_radar.png"))  # a chart gone: drawn again
+    write_run_report(storage)
+    assert len(drawn) == 2 and report.read_bytes("judge_radar.png")[:8] == PNG_MAGIC
+
+    metrics = {k: v for k, v in SPIN[0].items() if k != "iteration"}
+    storage.stage(1, "evaluate").commit("evaluate", 1, "key", metrics={**metrics, "judge/writing": 7.0})
+    changed = write_run_report(storage)
+    assert len(drawn) == 3 and "| judge/writing | 5 ± 0.5 | 7 ± 0.4 |" in changed["markdown"]

@@ -242,6 +242,13 @@ def _metrics_table(lines: Mapping[str, Mapping[str, list]], iterations: list[int
     return out
 
 
+def report_files(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The files `write_report` writes for these metrics: ``report.md`` and the charts they have data for."""
+    radar = radar_data(_sorted_iterations(metrics))
+    charts = ["judge_radar.png"] if len(radar["categories"]) >= 3 and radar["series"] else []
+    return ["report.md", *charts, *(["metrics_over_iterations.png"] if line_data(metrics) else [])]
+
+
 def write_report(
     metrics: Sequence[Mapping[str, Any]],
     out_dir: str | Path,
@@ -259,7 +266,7 @@ def write_report(
     rows = _sorted_iterations(metrics)
     radar, lines = radar_data(rows), line_data(rows)
     files: dict[str, str] = {}
-    if len(radar["categories"]) >= 3 and radar["series"]:
+    if "judge_radar.png" in report_files(metrics):
         files["radar"] = str(plot_radar(radar, out / "judge_radar.png"))
     if lines:
         files["lines"] = str(
