@@ -42,17 +42,20 @@ def task_states(flow_run_id) -> dict[str, str]:
     return {run.name: run.state.name for run in stage_task_runs(flow_run_id)}
 
 
-def wait_readable(storage, seconds: float = 240.0) -> None:
+def wait_readable(storage, server: SeaweedS3, seconds: float = 240.0) -> None:
     """SeaweedFS answers 500 'volume not found' for a few seconds after a restart (PLATFORM.md); on a loaded
-    2-core machine it was seen answering 500 ("internal error, please try again") for over 60 s."""
+    2-core machine it was seen answering 500 ("internal error, please try again") for over 60 s, and once
+    (2026-12-08) for the whole 240 s: that failure shows the server's own log, to find out why."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             storage.read_json(storage.path("run.json"))
             return
-        except StorageError:
+        except StorageError as error:
             if time.monotonic() > deadline:
-                raise
+                raise AssertionError(
+                    f"{error}\n--- the S3 server's log after {seconds:.0f} s ({server.log_path}):\n{server.log_tail(80)}"
+                ) from error
             time.sleep(0.5)
 
 
@@ -221,7 +224,7 @@ def test_s3_outage_mid_run_fails_clearly_and_the_rerun_completes(make_config, mo
             state.result()
         patch_stage(monkeypatch, "build_pairs", original)
         server.restart()
-        wait_readable(Run(config).storage)
+        wait_readable(Run(config).storage, server)
         state, found = run_flow(config)
         assert state.is_completed()
         assert found["iter-0/sample_prompts"] == "Cached" and found["iter-0/build_pairs"] == "Completed"

@@ -191,7 +191,7 @@ def _fixed_margins(fig: Figure, rows: int, columns: int) -> None:
     CPU of drawing a chart (0.75 s -> 0.38 s), drawn at the end of every run; tight_layout let the
     suptitle overlap the top panels."""
     width, height = fig.get_size_inches()
-    left, right, top, bottom, across, down = 0.75, 0.15, 0.6, 0.5, 0.8, 0.75
+    left, right, top, bottom, across, down = 0.75, 0.15, 0.75, 0.5, 0.8, 0.75
     panel_w = (width - left - right - across * (columns - 1)) / columns
     panel_h = (height - top - bottom - down * (rows - 1)) / rows
     fig.subplots_adjust(
@@ -237,7 +237,9 @@ def plot_lines(
         ax.xaxis.get_major_locator().set_params(integer=True)
         if legend:
             ax.legend(fontsize="small")
-    fig.suptitle(title)
+    # the suptitle at a fixed distance from the top (matplotlib's default, a fraction of the height,
+    # put it on the top panels' titles in a tall chart of many metrics)
+    fig.suptitle(title, y=1 - 0.12 / fig.get_size_inches()[1], verticalalignment="top")
     fig.savefig(path, dpi=100)
     return Path(path)
 
