@@ -60,13 +60,10 @@ def write_run_report(storage: RunStorage) -> dict[str, Any]:
         )
     )
     report = storage.stage(None, "report")
-    if _unchanged(report, inputs, report_files(metrics)):
-        return {
-            "url": report.url,
-            "markdown": report.read_bytes("report.md").decode("utf-8"),
-            "radar": radar_data(metrics),
-            "lines": line_data(metrics),
-        }
+    radar, lines = radar_data(metrics), line_data(metrics)
+    if _unchanged(report, inputs, report_files(radar, lines)):
+        markdown = report.read_bytes("report.md").decode("utf-8")
+        return {"url": report.url, "markdown": markdown, "radar": radar, "lines": lines}
     with tempfile.TemporaryDirectory() as tmp:
         result = write_report(metrics, tmp, title=title, run_info=run_info)
         report.put_dir(tmp, "")

@@ -263,11 +263,15 @@ def _metrics_table(lines: Mapping[str, Mapping[str, list]], iterations: list[int
     return out
 
 
-def report_files(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The files `write_report` writes for these metrics: ``report.md`` and the charts they have data for."""
-    radar = radar_data(_sorted_iterations(metrics))
-    charts = ["judge_radar.png"] if len(radar["categories"]) >= 3 and radar["series"] else []
-    return ["report.md", *charts, *(["metrics_over_iterations.png"] if line_data(metrics) else [])]
+def _radar_drawable(radar: Mapping[str, Any]) -> bool:
+    """Whether `radar_data` output makes a radar chart: ≥ 3 judged categories and an iteration of values."""
+    return len(radar["categories"]) >= 3 and bool(radar["series"])
+
+
+def report_files(radar: Mapping[str, Any], lines: Mapping[str, Any]) -> list[str]:
+    """The files `write_report` writes for this `radar_data` and `line_data`: ``report.md`` and the charts."""
+    charts = ["judge_radar.png"] if _radar_drawable(radar) else []
+    return ["report.md", *charts, *(["metrics_over_iterations.png"] if lines else [])]
 
 
 def write_report(
@@ -287,7 +291,7 @@ def write_report(
     rows = _sorted_iterations(metrics)
     radar, lines = radar_data(rows), line_data(rows)
     files: dict[str, str] = {}
-    if "judge_radar.png" in report_files(metrics):
+    if _radar_drawable(radar):
         files["radar"] = str(plot_radar(radar, out / "judge_radar.png"))
     if lines:
         files["lines"] = str(
@@ -337,7 +341,7 @@ def compare_runs(
     differences = difference_table(runs, baseline)
     files: dict[str, str] = {}
 
-    drawable = {name: data for name, data in radars.items() if len(data["categories"]) >= 3 and data["series"]}
+    drawable = {name: data for name, data in radars.items() if _radar_drawable(data)}
     if drawable:
         fig = Figure(figsize=(6.5 * len(drawable), 6))
         for index, (name, data) in enumerate(drawable.items(), start=1):
